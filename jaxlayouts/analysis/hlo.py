@@ -1,0 +1,183 @@
+"""Collectives in a compiled (post-partitioning) HLO module, named by the mesh axes they span.
+
+Each collective's replica groups are turned into sets of device positions and matched against
+the groups that each subset of mesh axes induces, so ``all-gather over ('tp',)`` reads the same
+whichever of XLA's three spellings the text uses (explicit ``{{0,1},{2,3}}``, iota
+``[2,4]<=[8]`` with an optional transpose, or ``mesh[...] {'axis_1'}``).
+
+XLA's CPU pipeline has no reduce-scatter rewrite: a reduction whose result is immediately sliced
+per device compiles to ``all-reduce`` + ``dynamic-slice`` (GPU turns that pair into one
+``reduce-scatter``). Such an all-reduce is reported as kind ``reduce-scatter`` with
+``lowered_as="all-reduce+dynamic-slice"``, so tests and byte counts mean the same on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import re
+
+import numpy as np
+
+
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+               "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.+?)\s+"
+    r"(?P<op>(?:" + "|".join(KINDS) + r"))(?P<start>-start)?\((?P<operands>[^)]*)\)(?P<attrs>.*)$")
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%(?P<name>[\w.\-]+)\s.*\{\s*$")
+_ARRAY = re.compile(r"(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    kind: str
+    axes: tuple  # mesh axes spanned, or ("?",) when the groups match no axis subset
+    bytes: int  # bytes of the op's result on one device
+    name: str
+    computation: str
+    lowered_as: str | None = None
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape such as ``f32[2,16]{1,0}`` or a tuple ``(bf16[4], f32[2,2])``."""
+    total = 0
+    for match in _ARRAY.finditer(shape):
+        dims = [int(d) for d in match["dims"].split(",") if d]
+        total += DTYPE_BYTES.get(match["dtype"], 4) * int(np.prod(dims, dtype=np.int64))
+    return total
+
+
+def _groups(attrs: str) -> frozenset | None:
+    """Replica groups as a frozenset of frozensets of device positions."""
+    m = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", attrs)
+    if m:
+        return frozenset(frozenset(int(d) for d in g.split(",") if d)
+                         for g in re.findall(r"\{([\d,]*)\}", m[1]))
+    m = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", attrs)
+    if m:
+        out_shape = [int(x) for x in m[1].split(",")]
+        ids = np.arange(int(np.prod([int(x) for x in m[2].split(",")]))).reshape(
+            [int(x) for x in m[2].split(",")])
+        if m[3]:
+            ids = ids.transpose([int(x) for x in m[3].split(",")])
+        return frozenset(frozenset(row) for row in ids.reshape(out_shape).tolist())
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))?"
+                  r"\s*\{([^}]*)\}", attrs)
+    if m:
+        sizes = [int(s) for s in re.findall(r"=(\d+)", m[1])]
+        names = re.findall(r"'([^']+)'=", m[1])
+        ids = np.arange(int(np.prod(sizes)))
+        if m[2]:  # devices listed as a (transposed) iota
+            ids = ids.reshape([int(x) for x in m[2].split(",")])
+            if m[3]:
+                ids = ids.transpose([int(x) for x in m[3].split(",")])
+        chosen = [names.index(a) for a in re.findall(r"'([^']+)'", m[4])]
+        return _axis_groups(ids.reshape(sizes), chosen)
+    m = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", attrs)
+    if m:  # collective-permute: each pair lies inside one group of the axis it moves along
+        return frozenset(frozenset(int(d) for d in p.split(","))
+                         for p in re.findall(r"\{(\d+,\d+)\}", m[1]))
+    return None
+
+
+def _axis_groups(positions: np.ndarray, axes: list[int]) -> frozenset:
+    rest = [a for a in range(positions.ndim) if a not in axes]
+    moved = positions.transpose(rest + list(axes))
+    group_size = int(np.prod([positions.shape[a] for a in axes], dtype=np.int64))
+    return frozenset(frozenset(row) for row in moved.reshape(-1, group_size).tolist())
+
+
+def _mesh_axes_of(groups: frozenset | None, positions: np.ndarray, names: tuple) -> tuple:
+    if groups is None:
+        return ("?",)
+    if all(len(g) == 1 for g in groups):
+        return ()
+    candidates = [i for i in range(positions.ndim) if positions.shape[i] > 1]
+    for r in range(1, len(candidates) + 1):
+        for subset in itertools.combinations(candidates, r):
+            induced = _axis_groups(positions, list(subset))
+            if groups == induced or (all(len(g) == 2 for g in groups)
+                                     and all(any(g <= h for h in induced) for g in groups)):
+                return tuple(names[i] for i in subset)
+    return ("?",)
+
+
+def collectives(hlo_text: str, mesh_shape: dict) -> list[Collective]:
+    """Every collective in ``hlo_text`` (``compiled.as_text()``), with the mesh axes it spans.
+
+    ``mesh_shape`` maps axis name to size in mesh order (``dict(mesh.shape)``); device positions
+    are the program's partition ids laid out in that shape.
+    """
+    lines = hlo_text.splitlines()
+    computations, current = {}, None
+    for line in lines:
+        m = _COMPUTATION.match(line)
+        if m:
+            current = m["name"]
+            computations[current] = []
+        elif current is not None:
+            computations[current].append(line)
+    names = tuple(mesh_shape)
+    num_devices = int(np.prod(list(mesh_shape.values())))
+    positions = np.arange(num_devices).reshape(list(mesh_shape.values()))
+    found = []
+    for computation, body in computations.items():
+        for line in body:
+            m = _INSTRUCTION.match(line)
+            if not m:
+                continue
+            axes = _mesh_axes_of(_groups(m["attrs"]), positions, names)
+            shape = m["shape"]
+            if m["start"] and shape.startswith("("):
+                # async start ops return (operand, result[, ...]): count the result only
+                arrays = _ARRAY.findall(shape)
+                shape = "{}[{}]".format(*arrays[1]) if len(arrays) > 1 else shape
+            for element_name, element_shape in _elements(m["name"], shape, m["op"], body):
+                kind, lowered_as = m["op"], None
+                if kind == "all-reduce" and _only_sliced(element_name, body, computations):
+                    kind, lowered_as = "reduce-scatter", "all-reduce+dynamic-slice"
+                found.append(Collective(kind=kind, axes=axes, bytes=shape_bytes(element_shape),
+                                        name=element_name, computation=computation,
+                                        lowered_as=lowered_as))
+    return found
+
+
+def _elements(name: str, shape: str, op: str, body: list[str]):
+    """(value name, shape) per result: a combined (tuple) all-reduce is judged element by element
+    through its ``get-tuple-element`` users."""
+    if op != "all-reduce" or not shape.startswith("("):
+        return [(name, shape)]
+    arrays = [f"{dtype}[{dims}]" for dtype, dims in _ARRAY.findall(shape)]
+    out = [(f"{name}#{i}", array) for i, array in enumerate(arrays)]
+    for line in body:
+        g = re.match(rf"^\s*%([\w.\-]+)\s*=.*get-tuple-element\(%{re.escape(name)}\), index=(\d+)", line)
+        if g and int(g[2]) < len(out):
+            out[int(g[2])] = (g[1], arrays[int(g[2])])
+    return out
+
+
+def _only_sliced(name: str, body: list[str], computations: dict) -> bool:
+    """True when every user of ``%name`` takes a per-device dynamic slice of it."""
+    users = [line for line in body if re.search(rf"[(,\s]%{re.escape(name)}[,)\s]", line.split("=", 1)[-1])]
+    if not users:
+        return False
+    for line in users:
+        if " dynamic-slice(" in line:
+            continue
+        called = re.search(r"calls=%([\w.\-]+)", line)
+        if " fusion(" in line and called and any(" dynamic-slice(" in l for l in computations.get(called[1], [])):
+            continue
+        return False
+    return True
+
+
+def summarize(found: list[Collective]) -> dict:
+    """``{(kind, axes): (count, bytes)}`` over a list of collectives."""
+    out: dict = {}
+    for c in found:
+        count, total = out.get((c.kind, c.axes), (0, 0))
+        out[(c.kind, c.axes)] = (count + 1, total + c.bytes)
+    return out

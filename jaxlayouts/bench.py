@@ -1,0 +1,251 @@
+"""Timing harness: train a LLaMA under one layout and report step time, tokens/s, MFU and memory.
+
+    python -m jaxlayouts.bench --mesh dp=8,tp=4,pp=1
+    python -m jaxlayouts.bench --model llama-13b --mesh fsdp=8 --zero 1 --seq_len 2048 --global_batch 64
+
+Without an accelerator the harness emulates as many CPU devices as the mesh needs. Method:
+compile ahead of time (timed on its own), run ``--warmup`` steps, then time ``--steps`` steps,
+each ended by ``block_until_ready`` before the clock is read; report the median. The summary goes
+to stdout and its last line is one JSON object (also appended to ``--output`` as a JSON line).
+Exit codes: 0 ok, 1 error, 2 invalid input, 3 out of memory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import math
+import statistics
+import sys
+import time
+
+from absl import app, flags
+
+from jaxlayouts import devices
+from jaxlayouts.layout import (ATTENTION_CHOICES, DTYPE_CHOICES, MESH_AXES, REMAT_CHOICES,
+                               InvalidLayout, Layout, RunConfig, load_model_config, parse_mesh)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "tiny", "Model config name under configs/models/ or a YAML path.")
+flags.DEFINE_string("mesh", "dp=1", "Mesh degrees over dp,fsdp,tp,pp, e.g. dp=8,tp=4,pp=1; -1 = the rest.")
+flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.")
+flags.DEFINE_integer("global_batch", 32, "Sequences per optimizer step (all data shards, all micro-batches).")
+flags.DEFINE_integer("micro_batch", 1, "Sequences per data shard per accumulation step.")
+flags.DEFINE_string("remat", "none", f"Activation checkpointing policy: {', '.join(REMAT_CHOICES)}.")
+flags.DEFINE_string("attention", "xla", f"Attention implementation: {', '.join(ATTENTION_CHOICES)}.")
+flags.DEFINE_bool("sequence_parallel", False, "Megatron sequence parallelism inside the tp group.")
+flags.DEFINE_integer("zero", None, "ZeRO stage over the fsdp axis (0-3); default 3 if fsdp>1 else 0.")
+flags.DEFINE_string("dtype", "bfloat16", f"Compute dtype: {', '.join(DTYPE_CHOICES)} (master weights are float32).")
+flags.DEFINE_integer("steps", 5, "Timed steps.")
+flags.DEFINE_integer("warmup", 2, "Untimed steps before the timed ones.")
+flags.DEFINE_integer("seed", 0, "Seed for parameters and synthetic data.")
+flags.DEFINE_float("learning_rate", 1e-3, "AdamW learning rate.")
+flags.DEFINE_integer("vocab_size", None, "Override the model's vocabulary size.")
+flags.DEFINE_integer("num_devices", None, "Emulated CPU devices (default: what the mesh needs).")
+flags.DEFINE_string("axis_rules", "", "Override logical-axis rules, e.g. 'vocab=none,embed=fsdp+tp'.")
+flags.DEFINE_string("output", None, "Append the result as one JSON line to this file.")
+flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace of the timed steps here.")
+flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device for MFU (default: by device kind).")
+
+EXIT_CODES = {"ok": 0, "error": 1, "invalid": 2, "oom": 3}
+
+
+def parse_axis_rules(text: str) -> dict:
+    """``'vocab=none,embed=fsdp+tp'`` -> ``{'vocab': None, 'embed': ('fsdp', 'tp')}``."""
+    from jaxlayouts.mesh import ACTIVATION_AXES, PARAM_AXES
+
+    rules = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name not in PARAM_AXES + ACTIVATION_AXES:
+            raise InvalidLayout("axis_rules", f"cannot read {item!r}; write LOGICAL=AXIS[+AXIS] with "
+                                f"LOGICAL in {', '.join(PARAM_AXES + ACTIVATION_AXES)}, e.g. vocab=none")
+        axes = tuple(a for a in value.split("+") if a and a != "none")
+        unknown = [a for a in axes if a not in MESH_AXES]
+        if unknown:
+            raise InvalidLayout("axis_rules", f"{item!r}: {unknown} are not mesh axes ({', '.join(MESH_AXES)}) or none")
+        rules[name] = None if not axes else axes[0] if len(axes) == 1 else axes
+    return rules
+
+
+def is_oom(error: BaseException) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def run_from_flags() -> tuple[RunConfig, dict]:
+    """Build the run from flags; emulated devices are requested here, before JAX is imported."""
+    needs_count = "-1" in FLAGS.mesh
+    mesh = parse_mesh(FLAGS.mesh, FLAGS.num_devices)
+    if not needs_count:
+        devices.request_host_devices(FLAGS.num_devices or math.prod(mesh.values()))
+    elif FLAGS.num_devices:
+        devices.request_host_devices(FLAGS.num_devices)
+    else:
+        import jax  # an accelerator decides the device count
+        mesh = parse_mesh(FLAGS.mesh, jax.device_count())
+    model = load_model_config(FLAGS.model, vocab_size=FLAGS.vocab_size)
+    layout = Layout(mesh=mesh, micro_batch=FLAGS.micro_batch, zero=FLAGS.zero,
+                    sequence_parallel=FLAGS.sequence_parallel, remat=FLAGS.remat,
+                    attention=FLAGS.attention)
+    run = RunConfig(model=model, layout=layout, seq_len=FLAGS.seq_len, global_batch=FLAGS.global_batch,
+                    dtype=FLAGS.dtype, learning_rate=FLAGS.learning_rate, seed=FLAGS.seed)
+    return run, parse_axis_rules(FLAGS.axis_rules)
+
+
+def describe(run: RunConfig) -> dict:
+    """The run's fields as they appear in every result row."""
+    lay = run.layout
+    return {
+        "model": run.model.name, "n_params": run.model.n_params, "layout": str(lay),
+        "mesh": dict(lay.mesh), "seq_len": run.seq_len, "global_batch": run.global_batch,
+        "micro_batch": lay.micro_batch, "grad_accum_steps": run.grad_accum_steps,
+        "remat": lay.remat, "attention": lay.attention, "sequence_parallel": lay.sequence_parallel,
+        "zero": lay.zero, "dtype": run.dtype,
+    }
+
+
+def benchmark(run: RunConfig, *, steps: int, warmup: int, axis_rules: dict | None = None,
+              peak_tflops: float | None = None, profile_dir: str | None = None, log=print) -> dict:
+    """Validate, compile, train ``warmup + steps`` steps and return the measured fields."""
+    import jax
+
+    from jaxlayouts import data, flops, layout, mesh as meshes, train
+
+    platform = jax.devices()[0].platform
+    layout.validate(run, jax.device_count(), platform)
+    if steps < 1 or warmup < 0:
+        raise InvalidLayout("steps", f"need --steps >= 1 and --warmup >= 0 (got {steps}, {warmup})")
+    device_mesh = meshes.build_mesh(run.layout)
+    trainer = train.Trainer(run, device_mesh, axis_rules)
+
+    log(f"compiling {run.model.name} under {run.layout} on {jax.device_count()} x {platform} ...")
+    start = time.perf_counter()
+    compiled = trainer.lower().compile()
+    compile_time = time.perf_counter() - start
+    memory = compiled_memory(compiled)
+
+    state = trainer.init_state()
+    batches = [data.device_batch(
+        data.global_batch_tokens(run.seed, step, run.global_batch, run.seq_len, run.model.vocab_size),
+        run.grad_accum_steps, device_mesh, train.BATCH_SPEC) for step in range(warmup + steps)]
+    jax.block_until_ready(batches)
+
+    losses, step_times = [], []
+    for step, batch in enumerate(batches):
+        if step == warmup and profile_dir:
+            jax.profiler.start_trace(profile_dir)
+        start = time.perf_counter()
+        state, loss = compiled(state, batch)
+        jax.block_until_ready((state, loss))
+        elapsed = time.perf_counter() - start
+        losses.append(float(loss))
+        if step >= warmup:
+            step_times.append(elapsed)
+        log(f"  step {step + 1}/{warmup + steps} {'(warm-up) ' if step < warmup else ''}"
+            f"loss {losses[-1]:.4f}  {elapsed:.3f} s")
+    if profile_dir:
+        jax.profiler.stop_trace()
+
+    device = jax.devices()[0]
+    step_time = statistics.median(step_times)
+    tokens_per_s = run.tokens_per_step / step_time
+    peak = peak_tflops if peak_tflops is not None else flops.peak_tflops(device.device_kind)
+    achieved, mfu = flops.mfu(run.model, run.seq_len, tokens_per_s, jax.device_count(), peak)
+    device_stats = device.memory_stats() or {}
+    memory["device_peak_bytes"] = device_stats.get("peak_bytes_in_use")
+    return {
+        "num_devices": jax.device_count(), "platform": platform, "device_kind": device.device_kind,
+        "compile_time_s": compile_time, "step_time_s": step_time, "step_times_s": step_times,
+        "tokens_per_s": tokens_per_s, "model_flops_per_token": flops.model_flops_per_token(run.model, run.seq_len),
+        "model_tflops_per_device": achieved, "mfu": mfu, "peak_tflops": peak,
+        "memory": memory, "losses": losses, "steps": steps, "warmup": warmup,
+    }
+
+
+def compiled_memory(compiled) -> dict:
+    """Per-device bytes from XLA's memory analysis of the compiled step; peak = arguments +
+    outputs - donated (aliased) + temporaries."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {"compiled_peak_bytes_per_device": None}
+    peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+            + stats.temp_size_in_bytes)
+    return {"compiled_peak_bytes_per_device": peak, "argument_bytes": stats.argument_size_in_bytes,
+            "output_bytes": stats.output_size_in_bytes, "alias_bytes": stats.alias_size_in_bytes,
+            "temp_bytes": stats.temp_size_in_bytes}
+
+
+def summary(result: dict) -> str:
+    """Readable lines for a result row."""
+    if result["status"] != "ok":
+        return f"{result['status'].upper()}: {result['error']}"
+    mib = lambda b: f"{b / 2**20:,.1f} MiB" if b is not None else "n/a"
+    mem = result["memory"]
+    mfu = (f"MFU {100 * result['mfu']:.1f}% of {result['peak_tflops']:g} TFLOP/s" if result["mfu"] is not None
+           else f"MFU n/a (no peak known for {result['device_kind']!r}; pass --peak_tflops)")
+    times = result["step_times_s"]
+    return "\n".join([
+        f"model       {result['model']} ({result['n_params'] / 1e6:,.1f}M parameters), {result['dtype']}",
+        f"devices     {result['num_devices']} x {result['platform']} ({result['device_kind']})",
+        f"layout      {result['layout']}",
+        f"batch       {result['global_batch']} x {result['seq_len']} tokens, "
+        f"{result['grad_accum_steps']} micro-batch(es) of {result['micro_batch']} per shard",
+        f"compile     {result['compile_time_s']:.1f} s",
+        f"step        median {result['step_time_s']:.4f} s (min {min(times):.4f}, max {max(times):.4f}) "
+        f"over {result['steps']} steps after {result['warmup']} warm-up",
+        f"throughput  {result['tokens_per_s']:,.0f} tokens/s, "
+        f"{result['model_tflops_per_device']:.4g} model TFLOP/s per device, {mfu}",
+        f"memory      compiled peak {mib(mem['compiled_peak_bytes_per_device'])} per device, "
+        f"device peak {mib(mem.get('device_peak_bytes'))}",
+        f"loss        {result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}",
+    ])
+
+
+def _finite(value):
+    """JSON has no NaN/inf: write null for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; all options are --flags")
+    result = {"status": "ok", "error": None, "model": FLAGS.model, "mesh": FLAGS.mesh,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(["python -m jaxlayouts.bench"] + sys.argv[1:])}
+    log = lambda message: print(message, file=sys.stderr, flush=True)
+    try:
+        run, axis_rules = run_from_flags()
+        result.update(describe(run))
+        result["axis_rules"] = axis_rules or None
+        result.update(benchmark(run, steps=FLAGS.steps, warmup=FLAGS.warmup, axis_rules=axis_rules,
+                                peak_tflops=FLAGS.peak_tflops, profile_dir=FLAGS.profile_dir, log=log))
+    except InvalidLayout as error:
+        result.update(status="invalid", error=str(error))
+    except Exception as error:  # recorded as data: the sweep reads status and error
+        result.update(status="oom" if is_oom(error) else "error", error=f"{type(error).__name__}: {error}")
+    result["jax_version"] = importlib.metadata.version("jax")
+    if "jax" in sys.modules and sys.modules["jax"].process_index() != 0:
+        return EXIT_CODES[result["status"]]  # only process 0 reports
+    line = json.dumps(_finite(result))
+    print(summary(result))
+    print(line, flush=True)
+    if FLAGS.output:
+        with open(FLAGS.output, "a") as out:
+            out.write(line + "\n")
+    return EXIT_CODES[result["status"]]
+
+
+def entry():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    entry()

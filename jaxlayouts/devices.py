@@ -1,0 +1,38 @@
+"""Emulated CPU devices: must be requested before JAX is imported.
+
+When no accelerator is present, the entry points ask XLA's CPU client for as many devices as the
+mesh needs (``--xla_force_host_platform_device_count=N``), so a laptop can run any layout.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import sys
+
+_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def accelerator_present() -> bool:
+    """A best guess made without importing JAX: NVIDIA or TPU device files, or JAX_PLATFORMS."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return any(p.strip() not in ("", "cpu") for p in platforms.split(","))
+    return bool(glob.glob("/dev/nvidia[0-9]*") or glob.glob("/dev/accel[0-9]*")
+                or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def request_host_devices(count: int) -> int | None:
+    """Ask for ``count`` emulated CPU devices unless an accelerator is present or the user already
+    set the flag. Returns the count now in force, or None when the accelerator decides."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    existing = re.search(_COUNT_FLAG + r"=(\d+)", flags)
+    if existing:
+        return int(existing[1])
+    if accelerator_present():
+        return None
+    if "jax" in sys.modules:
+        raise RuntimeError("request_host_devices must run before JAX is imported")
+    os.environ["XLA_FLAGS"] = f"{flags} {_COUNT_FLAG}={count}".strip()
+    return count

@@ -1,0 +1,270 @@
+"""The layout value and the run it belongs to: parsing, printing and validation.
+
+A *layout* is how a training step is spread over devices: mesh degrees, micro-batch size, ZeRO
+stage, sequence parallelism, remat policy, attention kernel. A *run* adds what is trained (model,
+sequence length, global batch, dtype). Everything else (the mesh, PartitionSpecs, the compiled
+step, a result row) is derived from these two values.
+
+This module imports no JAX, so entry points can parse a mesh before JAX is imported (emulated CPU
+devices must be requested through XLA_FLAGS before that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+
+import yaml
+
+MESH_AXES = ("dp", "fsdp", "tp", "pp")
+"""Mesh axes in mesh order: data replicas, ZeRO/FSDP shards, tensor parallel, pipeline stages.
+``tp`` is innermost so that on a GPU cluster it stays inside a node."""
+
+DATA_AXES = ("dp", "fsdp")
+"""The axes the batch is split over."""
+
+REMAT_CHOICES = ("none", "full", "dots")
+ATTENTION_CHOICES = ("xla", "cudnn")
+DTYPE_CHOICES = ("bfloat16", "float32")
+ZERO_CHOICES = (0, 1, 2, 3)
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+class InvalidLayout(ValueError):
+    """A run or layout that cannot work; ``knob`` names the flag to change."""
+
+    def __init__(self, knob: str, message: str):
+        super().__init__(f"--{knob}: {message}")
+        self.knob = knob
+
+
+# ---------------------------------------------------------------------------------------------
+# Model configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """LLaMA shapes (Touvron et al. 2023): pre-norm RMSNorm, SwiGLU FFN, rotary embeddings,
+    grouped-query attention when ``num_kv_heads < num_heads``, untied input/output embeddings."""
+
+    name: str
+    num_layers: int
+    d_model: int
+    num_heads: int
+    num_kv_heads: int
+    d_ff: int
+    vocab_size: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def n_params(self) -> int:
+        """Exact parameter count, embeddings and LM head included (both count in 6N of MFU)."""
+        d, hd = self.d_model, self.head_dim
+        attention = d * self.num_heads * hd * 2 + d * self.num_kv_heads * hd * 2
+        ffn = 3 * d * self.d_ff
+        per_layer = attention + ffn + 2 * d
+        return self.num_layers * per_layer + 2 * self.vocab_size * d + d
+
+
+def model_names() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
+
+
+def load_model_config(name_or_path: str, **overrides) -> ModelConfig:
+    """Load ``configs/models/NAME.yaml`` (or a YAML path); ``overrides`` replace fields that are
+    not None (e.g. ``vocab_size``)."""
+    path = pathlib.Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / "models" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise InvalidLayout(
+            "model", f"unknown model {name_or_path!r}; choose one of {', '.join(model_names())} "
+            "or give the path of a YAML file with the same fields")
+    fields = yaml.safe_load(path.read_text())
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = set(fields) - known
+    if unknown:
+        raise InvalidLayout("model", f"{path}: unknown fields {sorted(unknown)}; known: {sorted(known)}")
+    return ModelConfig(**fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh degrees
+
+
+def parse_mesh(text: str, num_devices: int | None = None) -> dict[str, int]:
+    """Parse ``"dp=8,tp=4,pp=1"`` into all four axes (missing ones are 1).
+
+    One axis may be ``-1``: it takes the devices the others leave, which needs ``num_devices``.
+    """
+    mesh = {axis: 1 for axis in MESH_AXES}
+    rest = None
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or name not in MESH_AXES:
+            raise InvalidLayout(
+                "mesh", f"cannot read {item!r}; write AXIS=SIZE pairs over {'/'.join(MESH_AXES)}, "
+                "e.g. --mesh dp=8,tp=4,pp=1")
+        try:
+            size = int(value)
+        except ValueError:
+            raise InvalidLayout("mesh", f"{name}={value!r} is not an integer, e.g. {name}=2") from None
+        if size == -1:
+            if rest is not None:
+                raise InvalidLayout("mesh", f"only one axis may be -1 (both {rest} and {name} are)")
+            rest = name
+        elif size < 1:
+            raise InvalidLayout("mesh", f"{name}={size}: sizes are positive integers (or -1 for the rest)")
+        mesh[name] = size
+    if rest is not None:
+        others = math.prod(size for axis, size in mesh.items() if axis != rest)
+        if num_devices is None:
+            raise InvalidLayout("mesh", f"{rest}=-1 needs a known device count; give --num_devices "
+                                "or write the size explicitly")
+        if num_devices % others:
+            raise InvalidLayout("mesh", f"{rest}=-1: {num_devices} devices are not divisible by the "
+                                f"other axes' product {others}")
+        mesh[rest] = num_devices // others
+    return mesh
+
+
+def mesh_text(mesh: dict[str, int]) -> str:
+    return ",".join(f"{axis}={mesh[axis]}" for axis in MESH_AXES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout and run
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one step is parallelised. ``zero`` shards over the ``fsdp`` axis: 1 = optimizer state
+    and fp32 master weights, 2 = + gradients, 3 = + parameters (gathered per layer)."""
+
+    mesh: dict
+    micro_batch: int = 1
+    zero: int | None = None  # None: 3 when fsdp > 1, else 0
+    sequence_parallel: bool = False
+    remat: str = "none"
+    attention: str = "xla"
+
+    def __post_init__(self):
+        if self.zero is None:
+            object.__setattr__(self, "zero", 3 if self.mesh.get("fsdp", 1) > 1 else 0)
+        object.__setattr__(self, "mesh", {axis: int(self.mesh.get(axis, 1)) for axis in MESH_AXES})
+
+    @property
+    def num_devices(self) -> int:
+        return math.prod(self.mesh.values())
+
+    @property
+    def data_parallel(self) -> int:
+        """Number of batch shards (``dp * fsdp``)."""
+        return self.mesh["dp"] * self.mesh["fsdp"]
+
+    def __str__(self) -> str:
+        return (f"{mesh_text(self.mesh)} mbs={self.micro_batch} zero={self.zero} "
+                f"sp={int(self.sequence_parallel)} remat={self.remat} attn={self.attention}")
+
+    @classmethod
+    def parse(cls, text: str) -> "Layout":
+        """Inverse of ``str(layout)``: ``"dp=8,tp=4 mbs=1 zero=0 sp=0 remat=none attn=xla"``."""
+        mesh_part, *rest = text.split()
+        fields: dict = {"mesh": parse_mesh(mesh_part)}
+        names = {"mbs": ("micro_batch", int), "zero": ("zero", int),
+                 "sp": ("sequence_parallel", lambda v: bool(int(v))),
+                 "remat": ("remat", str), "attn": ("attention", str)}
+        for item in rest:
+            key, _, value = item.partition("=")
+            if key not in names:
+                raise InvalidLayout("layout", f"unknown field {key!r} in {text!r}; known: {sorted(names)}")
+            field, convert = names[key]
+            fields[field] = convert(value)
+        return cls(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A model, its training batch and the layout it runs under."""
+
+    model: ModelConfig
+    layout: Layout
+    seq_len: int = 256
+    global_batch: int = 32
+    dtype: str = "bfloat16"
+    learning_rate: float = 1e-3
+    seed: int = 0
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per optimizer step: global_batch / (dp * fsdp * micro_batch)."""
+        return self.global_batch // (self.layout.data_parallel * self.layout.micro_batch)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+
+def validate(run: RunConfig, num_devices: int, platform: str | None = None) -> None:
+    """Raise :class:`InvalidLayout` for the first thing that cannot work, before any compile."""
+    m, lay = run.model, run.layout
+    dp, fsdp, tp, pp = (lay.mesh[a] for a in MESH_AXES)
+    if lay.num_devices != num_devices:
+        raise InvalidLayout("mesh", f"{mesh_text(lay.mesh)} uses {lay.num_devices} devices but "
+                            f"{num_devices} are present; make the product {num_devices} "
+                            "(or use -1 on one axis for the rest)")
+    if lay.remat not in REMAT_CHOICES:
+        raise InvalidLayout("remat", f"unknown policy {lay.remat!r}; choose one of {', '.join(REMAT_CHOICES)}")
+    if lay.attention not in ATTENTION_CHOICES:
+        raise InvalidLayout("attention", f"unknown implementation {lay.attention!r}; "
+                            f"choose one of {', '.join(ATTENTION_CHOICES)}")
+    if lay.attention == "cudnn" and platform not in (None, "gpu", "cuda"):
+        raise InvalidLayout("attention", f"cudnn attention needs an NVIDIA GPU (platform is {platform}); "
+                            "use --attention xla")
+    if run.dtype not in DTYPE_CHOICES:
+        raise InvalidLayout("dtype", f"unknown dtype {run.dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
+    if lay.zero not in ZERO_CHOICES:
+        raise InvalidLayout("zero", f"stage {lay.zero} does not exist; choose 0, 1, 2 or 3")
+    if lay.zero > 0 and fsdp == 1:
+        raise InvalidLayout("zero", f"zero={lay.zero} shards over the fsdp mesh axis, which has size 1; "
+                            "put the data-parallel degree on fsdp (e.g. --mesh fsdp=8 instead of dp=8) "
+                            "or use --zero 0")
+    if lay.zero > 0 and m.d_model % fsdp:
+        raise InvalidLayout("mesh", f"fsdp={fsdp} does not divide d_model={m.d_model} (ZeRO shards "
+                            "that dimension); choose an fsdp degree that divides it")
+    if lay.micro_batch < 1:
+        raise InvalidLayout("micro_batch", f"{lay.micro_batch} is not a positive integer; e.g. --micro_batch 1")
+    for what, size in (("num_heads", m.num_heads), ("num_kv_heads", m.num_kv_heads),
+                       ("d_ff", m.d_ff), ("vocab_size", m.vocab_size)):
+        if size % tp:
+            raise InvalidLayout("mesh", f"tp={tp} does not divide {what}={size} of {m.name}; "
+                                f"choose a tp that divides it, e.g. tp={math.gcd(size, tp)}")
+    if m.num_heads % m.num_kv_heads:
+        raise InvalidLayout("model", f"num_kv_heads={m.num_kv_heads} must divide num_heads={m.num_heads}")
+    if lay.sequence_parallel and run.seq_len % tp:
+        raise InvalidLayout("seq_len", f"sequence parallelism splits the sequence over tp={tp}, "
+                            f"but seq_len={run.seq_len} is not divisible by it; "
+                            f"e.g. --seq_len {run.seq_len // tp * tp or tp}")
+    if lay.sequence_parallel and tp == 1:
+        raise InvalidLayout("sequence_parallel", "sequence parallelism works inside the tp group, "
+                            "which has size 1; add tp>1 to --mesh or drop --sequence_parallel")
+    shards = lay.data_parallel * lay.micro_batch
+    if run.global_batch < 1 or run.global_batch % shards:
+        raise InvalidLayout("global_batch", f"{run.global_batch} is not divisible by dp*fsdp*micro_batch="
+                            f"{dp}*{fsdp}*{lay.micro_batch}={shards}; e.g. --global_batch "
+                            f"{max(1, run.global_batch // shards) * shards}")
+    if m.num_layers % pp:
+        raise InvalidLayout("mesh", f"pp={pp} does not divide num_layers={m.num_layers} of {m.name}")
+    if pp > 1:
+        raise InvalidLayout("mesh", f"pp={pp}: pipeline parallelism is not yet supported; use pp=1 "
+                            "(and put the devices on dp, fsdp or tp)")
+    if run.seq_len < 2:
+        raise InvalidLayout("seq_len", f"{run.seq_len} is too short to train on; e.g. --seq_len 128")

@@ -1,0 +1,120 @@
+"""Device meshes and the rules that turn logical axis names into PartitionSpecs.
+
+Every parameter and activation in the model carries *logical* axis names (``embed``, ``heads``,
+``batch``, ...). A rule table maps each name to mesh axes. Two tables exist per layout, the idea of
+haliax's "parameter" vs "compute" mappings:
+
+* ``compute_rules``: how tensors are laid out while a layer computes (Megatron TP: heads and FFN
+  columns on ``tp``; the batch on ``dp`` x ``fsdp``; with sequence parallelism the residual stream's
+  sequence axis on ``tp``).
+* ``state_rules``: how stored state is laid out: the compute rules plus ``embed -> fsdp``, which is
+  the ZeRO shard. Which pieces of state use it depends on the ZeRO stage (see ``train.py``).
+
+Read the tables with ``print(format_rules(compute_rules(layout)))``; override entries with
+``overrides`` (``{"vocab": None}`` keeps the vocabulary unsharded); the bench's ``--axis_rules``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxlayouts.layout import DATA_AXES, MESH_AXES, InvalidLayout, Layout
+
+Rules = tuple[tuple[str, object], ...]
+"""(logical name, mesh axis | tuple of mesh axes | None) pairs."""
+
+PARAM_AXES = ("layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp")
+ACTIVATION_AXES = ("batch", "act_seq", "seq", "act_embed", "act_heads", "act_mlp", "act_vocab")
+
+
+def build_mesh(layout: Layout, devices=None) -> Mesh:
+    """A mesh with axes ``dp, fsdp, tp, pp`` (classic GSPMD propagation: ``AxisType.Auto``)."""
+    shape = tuple(layout.mesh[a] for a in MESH_AXES)
+    devices = list(devices) if devices is not None else jax.devices()
+    if len(devices) != layout.num_devices:
+        raise InvalidLayout("mesh", f"the layout needs {layout.num_devices} devices, {len(devices)} given")
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def compute_rules(layout: Layout, *, batch_axes=DATA_AXES, overrides: dict | None = None) -> Rules:
+    """Megatron-style tensor parallelism plus data parallelism over ``batch_axes``."""
+    rules = {
+        "layers": "pp",
+        "vocab": "tp",
+        "embed": None,
+        "heads": "tp",
+        "kv_heads": "tp",
+        "head_dim": None,
+        "mlp": "tp",
+        "batch": batch_axes,
+        "act_seq": "tp" if layout.sequence_parallel else None,
+        "seq": None,
+        "act_embed": None,
+        "act_heads": "tp",
+        "act_mlp": "tp",
+        "act_vocab": "tp",
+    }
+    rules.update(overrides or {})
+    return tuple(rules.items())
+
+
+def state_rules(layout: Layout, *, overrides: dict | None = None) -> Rules:
+    """Compute rules with the model dimension sharded over ``fsdp`` (the ZeRO shard)."""
+    return tuple((name, "fsdp" if name == "embed" else axes)
+                 for name, axes in compute_rules(layout, overrides=overrides))
+
+
+def spec(logical: tuple, rules: Rules) -> PartitionSpec:
+    """PartitionSpec for a tuple of logical names. A mesh axis is used at most once (the first
+    name that asks for it gets it); names missing from the table stay unsharded."""
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name in logical:
+        axes = table.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if a not in used)
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*out)
+
+
+def format_rules(rules: Rules) -> str:
+    return "\n".join(f"  {name:>10} -> {axes}" for name, axes in rules)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation constraints inside the model
+
+_CONTEXT: contextvars.ContextVar = contextvars.ContextVar("jaxlayouts_sharding", default=None)
+
+
+@contextlib.contextmanager
+def sharding_context(mesh: Mesh, rules: Rules):
+    """While tracing the model, make :func:`constrain` lay tensors out with ``rules`` on ``mesh``."""
+    token = _CONTEXT.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def constrain(x, logical: tuple):
+    """``with_sharding_constraint`` by logical names; a no-op outside :func:`sharding_context`."""
+    context = _CONTEXT.get()
+    if context is None:
+        return x
+    mesh, rules = context
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(logical, rules)))
+
+
+def device_positions(mesh: Mesh) -> np.ndarray:
+    """Array of mesh shape holding each device's position in the program's device assignment,
+    which is what HLO replica groups name (partition ids)."""
+    return np.arange(mesh.devices.size).reshape(mesh.devices.shape)

@@ -1,0 +1,1 @@
+"""The Flax LLaMA: ``llama.Llama`` and its attention implementations."""

@@ -1,0 +1,147 @@
+"""LLaMA (Touvron et al. 2023) in Flax, with a logical axis name on every tensor.
+
+    tokens -> embedding -> L x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> RMSNorm -> LM head
+
+The L blocks are one ``nn.scan`` over stacked weights (leading ``layers`` axis), so compile time
+does not grow with depth. Parameters are stored in float32 (the master copy) and cast to the
+compute dtype where they are used; :func:`jaxlayouts.mesh.constrain` then lays each weight out for
+compute, which under ZeRO-3 is the per-layer all-gather.
+
+Sequence parallelism (Korthikanti et al. 2022) needs no code here: the residual stream is named
+``act_seq`` and the layer inputs/outputs ``seq``, so when ``act_seq -> tp`` the compiler turns
+the tensor-parallel all-reduces into all-gather (before the projections) and reduce-scatter (after).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxlayouts.layout import ModelConfig
+from jaxlayouts.mesh import constrain
+from jaxlayouts.model.attention import IMPLEMENTATIONS as ATTENTION
+from jaxlayouts.remat import POLICIES as REMAT, WEIGHT_TAG
+
+RESIDUAL = ("batch", "act_seq", "act_embed")
+"""The residual stream between sublayers (sequence-sharded under sequence parallelism)."""
+LAYER_INPUT = ("batch", "seq", "act_embed")
+"""A sublayer's normalised input, gathered along the sequence before the projections."""
+
+
+def weight(module: nn.Module, name: str, shape: tuple, axes: tuple, dtype, scale: float = 0.02):
+    """A float32 parameter with logical ``axes``, returned in ``dtype`` and laid out for compute
+    (tagged so that no remat policy keeps the gathered copy for the backward pass)."""
+    init = nn.with_logical_partitioning(nn.initializers.normal(scale), axes)
+    return checkpoint_name(constrain(module.param(name, init, shape, jnp.float32).astype(dtype), axes),
+                           WEIGHT_TAG)
+
+
+def rms_norm(x, scale, eps: float):
+    """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * scale, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * scale).astype(x.dtype)
+
+
+def rotary(x, theta: float):
+    """Rotary position embedding (Su et al. 2021), rotating the two halves of each head."""
+    t, d = x.shape[1], x.shape[-1]
+    freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    angles = jnp.arange(t, dtype=jnp.float32)[:, None] * freqs[None, :]
+    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+        scale = checkpoint_name(constrain(self.param("scale", init, (x.shape[-1],), jnp.float32),
+                                          ("embed",)), WEIGHT_TAG)
+        return rms_norm(x, scale, self.eps)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype
+    attention: str
+
+    @nn.compact
+    def __call__(self, x):
+        c, dt = self.cfg, self.dtype
+        d, h, kv, hd = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
+        wq = weight(self, "wq", (d, h, hd), ("embed", "heads", "head_dim"), dt)
+        wk = weight(self, "wk", (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt)
+        wv = weight(self, "wv", (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt)
+        wo = weight(self, "wo", (h, hd, d), ("heads", "head_dim", "embed"), dt)
+        heads = ("batch", "seq", "act_heads", None)
+        q = checkpoint_name(constrain(jnp.einsum("btd,dnh->btnh", x, wq), heads), "query_proj")
+        k = checkpoint_name(constrain(jnp.einsum("btd,dnh->btnh", x, wk), heads), "key_proj")
+        v = checkpoint_name(constrain(jnp.einsum("btd,dnh->btnh", x, wv), heads), "value_proj")
+        q, k = rotary(q, c.rope_theta), rotary(k, c.rope_theta)
+        out = checkpoint_name(constrain(ATTENTION[self.attention](q, k, v), heads), "attention")
+        return checkpoint_name(constrain(jnp.einsum("btnh,nhd->btd", out, wo), RESIDUAL), "out_proj")
+
+
+class SwiGLU(nn.Module):
+    """FFN(x) = W2 (silu(W1 x) * W3 x) (Shazeer 2020)."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        d, f, dt = self.cfg.d_model, self.cfg.d_ff, self.dtype
+        w1 = weight(self, "w1", (d, f), ("embed", "mlp"), dt)
+        w3 = weight(self, "w3", (d, f), ("embed", "mlp"), dt)
+        w2 = weight(self, "w2", (f, d), ("mlp", "embed"), dt)
+        hidden = ("batch", "seq", "act_mlp")
+        gate = checkpoint_name(constrain(jnp.einsum("btd,df->btf", x, w1), hidden), "mlp_gate")
+        up = checkpoint_name(constrain(jnp.einsum("btd,df->btf", x, w3), hidden), "mlp_up")
+        out = jnp.einsum("btf,fd->btd", nn.silu(gate) * up, w2)
+        return checkpoint_name(constrain(out, RESIDUAL), "mlp_out")
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer, in ``nn.scan``'s (carry, xs) -> (carry, ys) form."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype
+    attention: str
+
+    @nn.compact
+    def __call__(self, x, _):
+        h = constrain(RMSNorm(self.cfg.norm_eps, name="attn_norm")(x), LAYER_INPUT)
+        x = x + Attention(self.cfg, self.dtype, self.attention, name="attn")(h)
+        h = constrain(RMSNorm(self.cfg.norm_eps, name="mlp_norm")(x), LAYER_INPUT)
+        x = x + SwiGLU(self.cfg, self.dtype, name="mlp")(h)
+        return constrain(x, RESIDUAL), None
+
+
+class Llama(nn.Module):
+    """Decoder-only LLaMA returning float32 logits ``[batch, seq, vocab]``."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.bfloat16
+    attention: str = "xla"
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, tokens):
+        c = self.cfg
+        embedding = weight(self, "embedding", (c.vocab_size, c.d_model), ("vocab", "embed"),
+                           self.dtype, scale=1.0)
+        x = constrain(jnp.take(embedding, tokens, axis=0), RESIDUAL)
+        block = nn.remat(Block, policy=REMAT[self.remat], prevent_cse=False)
+        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+        x, _ = layers(c, self.dtype, self.attention, name="layers")(x, None)
+        x = constrain(RMSNorm(c.norm_eps, name="final_norm")(x), LAYER_INPUT)
+        head = weight(self, "lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"), self.dtype)
+        logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "seq", "act_vocab"))
