@@ -107,20 +107,23 @@ def describe(run: RunConfig) -> dict:
 
 
 def benchmark(run: RunConfig, *, steps: int, warmup: int, axis_rules: dict | None = None,
-              peak_tflops: float | None = None, profile_dir: str | None = None, log=print) -> dict:
-    """Validate, compile, train ``warmup + steps`` steps and return the measured fields."""
+              peak_tflops: float | None = None, profile_dir: str | None = None, devices=None,
+              log=print) -> dict:
+    """Validate, compile, train ``warmup + steps`` steps on ``devices`` (default: all) and return
+    the measured fields."""
     import jax
 
     from jaxlayouts import data, flops, layout, mesh as meshes, train
 
-    platform = jax.devices()[0].platform
-    layout.validate(run, jax.device_count(), platform)
+    devices = list(devices) if devices is not None else jax.devices()
+    platform = devices[0].platform
+    layout.validate(run, len(devices), platform)
     if steps < 1 or warmup < 0:
         raise InvalidLayout("steps", f"need --steps >= 1 and --warmup >= 0 (got {steps}, {warmup})")
-    device_mesh = meshes.build_mesh(run.layout)
+    device_mesh = meshes.build_mesh(run.layout, devices)
     trainer = train.Trainer(run, device_mesh, axis_rules)
 
-    log(f"compiling {run.model.name} under {run.layout} on {jax.device_count()} x {platform} ...")
+    log(f"compiling {run.model.name} under {run.layout} on {len(devices)} x {platform} ...")
     start = time.perf_counter()
     compiled = trainer.lower().compile()
     compile_time = time.perf_counter() - start
@@ -148,15 +151,15 @@ def benchmark(run: RunConfig, *, steps: int, warmup: int, axis_rules: dict | Non
     if profile_dir:
         jax.profiler.stop_trace()
 
-    device = jax.devices()[0]
+    device = devices[0]
     step_time = statistics.median(step_times)
     tokens_per_s = run.tokens_per_step / step_time
     peak = peak_tflops if peak_tflops is not None else flops.peak_tflops(device.device_kind)
-    achieved, mfu = flops.mfu(run.model, run.seq_len, tokens_per_s, jax.device_count(), peak)
+    achieved, mfu = flops.mfu(run.model, run.seq_len, tokens_per_s, len(devices), peak)
     device_stats = device.memory_stats() or {}
     memory["device_peak_bytes"] = device_stats.get("peak_bytes_in_use")
     return {
-        "num_devices": jax.device_count(), "platform": platform, "device_kind": device.device_kind,
+        "num_devices": len(devices), "platform": platform, "device_kind": device.device_kind,
         "compile_time_s": compile_time, "step_time_s": step_time, "step_times_s": step_times,
         "tokens_per_s": tokens_per_s, "model_flops_per_token": flops.model_flops_per_token(run.model, run.seq_len),
         "model_tflops_per_device": achieved, "mfu": mfu, "peak_tflops": peak,

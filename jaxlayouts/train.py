@@ -104,15 +104,19 @@ class Trainer:
         logits = self.model.apply({"params": params}, tokens[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
-    def step(self, state: TrainState, batch):
-        """One optimizer step over ``batch [accum_steps, rows, seq_len + 1]``; returns the new
-        state and the mean loss."""
-        params = jax.tree.map(lambda p: p.astype(self.dtype), state.params)
+    def gradients(self, master_params, batch):
+        """Mean loss gradients (float32, laid out like the master weights) and per-micro-batch
+        losses over ``batch [accum_steps, rows, seq_len + 1]``."""
+        params = jax.tree.map(lambda p: p.astype(self.dtype), master_params)
         params = jax.lax.with_sharding_constraint(params, self.compute_shardings)
         if self.run.layout.zero >= 2:
-            grads, losses = self._sharded_accumulation(params, batch)
-        else:
-            grads, losses = self._per_shard_accumulation(params, batch)
+            return self._sharded_accumulation(params, batch)
+        return self._per_shard_accumulation(params, batch)
+
+    def step(self, state: TrainState, batch):
+        """One optimizer step; returns the new state and the mean loss."""
+        grads, losses = self.gradients(state.params, batch)
+        grads = jax.lax.with_sharding_constraint(grads, self.master_shardings)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         new_state = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                                opt_state=opt_state)

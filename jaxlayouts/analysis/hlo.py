@@ -39,6 +39,7 @@ class Collective:
     name: str
     computation: str
     lowered_as: str | None = None
+    executions: int = 1  # times it runs per call of the program: enclosing loops' trip counts multiplied
 
 
 def shape_bytes(shape: str) -> int:
@@ -120,6 +121,7 @@ def collectives(hlo_text: str, mesh_shape: dict) -> list[Collective]:
             computations[current] = []
         elif current is not None:
             computations[current].append(line)
+    executions = _executions(computations)
     names = tuple(mesh_shape)
     num_devices = int(np.prod(list(mesh_shape.values())))
     positions = np.arange(num_devices).reshape(list(mesh_shape.values()))
@@ -141,8 +143,38 @@ def collectives(hlo_text: str, mesh_shape: dict) -> list[Collective]:
                     kind, lowered_as = "reduce-scatter", "all-reduce+dynamic-slice"
                 found.append(Collective(kind=kind, axes=axes, bytes=shape_bytes(element_shape),
                                         name=element_name, computation=computation,
-                                        lowered_as=lowered_as))
+                                        lowered_as=lowered_as,
+                                        executions=executions.get(computation, 1)))
     return found
+
+
+def _executions(computations: dict) -> dict:
+    """How often each computation runs per program call: a ``while`` body runs its known trip
+    count (``known_trip_count`` in the backend config, 1 if unknown) times per execution of its
+    caller; anything else called runs once per caller execution."""
+    calls = {}
+    for caller, body in computations.items():
+        edges = []
+        for line in body:
+            loop = re.search(r"\swhile\(.*body=%([\w.\-]+)", line)
+            if loop:
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                edges.append((loop[1], int(trips[1]) if trips else 1))
+                continue
+            for callee in re.findall(r"(?:calls|to_apply|branch_computations)=\{?%([\w.\-]+)", line):
+                edges.append((callee, 1))
+        calls[caller] = edges
+    callees = {callee for edges in calls.values() for callee, _ in edges}
+    counts = {}
+
+    def visit(name, times):
+        counts[name] = counts.get(name, 0) + times
+        for callee, trips in calls.get(name, ()):
+            visit(callee, times * trips)
+
+    for root in set(computations) - callees:
+        visit(root, 1)
+    return counts
 
 
 def _elements(name: str, shape: str, op: str, body: list[str]):
@@ -174,10 +206,10 @@ def _only_sliced(name: str, body: list[str], computations: dict) -> bool:
     return True
 
 
-def summarize(found: list[Collective]) -> dict:
-    """``{(kind, axes): (count, bytes)}`` over a list of collectives."""
+def per_step(found: list[Collective]) -> dict:
+    """``{(kind, axes): (executions, bytes)}`` per program call, loop trip counts multiplied in."""
     out: dict = {}
     for c in found:
         count, total = out.get((c.kind, c.axes), (0, 0))
-        out[(c.kind, c.axes)] = (count + 1, total + c.bytes)
+        out[(c.kind, c.axes)] = (count + c.executions, total + c.executions * c.bytes)
     return out

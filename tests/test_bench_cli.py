@@ -1,0 +1,79 @@
+"""The bench as a user runs it: a subprocess, a summary, one JSON object as the last line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jaxlayouts.bench import is_oom
+
+QUICK = ["--seq_len", "32", "--global_batch", "8", "--steps", "2", "--warmup", "1"]
+
+
+def bench(*args, env_devices=None):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if env_devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={env_devices}"
+    proc = subprocess.run([sys.executable, "-m", "jaxlayouts.bench", *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+    lines = proc.stdout.strip().splitlines()
+    return proc.returncode, json.loads(lines[-1]), proc
+
+
+def test_layouts_report_the_same_losses_as_one_device(tmp_path):
+    out = tmp_path / "results.jsonl"
+    code, hybrid, proc = bench("--mesh", "dp=2,fsdp=2,tp=2", "--dtype", "float32", "--output", str(out), *QUICK)
+    assert code == 0, proc.stderr
+    code, single, _ = bench("--mesh", "dp=1", "--dtype", "float32", "--output", str(out), *QUICK)
+    assert code == 0
+    np.testing.assert_allclose(hybrid["losses"], single["losses"], rtol=1e-4)
+    # the harness emulated exactly the devices each mesh needs
+    assert (hybrid["num_devices"], single["num_devices"]) == (8, 1)
+    assert hybrid["mesh"] == {"dp": 2, "fsdp": 2, "tp": 2, "pp": 1} and hybrid["zero"] == 3
+    for field in ("status", "error", "model", "n_params", "platform", "device_kind", "seq_len",
+                  "global_batch", "micro_batch", "grad_accum_steps", "remat", "attention",
+                  "sequence_parallel", "dtype", "compile_time_s", "step_time_s", "step_times_s",
+                  "tokens_per_s", "model_tflops_per_device", "peak_tflops", "jax_version"):
+        assert field in hybrid
+    assert hybrid["mfu"] is None and hybrid["peak_tflops"] is None  # CPU: no made-up MFU
+    assert len(hybrid["losses"]) == 3 and len(hybrid["step_times_s"]) == 2
+    assert hybrid["step_time_s"] == pytest.approx(float(np.median(hybrid["step_times_s"])))
+    assert hybrid["tokens_per_s"] == pytest.approx(8 * 32 / hybrid["step_time_s"])
+    assert hybrid["memory"]["compiled_peak_bytes_per_device"] > 0
+    assert "layout      dp=2,fsdp=2,tp=2,pp=1" in proc.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["layout"] for r in rows] == [hybrid["layout"], single["layout"]]
+
+
+def test_peak_flag_gives_mfu_and_profile_dir_gets_a_trace(tmp_path):
+    code, result, proc = bench("--mesh", "dp=2", "--peak_tflops", "1", "--profile_dir", str(tmp_path), *QUICK)
+    assert code == 0, proc.stderr
+    assert result["mfu"] == pytest.approx(result["model_tflops_per_device"] / 1.0)
+    assert list(tmp_path.rglob("*.xplane.pb"))
+
+
+@pytest.mark.parametrize("args, knob", [
+    (["--mesh", "dp=4", "--num_devices", "8"], "--mesh"),
+    (["--mesh", "dp=2,tp=3"], "--mesh"),
+    (["--mesh", "dp=2", "--remat", "sometimes"], "--remat"),
+    (["--mesh", "dp=2", "--attention", "magic"], "--attention"),
+    (["--mesh", "dp=2", "--model", "llama-3b"], "--model"),
+    (["--mesh", "dp=4", "--global_batch", "6"], "--global_batch"),
+    (["--mesh", "dp=2", "--axis_rules", "vocab=xx"], "--axis_rules"),
+    (["--mesh", "dp=2", "--steps", "0"], "--steps"),
+])
+def test_bad_input_is_invalid_before_compiling(args, knob):
+    code, result, proc = bench(*args)
+    assert code == 2
+    assert result["status"] == "invalid" and result["error"].startswith(knob)
+    assert "compiling" not in proc.stderr
+    assert proc.stdout.startswith("INVALID: " + knob)
+
+
+def test_oom_messages_are_classified():
+    assert is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.2GiB"))
+    assert is_oom(RuntimeError("CUDA_ERROR_OUT_OF_MEMORY: out of memory"))
+    assert not is_oom(ValueError("shapes do not match"))

@@ -1,0 +1,108 @@
+"""Parsing, printing and validation of layouts: every bad input names its knob."""
+
+import dataclasses
+
+import pytest
+from conftest import make_run
+
+from jaxlayouts.layout import InvalidLayout, Layout, load_model_config, parse_mesh, validate
+
+
+def test_parse_mesh_fills_missing_axes_and_the_rest():
+    assert parse_mesh("dp=8,tp=4") == {"dp": 8, "fsdp": 1, "tp": 4, "pp": 1}
+    assert parse_mesh("dp=-1,tp=2", num_devices=16) == {"dp": 8, "fsdp": 1, "tp": 2, "pp": 1}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("dq=2", "write AXIS=SIZE"),
+    ("dp=two", "is not an integer"),
+    ("dp=0", "sizes are positive"),
+    ("dp=-1,tp=-1", "only one axis may be -1"),
+    ("dp=-1", "needs a known device count"),
+])
+def test_parse_mesh_errors(text, message):
+    with pytest.raises(InvalidLayout, match=message) as error:
+        parse_mesh(text)
+    assert error.value.knob == "mesh"
+
+
+def test_layout_text_round_trips():
+    layout = Layout(mesh=parse_mesh("dp=2,fsdp=2,tp=2"), micro_batch=2, zero=1,
+                    sequence_parallel=True, remat="full")
+    assert str(layout) == "dp=2,fsdp=2,tp=2,pp=1 mbs=2 zero=1 sp=1 remat=full attn=xla"
+    assert Layout.parse(str(layout)) == layout
+
+
+def test_zero_defaults_to_fsdp():
+    assert Layout(mesh=parse_mesh("fsdp=8")).zero == 3
+    assert Layout(mesh=parse_mesh("dp=8")).zero == 0
+
+
+def test_model_configs_have_the_reference_shapes():
+    for name, shape in {"llama-13b": (40, 5120, 40, 13824), "llama-30b": (60, 6656, 52, 17920),
+                        "llama-65b": (80, 8192, 64, 22016)}.items():
+        m = load_model_config(name)
+        assert (m.num_layers, m.d_model, m.num_heads, m.d_ff) == shape
+        assert m.vocab_size == 128000
+
+
+def test_parameter_counts_match_the_reference_study():
+    # The study's MFU column implies about 14.0B / 33.8B / 66.9B parameters (paper-data README).
+    for name, billions in {"llama-13b": 14.0, "llama-30b": 33.8, "llama-65b": 66.9}.items():
+        assert load_model_config(name).n_params / 1e9 == pytest.approx(billions, abs=0.1)
+
+
+def test_tiny_accepts_tp_and_pp_up_to_4():
+    m = load_model_config("tiny")
+    for size in (1, 2, 4):
+        assert m.num_heads % size == m.num_kv_heads % size == m.d_ff % size == m.vocab_size % size == 0
+        assert m.num_layers % size == 0
+
+
+@pytest.mark.parametrize("mesh, kwargs, knob, message", [
+    ("dp=4", {}, "mesh", "uses 4 devices but 8 are present"),
+    ("dp=1,tp=8", {}, "mesh", "tp=8 does not divide num_kv_heads=4 of tiny; choose a tp that divides it"),
+    ("dp=2,tp=4", {"sequence_parallel": True, "seq_len": 30}, "seq_len", "not divisible"),
+    ("dp=8", {"global_batch": 12}, "global_batch", "not divisible by dp\\*fsdp\\*micro_batch"),
+    ("dp=8", {"micro_batch": 2, "global_batch": 8}, "global_batch", "8\\*1\\*2=16; e.g. --global_batch 16"),
+    ("dp=2,pp=4", {}, "mesh", "pipeline parallelism is not yet supported"),
+    ("dp=1,pp=8", {}, "mesh", "pp=8 does not divide num_layers=4"),
+    ("dp=8", {"remat": "sometimes"}, "remat", "unknown policy 'sometimes'; choose one of none, full"),
+    ("dp=8", {"attention": "magic"}, "attention", "unknown implementation 'magic'"),
+    ("dp=8", {"attention": "cudnn"}, "attention", "needs an NVIDIA GPU"),
+    ("dp=8", {"zero": 2}, "zero", "put the data-parallel degree on fsdp"),
+    ("fsdp=8", {"zero": 5}, "zero", "stage 5 does not exist"),
+    ("dp=8", {"dtype": "float8"}, "dtype", "choose one of bfloat16, float32"),
+    ("dp=8", {"sequence_parallel": True}, "sequence_parallel", "tp group, which has size 1"),
+])
+def test_validation_names_the_knob(mesh, kwargs, knob, message):
+    run_kwargs = {k: kwargs.pop(k) for k in ("seq_len", "global_batch", "dtype") if k in kwargs}
+    run = make_run(mesh, **run_kwargs, **kwargs)
+    with pytest.raises(InvalidLayout, match=message) as error:
+        validate(run, 8, platform="cpu")
+    assert error.value.knob == knob
+    assert str(error.value).startswith(f"--{knob}: ")
+
+
+@pytest.mark.parametrize("changes, field, value", [
+    ({"num_heads": 6, "num_kv_heads": 2}, "num_heads", 6),
+    ({"d_ff": 390}, "d_ff", 390),
+    ({"vocab_size": 510}, "vocab_size", 510),
+])
+def test_tp_must_divide_heads_ffn_and_vocabulary(changes, field, value):
+    model = dataclasses.replace(load_model_config("tiny"), **changes)
+    run = dataclasses.replace(make_run("dp=2,tp=4"), model=model)
+    with pytest.raises(InvalidLayout, match=f"tp=4 does not divide {field}={value}"):
+        validate(run, 8, platform="cpu")
+
+
+def test_unknown_model_lists_the_known_ones():
+    with pytest.raises(InvalidLayout, match="unknown model 'llama-3b'; choose one of .*llama-13b") as error:
+        load_model_config("llama-3b")
+    assert error.value.knob == "model"
+
+
+def test_valid_layouts_pass():
+    for mesh, kwargs in [("dp=8", {}), ("dp=2,fsdp=2,tp=2", {}), ("dp=2,tp=4", {"sequence_parallel": True}),
+                         ("fsdp=8", {"zero": 1})]:
+        validate(make_run(mesh, **kwargs), 8, platform="cpu")
