@@ -7,7 +7,7 @@ Without an accelerator the harness emulates as many CPU devices as the mesh need
 compile ahead of time (timed on its own), run ``--warmup`` steps, then time ``--steps`` steps,
 each ended by ``block_until_ready`` before the clock is read; report the median. The summary goes
 to stdout and its last line is one JSON object (also appended to ``--output`` as a JSON line).
-Exit codes: 0 ok, 1 error, 2 invalid input, 3 out of memory.
+Exit codes: 0 ok, 1 error, 2 invalid input, 3 out of memory, 4 compile error.
 """
 
 from __future__ import annotations
@@ -48,7 +48,16 @@ flags.DEFINE_string("output", None, "Append the result as one JSON line to this 
 flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace of the timed steps here.")
 flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device for MFU (default: by device kind).")
 
-EXIT_CODES = {"ok": 0, "error": 1, "invalid": 2, "oom": 3}
+flags.DEFINE_float("device_memory_gb", None, "Device memory capacity: a step whose compiled peak "
+                   "exceeds it is reported as oom before it runs (default: the device's own limit, "
+                   "where it reports one; none on CPU).")
+
+FLAG_NAMES = tuple(f.name for f in FLAGS.get_flags_for_module(sys.modules[__name__]))
+EXIT_CODES = {"ok": 0, "error": 1, "invalid": 2, "oom": 3, "compile_error": 4}
+
+
+class OutOfMemory(RuntimeError):
+    """The compiled step needs more memory per device than the device has."""
 
 
 def parse_axis_rules(text: str) -> dict:
@@ -69,29 +78,44 @@ def parse_axis_rules(text: str) -> dict:
     return rules
 
 
+class CompileError(RuntimeError):
+    """XLA could not compile the step (other than for lack of memory)."""
+
+
 def is_oom(error: BaseException) -> bool:
+    if isinstance(error, OutOfMemory):
+        return True
     text = str(error)
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
-def run_from_flags() -> tuple[RunConfig, dict]:
-    """Build the run from flags; emulated devices are requested here, before JAX is imported."""
-    needs_count = "-1" in FLAGS.mesh
-    mesh = parse_mesh(FLAGS.mesh, FLAGS.num_devices)
-    if not needs_count:
-        devices.request_host_devices(FLAGS.num_devices or math.prod(mesh.values()))
-    elif FLAGS.num_devices:
-        devices.request_host_devices(FLAGS.num_devices)
+def run_config(values: dict, request_devices: bool = True) -> tuple[RunConfig, dict]:
+    """Build the run from flag values (the bench's flags, or a sweep point with the same names).
+    With ``request_devices``, emulated CPU devices are requested here, before JAX is imported."""
+    needs_count = "-1" in values["mesh"]
+    mesh = parse_mesh(values["mesh"], values["num_devices"])
+    if not request_devices:
+        pass
+    elif not needs_count:
+        devices.request_host_devices(values["num_devices"] or math.prod(mesh.values()))
+    elif values["num_devices"]:
+        devices.request_host_devices(values["num_devices"])
     else:
         import jax  # an accelerator decides the device count
-        mesh = parse_mesh(FLAGS.mesh, jax.device_count())
-    model = load_model_config(FLAGS.model, vocab_size=FLAGS.vocab_size)
-    layout = Layout(mesh=mesh, micro_batch=FLAGS.micro_batch, zero=FLAGS.zero,
-                    sequence_parallel=FLAGS.sequence_parallel, remat=FLAGS.remat,
-                    attention=FLAGS.attention)
-    run = RunConfig(model=model, layout=layout, seq_len=FLAGS.seq_len, global_batch=FLAGS.global_batch,
-                    dtype=FLAGS.dtype, learning_rate=FLAGS.learning_rate, seed=FLAGS.seed)
-    return run, parse_axis_rules(FLAGS.axis_rules)
+        mesh = parse_mesh(values["mesh"], jax.device_count())
+    model = load_model_config(values["model"], vocab_size=values["vocab_size"])
+    layout = Layout(mesh=mesh, micro_batch=values["micro_batch"], zero=values["zero"],
+                    sequence_parallel=values["sequence_parallel"], remat=values["remat"],
+                    attention=values["attention"])
+    run = RunConfig(model=model, layout=layout, seq_len=values["seq_len"],
+                    global_batch=values["global_batch"], dtype=values["dtype"],
+                    learning_rate=values["learning_rate"], seed=values["seed"])
+    return run, parse_axis_rules(values["axis_rules"])
+
+
+def flag_defaults() -> dict:
+    """Every bench flag with its default value."""
+    return {name: FLAGS[name].default for name in FLAG_NAMES}
 
 
 def describe(run: RunConfig) -> dict:
@@ -108,7 +132,7 @@ def describe(run: RunConfig) -> dict:
 
 def benchmark(run: RunConfig, *, steps: int, warmup: int, axis_rules: dict | None = None,
               peak_tflops: float | None = None, profile_dir: str | None = None, devices=None,
-              log=print) -> dict:
+              device_memory_gb: float | None = None, log=print) -> dict:
     """Validate, compile, train ``warmup + steps`` steps on ``devices`` (default: all) and return
     the measured fields."""
     import jax
@@ -125,9 +149,20 @@ def benchmark(run: RunConfig, *, steps: int, warmup: int, axis_rules: dict | Non
 
     log(f"compiling {run.model.name} under {run.layout} on {len(devices)} x {platform} ...")
     start = time.perf_counter()
-    compiled = trainer.lower().compile()
+    try:
+        compiled = trainer.lower().compile()
+    except Exception as error:
+        if is_oom(error):
+            raise
+        raise CompileError(f"{type(error).__name__}: {error}") from error
     compile_time = time.perf_counter() - start
     memory = compiled_memory(compiled)
+    capacity = (device_memory_gb * 2**30 if device_memory_gb
+                else (devices[0].memory_stats() or {}).get("bytes_limit"))
+    peak_bytes = memory["compiled_peak_bytes_per_device"]
+    if capacity and peak_bytes and peak_bytes > capacity:
+        raise OutOfMemory(f"compiled peak {peak_bytes / 2**30:.2f} GiB per device exceeds the "
+                          f"device memory {capacity / 2**30:.2f} GiB")
 
     state = trainer.init_state()
     batches = [data.device_batch(
@@ -225,13 +260,16 @@ def main(argv):
               "command": " ".join(["python -m jaxlayouts.bench"] + sys.argv[1:])}
     log = lambda message: print(message, file=sys.stderr, flush=True)
     try:
-        run, axis_rules = run_from_flags()
+        run, axis_rules = run_config({name: FLAGS[name].value for name in FLAG_NAMES})
         result.update(describe(run))
         result["axis_rules"] = axis_rules or None
         result.update(benchmark(run, steps=FLAGS.steps, warmup=FLAGS.warmup, axis_rules=axis_rules,
-                                peak_tflops=FLAGS.peak_tflops, profile_dir=FLAGS.profile_dir, log=log))
+                                peak_tflops=FLAGS.peak_tflops, profile_dir=FLAGS.profile_dir,
+                                device_memory_gb=FLAGS.device_memory_gb, log=log))
     except InvalidLayout as error:
         result.update(status="invalid", error=str(error))
+    except CompileError as error:
+        result.update(status="compile_error", error=str(error))
     except Exception as error:  # recorded as data: the sweep reads status and error
         result.update(status="oom" if is_oom(error) else "error", error=f"{type(error).__name__}: {error}")
     result["jax_version"] = importlib.metadata.version("jax")

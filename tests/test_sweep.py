@@ -1,0 +1,144 @@
+"""Sweeps: grids resolve as written, results survive kill -9, and the report draws them."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jaxlayouts import report, sweep
+from jaxlayouts.bench import FLAG_NAMES
+
+CPU_SMOKE = "configs/sweeps/cpu_smoke.yaml"
+
+
+def write_sweep(tmp_path, text):
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return sweep.load_sweep(path)
+
+
+def test_grid_product_skip_and_derived_data_axis(tmp_path):
+    s = write_sweep(tmp_path, """
+devices: 16
+data_axis: fsdp
+base: {model: tiny, zero: 1}
+grid: {tp: [1, 2], pp: [1, 2], sequence_parallel: [false, true]}
+skip: [{sequence_parallel: true, tp: 1}]
+""")
+    pts = sweep.points(s, FLAG_NAMES)
+    assert len(pts) == 6
+    assert {p["mesh"] for p in pts} == {f"dp=1,fsdp=-1,tp={tp},pp={pp}" for tp in (1, 2) for pp in (1, 2)}
+    assert all(p["zero"] == 1 and p["model"] == "tiny" for p in pts)
+
+
+def test_point_keys_are_stable_and_distinct(tmp_path):
+    s = write_sweep(tmp_path, "devices: 8\ngrid: {tp: [1, 2], micro_batch: [1, 2]}\n")
+    keys = [sweep.point_key(p, s) for p in sweep.points(s, FLAG_NAMES)]
+    again = [sweep.point_key(p, s) for p in sweep.points(s, FLAG_NAMES)]
+    assert keys == again and len(set(keys)) == 4
+
+
+@pytest.mark.parametrize("text, message", [
+    ("grid: {tp: [1]}\nbase: {colour: red}\n", "base: unknown knobs \\['colour'\\]"),
+    ("grid: {tp: 2}\n", "grid.tp: give a non-empty list"),
+    ("grid: {tp: [2]}\n", "devices: the mesh dp=-1"),
+    ("grid: {tp: [2]}\nwhatever: 1\n", "unknown keys \\['whatever'\\]"),
+    ("devices: 8\ndata_axis: tp\ngrid: {tp: [2]}\n", "data_axis: 'tp'; choose dp or fsdp"),
+])
+def test_bad_sweep_files_name_the_key(tmp_path, text, message):
+    with pytest.raises(sweep.SweepError, match=message):
+        sweep.points(write_sweep(tmp_path, text), FLAG_NAMES)
+
+
+def test_bad_sweep_file_exits_2(tmp_path):
+    (tmp_path / "s.yaml").write_text("grid: {tp: 2}\n")
+    assert sweep.main([str(tmp_path / "s.yaml"), "--out", str(tmp_path / "r.jsonl")]) == 2
+
+
+def test_invalid_points_are_found_without_launching(tmp_path):
+    s = write_sweep(tmp_path, "devices: 8\nbase: {model: tiny}\ngrid: {tp: [8]}\n")
+    (point,) = sweep.points(s, FLAG_NAMES)
+    row = sweep.prevalidate(point, s)
+    assert row["status"] == "invalid" and "tp=8 does not divide num_kv_heads=4" in row["error"]
+    assert row["layout"].startswith("dp=1,fsdp=1,tp=8")
+
+
+def test_a_torn_line_is_dropped_and_retry_forgets_failures(tmp_path):
+    path = tmp_path / "r.jsonl"
+    results = sweep.Results(path)
+    results.append({"key": "a", "status": "ok"})
+    results.append({"key": "b", "status": "oom"})
+    with open(path, "a") as f:
+        f.write('{"key": "c", "sta')  # killed in the middle of a write
+    reloaded = sweep.Results(path)
+    assert set(reloaded.rows) == {"a", "b"}
+    assert path.read_text().count("\n") == 2 and path.read_text().endswith("\n")
+    reloaded.forget({"b"})
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a"]
+
+
+def _bench_processes():
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "-m jaxlayouts.bench" in line]
+
+
+def test_cpu_smoke_survives_kill_9_and_reports(tmp_path):
+    out = tmp_path / "cpu_smoke.jsonl"
+    total = len(sweep.points(sweep.load_sweep(CPU_SMOKE), FLAG_NAMES))
+    command = [sys.executable, "-m", "jaxlayouts.sweep", CPU_SMOKE, "--out", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 3):
+        time.sleep(0.5)
+    time.sleep(2)  # the next point is in flight
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1)
+    assert not _bench_processes(), "the point in flight outlived its sweep"
+    before = {json.loads(line)["key"]: json.loads(line) for line in out.read_text().splitlines()}
+    assert 3 <= len(before) < total
+
+    subprocess.run(command, check=True, capture_output=True, timeout=900)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys)) == total  # every point once, none lost, none twice
+    for key, row in before.items():  # points recorded before the kill were not run again
+        assert next(r for r in rows if r["key"] == key) == row
+    statuses = {r["status"] for r in rows}
+    assert {"ok", "oom", "invalid"} <= statuses
+    assert all(r["error"] for r in rows if r["status"] != "ok")
+
+    again = subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+    assert f"{total} already in" in again.stderr and out.read_text().count("\n") == total
+
+    made = report.write_report(out, tmp_path / "report")
+    assert {"by_checkpointing.png", "by_micro_batch.png", "by_sequence_parallel.png",
+            "tp_pp_heatmap.png"} <= set(made)
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| cpu_smoke | " in text and "| oom |" in text and "| invalid |" in text
+
+
+def test_report_reads_the_reference_study_format(tmp_path):
+    csv = tmp_path / "runs.csv"
+    csv.write_text(
+        "sweep,model,seq_len,world_size,micro_batch_size,tp,pp,sequence_parallel,activation_checkpointing,"
+        "kernel,status,step_time_s,mfu,tflops_megatron\n"
+        "s,13B,2048,64,1,1,1,False,disabled,flash_attention2,ok,30.0,0.55,180\n"
+        "s,13B,2048,64,1,2,1,False,every_layer,flash_attention2,ok,40.0,0.45,150\n"
+        "s,13B,2048,64,8,2,2,False,disabled,torch,oom,,,\n"
+        "t,13B,2048,32,1,1,1,False,disabled,flash_attention2,ok,55.0,0.60,190\n")
+    rows = report.load(csv)
+    assert rows[1]["remat"] == "full" and rows[1]["layout"] == "dp=32,tp=2,pp=1 mbs=1 sp=0 remat=full kernel=flash_attention2"
+    made = report.write_report(csv, tmp_path / "out")
+    assert "step_time_scaling.png" in made and "tp_pp_heatmap.png" in made
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Metric: MFU" in text
+    assert "| s | `dp=64,tp=1,pp=1 mbs=1 sp=0 remat=none kernel=flash_attention2` | 55.0% | 30 |" in text
+
+
+def test_report_of_a_missing_file_exits_2(tmp_path):
+    assert report.main([str(tmp_path / "none.jsonl"), "--out", str(tmp_path)]) == 2
