@@ -176,6 +176,25 @@ def _scale(key: str):
     return (lambda v: 100 * v) if key == "mfu" else (lambda v: v)
 
 
+def _value_text(value: float, key: str) -> str:
+    return f"{value:.1f}" if key == "mfu" else f"{value:.3g}"
+
+
+def _best_label(key: str, label: str) -> str:
+    return "best MFU (%)" if key == "mfu" else f"best {label}"
+
+
+def _commonest_status(rows: list[Row]) -> str:
+    return collections.Counter(r["status"] for r in rows).most_common(1)[0][0] if rows else ""
+
+
+def _save(fig, path: pathlib.Path, title: str):
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def knob_figure(rows: list[Row], field: str, xlabel: str, title: str, path: pathlib.Path) -> bool:
     """Bars of the best metric per value of ``field``, one panel per group; values where no run
     succeeded are marked with the commonest failure."""
@@ -193,22 +212,18 @@ def knob_figure(rows: list[Row], field: str, xlabel: str, title: str, path: path
         top = max((scale(b) for b in best if b is not None), default=1)
         for x, v, b in zip(xs, values, best):
             if b is None:
-                failures = collections.Counter(r["status"] for r in members if r[field] == v)
-                ax.text(x, 0.02 * top, failures.most_common(1)[0][0], ha="center", va="bottom", rotation=90)
+                ax.text(x, 0.02 * top, _commonest_status([r for r in members if r[field] == v]),
+                        ha="center", va="bottom", rotation=90)
             else:
-                ax.text(x, scale(b), f"{scale(b):.1f}" if key == "mfu" else f"{scale(b):.3g}",
-                        ha="center", va="bottom", fontsize=8)
+                ax.text(x, scale(b), _value_text(scale(b), key), ha="center", va="bottom", fontsize=8)
         long = max(len(str(v)) for v in values) > 6
         ax.set_xticks(list(xs), [str(v) for v in values], rotation=30 if long else 0,
                       ha="right" if long else "center", fontsize=8)
         ax.set_title(group, fontsize=9)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(("best MFU (%)" if key == "mfu" else f"best {label}"))
+        ax.set_ylabel(_best_label(key, label))
         ax.set_ylim(0, top * 1.18)
-    fig.suptitle(f"{label} {title}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, f"{label} {title}")
     return True
 
 
@@ -228,20 +243,17 @@ def tp_pp_figure(rows: list[Row], path: pathlib.Path) -> bool:
         image = ax.imshow(values, cmap="viridis", origin="lower", aspect="auto")
         for i, pp in enumerate(pps):
             for j, tp in enumerate(tps):
-                cell = [r for r in members if r["tp"] == tp and r["pp"] == pp]
-                text = (f"{values[i][j]:.1f}" if key == "mfu" else f"{values[i][j]:.3g}") if grid[i][j] is not None \
-                    else (collections.Counter(r["status"] for r in cell).most_common(1)[0][0] if cell else "")
-                ax.text(j, i, text, ha="center", va="center", color="w" if grid[i][j] is not None else "k", fontsize=8)
+                ran = grid[i][j] is not None
+                text = (_value_text(values[i][j], key) if ran else
+                        _commonest_status([r for r in members if r["tp"] == tp and r["pp"] == pp]))
+                ax.text(j, i, text, ha="center", va="center", color="w" if ran else "k", fontsize=8)
         ax.set_xticks(range(len(tps)), [str(t) for t in tps])
         ax.set_yticks(range(len(pps)), [str(p) for p in pps])
         ax.set_xlabel("tensor-parallel degree")
         ax.set_ylabel("pipeline-parallel degree")
         ax.set_title(group, fontsize=9)
-        fig.colorbar(image, ax=ax, label="best MFU (%)" if key == "mfu" else f"best {label}")
-    fig.suptitle(f"{label} by tensor- and pipeline-parallel degree", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        fig.colorbar(image, ax=ax, label=_best_label(key, label))
+    _save(fig, path, f"{label} by tensor- and pipeline-parallel degree")
     return True
 
 
@@ -269,11 +281,8 @@ def scaling_figure(rows: list[Row], path: pathlib.Path) -> bool:
     ax.set_xticks(sorted({c for points in series.values() for c in points}))
     ax.set_xlabel("devices")
     ax.set_ylabel("best step time (s)")
-    ax.set_title("Step-time scaling across device counts")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, "Step-time scaling across device counts")
     return True
 
 
