@@ -16,13 +16,14 @@ import datetime
 import importlib.metadata
 import json
 import math
+import os
 import statistics
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
-from jaxlayouts import devices
+from jaxlayouts import devices, distributed
 from jaxlayouts.layout import (ATTENTION_CHOICES, DTYPE_CHOICES, MESH_AXES, REMAT_CHOICES,
                                InvalidLayout, Layout, RunConfig, load_model_config, parse_mesh)
 
@@ -48,6 +49,16 @@ flags.DEFINE_string("output", None, "Append the result as one JSON line to this 
 flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace of the timed steps here.")
 flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s per device for MFU (default: by device kind).")
 
+flags.DEFINE_string("checkpoint_dir", None, "Save sharded train-state checkpoints (orbax) here.")
+flags.DEFINE_integer("checkpoint_every", 100, "Save a checkpoint every this many steps (with --checkpoint_dir).")
+flags.DEFINE_bool("restore", False, "Resume from the latest complete checkpoint in --checkpoint_dir, "
+                  "under this run's layout and device count.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run "
+                    "(SLURM is detected without it; launch/local.sh sets it).")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+flags.DEFINE_integer("init_timeout_s", 120, "Give up joining a multi-process run after this long.")
+flags.DEFINE_integer("heartbeat_timeout_s", 30, "End a multi-process run this long after a peer stops answering.")
 flags.DEFINE_float("device_memory_gb", None, "Device memory capacity: a step whose compiled peak "
                    "exceeds it is reported as oom before it runs (default: the device's own limit, "
                    "where it reports one; none on CPU).")
@@ -91,18 +102,28 @@ def is_oom(error: BaseException) -> bool:
 
 def run_config(values: dict, request_devices: bool = True) -> tuple[RunConfig, dict]:
     """Build the run from flag values (the bench's flags, or a sweep point with the same names).
-    With ``request_devices``, emulated CPU devices are requested here, before JAX is imported."""
-    needs_count = "-1" in values["mesh"]
-    mesh = parse_mesh(values["mesh"], values["num_devices"])
-    if not request_devices:
-        pass
-    elif not needs_count:
-        devices.request_host_devices(values["num_devices"] or math.prod(mesh.values()))
-    elif values["num_devices"]:
-        devices.request_host_devices(values["num_devices"])
-    else:
-        import jax  # an accelerator decides the device count
-        mesh = parse_mesh(values["mesh"], jax.device_count())
+    With ``request_devices`` this also prepares the devices: it asks for emulated CPU devices
+    (before JAX is imported) and joins a multi-process run when one is configured."""
+    count = values["num_devices"]
+    if request_devices:
+        cluster = distributed.detect(values["coordinator_address"], values["num_processes"], values["process_id"])
+        accelerator = devices.accelerator_present()
+        if count is None and "-1" not in values["mesh"]:
+            count = math.prod(parse_mesh(values["mesh"]).values())
+        if count is None and not accelerator:
+            raise InvalidLayout("mesh", f"{values['mesh']}: -1 needs a device count on CPU emulation; "
+                                "give --num_devices")
+        if count is not None and not accelerator:
+            if count % cluster.num_processes:
+                raise InvalidLayout("num_processes", f"{count} devices do not split over "
+                                    f"{cluster.num_processes} processes")
+            devices.request_host_devices(count // cluster.num_processes)
+        distributed.initialize(cluster, cpu=not accelerator, init_timeout_s=values["init_timeout_s"],
+                               heartbeat_timeout_s=values["heartbeat_timeout_s"])
+        if count is None:
+            import jax  # an accelerator decides the device count
+            count = jax.device_count()
+    mesh = parse_mesh(values["mesh"], count)
     model = load_model_config(values["model"], vocab_size=values["vocab_size"])
     layout = Layout(mesh=mesh, micro_batch=values["micro_batch"], zero=values["zero"],
                     sequence_parallel=values["sequence_parallel"], remat=values["remat"],
@@ -132,19 +153,25 @@ def describe(run: RunConfig) -> dict:
 
 def benchmark(run: RunConfig, *, steps: int, warmup: int, axis_rules: dict | None = None,
               peak_tflops: float | None = None, profile_dir: str | None = None, devices=None,
-              device_memory_gb: float | None = None, log=print) -> dict:
+              device_memory_gb: float | None = None, checkpoint_dir: str | None = None,
+              checkpoint_every: int = 100, restore: bool = False, log=print) -> dict:
     """Validate, compile, train ``warmup + steps`` steps on ``devices`` (default: all) and return
-    the measured fields."""
+    the measured fields. With ``checkpoint_dir``, save every ``checkpoint_every`` steps and (with
+    ``restore``) resume from the latest complete checkpoint, resharded into this layout."""
     import jax
 
-    from jaxlayouts import data, flops, layout, mesh as meshes, train
+    from jaxlayouts import checkpoint, data, flops, layout, mesh as meshes, train
 
     devices = list(devices) if devices is not None else jax.devices()
     platform = devices[0].platform
     layout.validate(run, len(devices), platform)
     if steps < 1 or warmup < 0:
         raise InvalidLayout("steps", f"need --steps >= 1 and --warmup >= 0 (got {steps}, {warmup})")
+    if restore and not checkpoint_dir:
+        raise InvalidLayout("restore", "needs --checkpoint_dir, the directory to resume from")
     device_mesh = meshes.build_mesh(run.layout, devices)
+    if jax.process_count() > 1:
+        distributed.log_once(distributed.describe_topology(run.layout, jax.process_count()))
     trainer = train.Trainer(run, device_mesh, axis_rules)
 
     log(f"compiling {run.model.name} under {run.layout} on {len(devices)} x {platform} ...")
@@ -157,18 +184,29 @@ def benchmark(run: RunConfig, *, steps: int, warmup: int, axis_rules: dict | Non
         raise CompileError(f"{type(error).__name__}: {error}") from error
     compile_time = time.perf_counter() - start
     memory = compiled_memory(compiled)
+    local_device = next(d for d in devices if d.process_index == jax.process_index())
     capacity = (device_memory_gb * 2**30 if device_memory_gb
-                else (devices[0].memory_stats() or {}).get("bytes_limit"))
+                else (local_device.memory_stats() or {}).get("bytes_limit"))
     peak_bytes = memory["compiled_peak_bytes_per_device"]
     if capacity and peak_bytes and peak_bytes > capacity:
         raise OutOfMemory(f"compiled peak {peak_bytes / 2**30:.2f} GiB per device exceeds the "
                           f"device memory {capacity / 2**30:.2f} GiB")
 
-    state = trainer.init_state()
+    checkpoints = checkpoint.Checkpoints(checkpoint_dir, checkpoint_every) if checkpoint_dir else None
+    first_step, restored_from = 0, None
+    if restore:
+        state, record = checkpoints.restore(trainer.abstract_state_with_shardings())
+        first_step, restored_from = record["next_step"], record["layout"]
+        log(f"restored step {first_step} (saved under {restored_from}) into {run.layout}")
+    else:
+        distributed.barrier("jaxlayouts_compiled")  # init_state runs collectives
+        state = trainer.init_state()
     batches = [data.device_batch(
         data.global_batch_tokens(run.seed, step, run.global_batch, run.seq_len, run.model.vocab_size),
-        run.grad_accum_steps, device_mesh, train.BATCH_SPEC) for step in range(warmup + steps)]
+        run.grad_accum_steps, device_mesh, train.BATCH_SPEC)
+        for step in range(first_step, first_step + warmup + steps)]
     jax.block_until_ready(batches)
+    distributed.barrier("jaxlayouts_ready_to_train")
 
     losses, step_times = [], []
     for step, batch in enumerate(batches):
@@ -183,10 +221,17 @@ def benchmark(run: RunConfig, *, steps: int, warmup: int, axis_rules: dict | Non
             step_times.append(elapsed)
         log(f"  step {step + 1}/{warmup + steps} {'(warm-up) ' if step < warmup else ''}"
             f"loss {losses[-1]:.4f}  {elapsed:.3f} s")
+        if checkpoints:
+            done = first_step + step + 1
+            checkpoints.save(done, state, {"next_step": done, "layout": str(run.layout),
+                                           "model": run.model.name, "seed": run.seed,
+                                           "global_batch": run.global_batch, "seq_len": run.seq_len})
     if profile_dir:
         jax.profiler.stop_trace()
+    if checkpoints:
+        checkpoints.close()
 
-    device = devices[0]
+    device = local_device
     step_time = statistics.median(step_times)
     tokens_per_s = run.tokens_per_step / step_time
     peak = peak_tflops if peak_tflops is not None else flops.peak_tflops(device.device_kind)
@@ -199,6 +244,7 @@ def benchmark(run: RunConfig, *, steps: int, warmup: int, axis_rules: dict | Non
         "tokens_per_s": tokens_per_s, "model_flops_per_token": flops.model_flops_per_token(run.model, run.seq_len),
         "model_tflops_per_device": achieved, "mfu": mfu, "peak_tflops": peak,
         "memory": memory, "losses": losses, "steps": steps, "warmup": warmup,
+        "first_step": first_step, "restored_from": restored_from, "num_processes": jax.process_count(),
     }
 
 
@@ -258,14 +304,17 @@ def main(argv):
     result = {"status": "ok", "error": None, "model": FLAGS.model, "mesh": FLAGS.mesh,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["python -m jaxlayouts.bench"] + sys.argv[1:])}
-    log = lambda message: print(message, file=sys.stderr, flush=True)
+    log = distributed.log_once
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
         run, axis_rules = run_config({name: FLAGS[name].value for name in FLAG_NAMES})
         result.update(describe(run))
         result["axis_rules"] = axis_rules or None
         result.update(benchmark(run, steps=FLAGS.steps, warmup=FLAGS.warmup, axis_rules=axis_rules,
                                 peak_tflops=FLAGS.peak_tflops, profile_dir=FLAGS.profile_dir,
-                                device_memory_gb=FLAGS.device_memory_gb, log=log))
+                                device_memory_gb=FLAGS.device_memory_gb,
+                                checkpoint_dir=FLAGS.checkpoint_dir, checkpoint_every=FLAGS.checkpoint_every,
+                                restore=FLAGS.restore, log=log))
     except InvalidLayout as error:
         result.update(status="invalid", error=str(error))
     except CompileError as error:
@@ -273,15 +322,25 @@ def main(argv):
     except Exception as error:  # recorded as data: the sweep reads status and error
         result.update(status="oom" if is_oom(error) else "error", error=f"{type(error).__name__}: {error}")
     result["jax_version"] = importlib.metadata.version("jax")
-    if "jax" in sys.modules and sys.modules["jax"].process_index() != 0:
-        return EXIT_CODES[result["status"]]  # only process 0 reports
-    line = json.dumps(_finite(result))
-    print(summary(result))
-    print(line, flush=True)
-    if FLAGS.output:
-        with open(FLAGS.output, "a") as out:
-            out.write(line + "\n")
-    return EXIT_CODES[result["status"]]
+    jax = sys.modules.get("jax")
+    process = jax.process_index() if jax else 0
+    if process == 0:  # only process 0 reports
+        line = json.dumps(_finite(result))
+        print(summary(result))
+        print(line, flush=True)
+        if FLAGS.output:
+            with open(FLAGS.output, "a") as out:
+                out.write(line + "\n")
+    elif result["status"] != "ok":
+        log(f"process {process}: {summary(result)}")
+    code = EXIT_CODES[result["status"]]
+    if code and jax and jax.process_count() > 1:
+        # Leave at once: a clean shutdown would wait for peers that may never get here. The
+        # launcher (or srun --kill-on-bad-exit) stops them; the runtime's heartbeat does too.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def entry():

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxlayouts import distributed
 from jaxlayouts.layout import DATA_AXES, MESH_AXES, InvalidLayout, Layout
 
 Rules = tuple[tuple[str, object], ...]
@@ -33,13 +34,17 @@ ACTIVATION_AXES = ("batch", "act_seq", "seq", "act_embed", "act_heads", "act_mlp
 
 
 def build_mesh(layout: Layout, devices=None) -> Mesh:
-    """A mesh with axes ``dp, fsdp, tp, pp`` (classic GSPMD propagation: ``AxisType.Auto``)."""
+    """A mesh with axes ``dp, fsdp, tp, pp`` (classic GSPMD propagation: ``AxisType.Auto``).
+    When the devices span several processes (nodes), each process holds a block of the inner
+    axes, so ``tp`` stays inside a node (see ``distributed.split_over_nodes``)."""
     shape = tuple(layout.mesh[a] for a in MESH_AXES)
     devices = list(devices) if devices is not None else jax.devices()
     if len(devices) != layout.num_devices:
         raise InvalidLayout("mesh", f"the layout needs {layout.num_devices} devices, {len(devices)} given")
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if len({d.process_index for d in devices}) > 1:
+        return Mesh(distributed.hybrid_devices(layout, devices), MESH_AXES, axis_types=axis_types)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
 
 
 def compute_rules(layout: Layout, *, batch_axes=DATA_AXES, overrides: dict | None = None) -> Rules:

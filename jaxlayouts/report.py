@@ -286,9 +286,12 @@ def scaling_figure(rows: list[Row], path: pathlib.Path) -> bool:
     return True
 
 
-def write_report(source: str | pathlib.Path, out: str | pathlib.Path) -> list[str]:
-    """Write ``report.md`` and the figures into ``out``; returns the figure file names."""
-    rows = load(source)
+def write_report(sources, out: str | pathlib.Path) -> list[str]:
+    """Write ``report.md`` and the figures into ``out`` from one results file or several (a job
+    array's per-point files); returns the figure file names."""
+    sources = [sources] if isinstance(sources, (str, pathlib.Path)) else list(sources)
+    rows = [row for source in sources for row in load(source)]
+    source = ", ".join(str(s) for s in sources) if len(sources) <= 3 else f"{len(sources)} files"
     if not rows:
         raise ValueError(f"{source} holds no result rows")
     out = pathlib.Path(out)
@@ -305,7 +308,7 @@ def write_report(source: str | pathlib.Path, out: str | pathlib.Path) -> list[st
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxlayouts.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", help="sweep JSONL, or a CSV in the reference study's format")
+    parser.add_argument("results", nargs="+", help="sweep JSONL file(s), or a CSV in the reference study's format")
     parser.add_argument("--out", required=True, help="folder for report.md and the PNG figures")
     args = parser.parse_args(argv)
     try:

@@ -33,7 +33,8 @@ import yaml
 
 MESH_DEGREES = ("dp", "fsdp", "tp", "pp")
 SWEEP_KEYS = ("name", "devices", "data_axis", "timeout_s", "base", "grid", "skip", "description")
-NOT_FROM_SWEEP = ("output", "num_devices")  # the sweep owns these bench flags
+NOT_FROM_SWEEP = ("output", "num_devices", "coordinator_address", "num_processes", "process_id")
+"""Bench flags a sweep file may not set: the sweep and the launcher own them."""
 STATUSES = ("ok", "oom", "invalid", "compile_error", "timeout", "error")
 
 
@@ -240,9 +241,11 @@ def main(argv=None) -> int:
     parser.add_argument("--retry-failed", action="store_true", help="run again the points that did not end ok")
     parser.add_argument("--timeout", type=float, default=None, help="per-point timeout in seconds (overrides timeout_s)")
     parser.add_argument("--dry-run", action="store_true", help="list the points and their status, run nothing")
+    parser.add_argument("--index", type=int, default=None,
+                        help="run only the point with this index in grid order (for job arrays)")
     args = parser.parse_args(argv)
 
-    from jaxlayouts import bench
+    from jaxlayouts import bench, distributed
 
     try:
         sweep = load_sweep(args.sweep_file)
@@ -250,12 +253,20 @@ def main(argv=None) -> int:
     except SweepError as error:
         print(f"error: {args.sweep_file}: {error}", file=sys.stderr)
         return 2
-    results = Results(args.out)
     keyed = [(point_key(p, sweep), p) for p in todo]
+    if args.index is not None:
+        if not 0 <= args.index < len(keyed):
+            print(f"error: --index {args.index}: the sweep has points 0 to {len(keyed) - 1}", file=sys.stderr)
+            return 2
+        keyed = keyed[args.index:args.index + 1]
+    # In a multi-node point every node runs the sweep (each bench process joins the run); only
+    # process 0 records results and reports progress.
+    writer = distributed.detect().process_id == 0
+    results = Results(args.out) if writer else Results(os.devnull)
     if args.retry_failed:
         results.forget({k for k, _ in keyed if k in results.rows and results.rows[k]["status"] != "ok"})
     pending = [(k, p) for k, p in keyed if k not in results.rows]
-    log = lambda message: print(message, file=sys.stderr, flush=True)
+    log = lambda message: print(message, file=sys.stderr, flush=True) if writer else None
     log(f"sweep {sweep['name']}: {len(keyed)} points, {len(keyed) - len(pending)} already in {args.out}, "
         f"{len(pending)} to run")
     if args.dry_run:
@@ -274,7 +285,10 @@ def main(argv=None) -> int:
             row = run_point(point, sweep, timeout_s)
             elapsed.append(time.perf_counter() - start)
         row.update(key=key, sweep=sweep["name"], point=point, num_devices=row.get("num_devices") or sweep.get("devices"))
-        results.append(row)
+        if writer:
+            results.append(row)
+        else:
+            results.rows[key] = row
         done += 1
         failed += row["status"] != "ok"
         what = f"{row['status']}" + (f" {row['step_time_s']:.3f} s/step" if row["status"] == "ok" else "")

@@ -142,3 +142,12 @@ def test_report_reads_the_reference_study_format(tmp_path):
 
 def test_report_of_a_missing_file_exits_2(tmp_path):
     assert report.main([str(tmp_path / "none.jsonl"), "--out", str(tmp_path)]) == 2
+
+
+def test_index_runs_one_point_for_a_job_array(tmp_path):
+    out = tmp_path / "point.jsonl"
+    total = len(sweep.points(sweep.load_sweep(CPU_SMOKE), FLAG_NAMES))
+    assert sweep.main([CPU_SMOKE, "--out", str(out), "--index", str(total - 1)]) == 0  # a tp=8 point
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["status"] == "invalid" and row["point"]["mesh"] == "dp=-1,fsdp=1,tp=8,pp=1"
+    assert sweep.main([CPU_SMOKE, "--out", str(out), "--index", str(total)]) == 2

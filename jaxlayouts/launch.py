@@ -1,0 +1,79 @@
+"""Start N processes of one command on this machine as one JAX distributed run (CPU + gloo).
+
+    python -m jaxlayouts.launch 2 -- python -m jaxlayouts.bench --mesh dp=2,fsdp=2,tp=2
+
+For testing the multi-process path without a cluster (``launch/local.sh`` wraps it). Each
+process gets ``JAXLAYOUTS_COORDINATOR_ADDRESS``, ``JAXLAYOUTS_NUM_PROCESSES`` and
+``JAXLAYOUTS_PROCESS_ID``; the bench reads them. When any process fails, the others are stopped
+and the launcher exits with that process's code, so a failure is never a hang.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from jaxlayouts.distributed import ENV_PREFIX
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(num_processes: int, command: list[str], grace_s: float = 10.0) -> int:
+    address = f"127.0.0.1:{free_port()}"
+    procs = []
+    for index in range(num_processes):
+        env = dict(os.environ, **{f"{ENV_PREFIX}COORDINATOR_ADDRESS": address,
+                                  f"{ENV_PREFIX}NUM_PROCESSES": str(num_processes),
+                                  f"{ENV_PREFIX}PROCESS_ID": str(index)})
+        env.pop("XLA_FLAGS", None)  # each process asks for its own share of the devices
+        procs.append(subprocess.Popen(command, env=env))
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed:
+                _stop(procs, grace_s)
+                print(f"launch: a process exited with {failed[0]}; stopped the others", file=sys.stderr)
+                return failed[0] if failed[0] > 0 else 128 - failed[0]
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        _stop(procs, grace_s)
+        return 130
+
+
+def _stop(procs, grace_s: float):
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.time() + grace_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxlayouts.launch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("num_processes", type=int)
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command each process runs")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.num_processes < 1 or not command:
+        parser.error("give a process count >= 1 and a command after --, e.g. 2 -- python -m jaxlayouts.bench")
+    return launch(args.num_processes, command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
