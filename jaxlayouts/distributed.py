@@ -117,9 +117,16 @@ def barrier(name: str, timeout_s: int = 600):
 
     if jax.process_count() == 1:
         return
-    from jax._src import distributed as jax_distributed  # the runtime client, as orbax uses it
-
-    jax_distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
+    try:
+        from jax._src import distributed as jax_distributed  # the runtime client, as orbax uses it
+        client = jax_distributed.global_state.client
+    except (ImportError, AttributeError):
+        client = None
+    if client is None:  # a JAX without that client: fall back to a (collective) barrier
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(name, timeout_s * 1000)
 
 
 def log_once(message: str):

@@ -1,7 +1,14 @@
 """Tests run on 8 emulated CPU devices in float32, so that layouts can be compared exactly."""
 
 import os
+import tempfile
 
+# One compilation cache per test run (shared by xdist workers and inherited by the subprocesses
+# the tests start): many tests compile the same step, often in separate processes.
+run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"jaxlayouts-tests-{run_id}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -151,3 +151,11 @@ def test_index_runs_one_point_for_a_job_array(tmp_path):
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["status"] == "invalid" and row["point"]["mesh"] == "dp=-1,fsdp=1,tp=8,pp=1"
     assert sweep.main([CPU_SMOKE, "--out", str(out), "--index", str(total)]) == 2
+
+
+def test_a_point_past_its_timeout_is_recorded_as_timeout(tmp_path):
+    (tmp_path / "s.yaml").write_text("devices: 1\ntimeout_s: 1\nbase: {model: tiny}\ngrid: {micro_batch: [1]}\n")
+    out = tmp_path / "r.jsonl"
+    assert sweep.main([str(tmp_path / "s.yaml"), "--out", str(out)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["status"] == "timeout" and "no result within 1 s" in row["error"]
