@@ -23,7 +23,7 @@ import time
 
 from absl import app, flags, logging
 
-from jaxlayouts import devices, distributed
+from jaxlayouts import devices, distributed, launch
 from jaxlayouts.layout import (ATTENTION_CHOICES, DTYPE_CHOICES, MESH_AXES, REMAT_CHOICES,
                                InvalidLayout, Layout, RunConfig, load_model_config, parse_mesh)
 
@@ -100,30 +100,37 @@ def is_oom(error: BaseException) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
-def run_config(values: dict, request_devices: bool = True) -> tuple[RunConfig, dict]:
-    """Build the run from flag values (the bench's flags, or a sweep point with the same names).
-    With ``request_devices`` this also prepares the devices: it asks for emulated CPU devices
-    (before JAX is imported) and joins a multi-process run when one is configured."""
-    count = values["num_devices"]
-    if request_devices:
+def prepare_devices(values: dict) -> int | None:
+    """Ask for emulated CPU devices (before JAX is imported) and join a multi-process run when
+    one is configured; returns the global device count where it is known."""
+    try:
         cluster = distributed.detect(values["coordinator_address"], values["num_processes"], values["process_id"])
-        accelerator = devices.accelerator_present()
-        if count is None and "-1" not in values["mesh"]:
-            count = math.prod(parse_mesh(values["mesh"]).values())
-        if count is None and not accelerator:
-            raise InvalidLayout("mesh", f"{values['mesh']}: -1 needs a device count on CPU emulation; "
-                                "give --num_devices")
-        if count is not None and not accelerator:
-            if count % cluster.num_processes:
-                raise InvalidLayout("num_processes", f"{count} devices do not split over "
-                                    f"{cluster.num_processes} processes")
-            devices.request_host_devices(count // cluster.num_processes)
-        distributed.initialize(cluster, cpu=not accelerator, init_timeout_s=values["init_timeout_s"],
-                               heartbeat_timeout_s=values["heartbeat_timeout_s"])
-        if count is None:
-            import jax  # an accelerator decides the device count
-            count = jax.device_count()
-    mesh = parse_mesh(values["mesh"], count)
+    except ValueError as error:
+        raise InvalidLayout("coordinator_address", str(error)) from None
+    count = values["num_devices"]
+    accelerator = devices.accelerator_present()
+    if count is None and "-1" not in values["mesh"]:
+        count = math.prod(parse_mesh(values["mesh"]).values())
+    if count is None and not accelerator:
+        raise InvalidLayout("mesh", f"{values['mesh']}: -1 needs a device count on CPU emulation; "
+                            "give --num_devices")
+    if count is not None and not accelerator:
+        if count % cluster.num_processes:
+            raise InvalidLayout("num_processes", f"{count} devices do not split over "
+                                f"{cluster.num_processes} processes")
+        devices.request_host_devices(count // cluster.num_processes)
+    distributed.initialize(cluster, cpu=not accelerator, init_timeout_s=values["init_timeout_s"],
+                           heartbeat_timeout_s=values["heartbeat_timeout_s"])
+    if count is None:
+        import jax  # an accelerator decides the device count
+        count = jax.device_count()
+    return count
+
+
+def run_config(values: dict, num_devices: int | None = None) -> tuple[RunConfig, dict]:
+    """Build the run from flag values (the bench's flags, or a sweep point with the same names);
+    ``num_devices`` resolves a ``-1`` mesh axis."""
+    mesh = parse_mesh(values["mesh"], num_devices)
     model = load_model_config(values["model"], vocab_size=values["vocab_size"])
     layout = Layout(mesh=mesh, micro_batch=values["micro_batch"], zero=values["zero"],
                     sequence_parallel=values["sequence_parallel"], remat=values["remat"],
@@ -299,6 +306,7 @@ def _finite(value):
 
 
 def main(argv):
+    launch.die_with_parent()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; all options are --flags")
     result = {"status": "ok", "error": None, "model": FLAGS.model, "mesh": FLAGS.mesh,
@@ -307,7 +315,8 @@ def main(argv):
     log = distributed.log_once
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     try:
-        run, axis_rules = run_config({name: FLAGS[name].value for name in FLAG_NAMES})
+        values = {name: FLAGS[name].value for name in FLAG_NAMES}
+        run, axis_rules = run_config(values, prepare_devices(values))
         result.update(describe(run))
         result["axis_rules"] = axis_rules or None
         result.update(benchmark(run, steps=FLAGS.steps, warmup=FLAGS.warmup, axis_rules=axis_rules,

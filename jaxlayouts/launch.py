@@ -11,6 +11,7 @@ and the launcher exits with that process's code, so a failure is never a hang.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import signal
 import socket
@@ -19,6 +20,24 @@ import sys
 import time
 
 from jaxlayouts.distributed import ENV_PREFIX
+
+
+PARENT_PID_VARIABLE = f"{ENV_PREFIX}DIE_WITH_PARENT"
+
+
+def die_with_parent():
+    """If started with ``JAXLAYOUTS_DIE_WITH_PARENT=<pid>`` (the sweep does this), ask Linux to
+    SIGKILL this process when that parent dies, so no orphan keeps a device busy. Done in the child
+    itself: a ``preexec_fn`` would make Python fork a multithreaded parent."""
+    parent = os.environ.pop(PARENT_PID_VARIABLE, None)
+    if parent is None or sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() != int(parent):  # the parent died before the call above
+        os._exit(1)
 
 
 def free_port() -> int:

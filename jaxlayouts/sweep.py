@@ -18,18 +18,18 @@ and never duplicates one.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
 import itertools
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import time
 
 import yaml
+
+from jaxlayouts.launch import PARENT_PID_VARIABLE
 
 MESH_DEGREES = ("dp", "fsdp", "tp", "pp")
 SWEEP_KEYS = ("name", "devices", "data_axis", "timeout_s", "base", "grid", "skip", "description")
@@ -174,14 +174,6 @@ class Results:
 # Running points
 
 
-def _die_with_parent():
-    """In the child: get SIGKILL when the sweep dies, so no orphan keeps a device busy (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def run_point(point: dict, sweep: dict, timeout_s: float) -> dict:
     """Run one point in its own process and return its result row (never raises)."""
     args = [sys.executable, "-m", "jaxlayouts.bench", *bench_args(point)]
@@ -189,10 +181,10 @@ def run_point(point: dict, sweep: dict, timeout_s: float) -> dict:
         args.append(f"--num_devices={sweep['devices']}")
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the bench asks for the devices each point needs
+    env[PARENT_PID_VARIABLE] = str(os.getpid())  # the point's process dies with the sweep
     start = time.perf_counter()
     try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s, env=env,
-                              preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         return {"status": "timeout", "error": f"no result within {timeout_s:g} s (timeout_s)",
                 "wall_s": time.perf_counter() - start}
@@ -213,9 +205,9 @@ def prevalidate(point: dict, sweep: dict) -> dict | None:
     from jaxlayouts import bench
     from jaxlayouts.layout import InvalidLayout, validate
 
-    values = {**bench.flag_defaults(), **point, "num_devices": sweep.get("devices")}
+    values = {**bench.flag_defaults(), **point}
     try:
-        run, _ = bench.run_config(values, request_devices=False)
+        run, _ = bench.run_config(values, sweep.get("devices"))
     except InvalidLayout as error:
         return {"status": "invalid", "error": str(error)}
     try:

@@ -64,6 +64,8 @@ def test_peak_flag_gives_mfu_and_profile_dir_gets_a_trace(tmp_path):
     (["--mesh", "dp=4", "--global_batch", "6"], "--global_batch"),
     (["--mesh", "dp=2", "--axis_rules", "vocab=xx"], "--axis_rules"),
     (["--mesh", "dp=2", "--steps", "0"], "--steps"),
+    (["--mesh", "dp=2", "--coordinator_address", "127.0.0.1:1"], "--coordinator_address"),
+    (["--mesh", "dp=2", "--num_devices", "3"], "--mesh"),
 ])
 def test_bad_input_is_invalid_before_compiling(args, knob):
     code, result, proc = bench(*args)
