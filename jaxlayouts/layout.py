@@ -24,7 +24,7 @@ MESH_AXES = ("dp", "fsdp", "tp", "pp")
 DATA_AXES = ("dp", "fsdp")
 """The axes the batch is split over."""
 
-REMAT_CHOICES = ("none", "full", "dots")
+REMAT_CHOICES = ("none", "full", "dots", "save_attention_proj")
 ATTENTION_CHOICES = ("xla", "cudnn")
 DTYPE_CHOICES = ("bfloat16", "float32")
 ZERO_CHOICES = (0, 1, 2, 3)

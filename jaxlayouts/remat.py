@@ -5,6 +5,11 @@
   reference study's ``every_layer`` checkpointing).
 * ``dots``: keep the outputs of matmuls without batch dimensions (the projections and FFN
   matmuls); recompute norms, activations and the attention core.
+* ``save_attention_proj``: keep only the attention projections (q, k, v, output) and the
+  attention result; recompute the softmax core's internals, the norms and the whole FFN.
+  (Saving "everything but the FFN" cannot be said with names alone: the FFN's unnamed
+  intermediates would still be kept, and a nested checkpoint does not help under an outer
+  save-everything policy; measured, it saved nothing.)
 
 Every policy keeps tensors in their *stored* layout, never a resharded copy: outputs of sharding
 constraints (and weights, tag ``weight``) are recomputed from their saved input. So under ZeRO-3
@@ -35,4 +40,6 @@ POLICIES = {
     "none": _stored_layout_only(jax.checkpoint_policies.everything_saveable),
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": _stored_layout_only(jax.checkpoint_policies.dots_with_no_batch_dims_saveable),
+    "save_attention_proj": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "attention", "out_proj"),
 }

@@ -32,6 +32,7 @@ LAYOUTS = [  # pure dp=8 is covered by the gradient test below
     ("dp=1", {"micro_batch": 4}),
     ("fsdp=2,tp=4", {"micro_batch": 2, "remat": "full"}),
     ("dp=4,tp=2", {"remat": "dots"}),
+    ("dp=2,tp=2", {"remat": "save_attention_proj", "sequence_parallel": True}),
 ]
 
 
@@ -83,3 +84,27 @@ def test_gradients_match_single_device(devices, reference_gradients, mesh, kwarg
     gradient reduced with the wrong factor: compare the gradients themselves."""
     for expected, got in zip(reference_gradients, gradients(devices, mesh, **kwargs)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=2e-4, atol=1e-7)
+
+
+def test_remat_policies_order_activation_memory(devices):
+    """XLA's compiled memory analysis: no recomputation > selective > full recomputation, on a
+    shape where saved activations (not logits) set the peak."""
+    import dataclasses
+
+    import jax
+
+    from jaxlayouts.layout import REMAT_CHOICES, load_model_config
+    from jaxlayouts.mesh import build_mesh
+    from jaxlayouts.remat import POLICIES
+    from jaxlayouts.train import Trainer
+
+    assert set(POLICIES) == set(REMAT_CHOICES)
+    model = dataclasses.replace(load_model_config("tiny"), num_layers=8, d_ff=1024, vocab_size=64)
+    temp = {}
+    for remat in ("none", "dots", "save_attention_proj", "full"):
+        run = dataclasses.replace(make_run("dp=1", seq_len=64, global_batch=16, remat=remat), model=model)
+        compiled = Trainer(run, build_mesh(run.layout, devices[:1])).lower().compile()
+        temp[remat] = compiled.memory_analysis().temp_size_in_bytes
+    assert temp["none"] > temp["dots"] > temp["full"]
+    assert temp["none"] > temp["save_attention_proj"] > temp["full"]
+    assert temp["none"] > 1.3 * temp["full"]
