@@ -103,6 +103,9 @@ def is_oom(error: BaseException) -> bool:
 def prepare_devices(values: dict) -> int | None:
     """Ask for emulated CPU devices (before JAX is imported) and join a multi-process run when
     one is configured; returns the global device count where it is known."""
+    for knob in ("init_timeout_s", "heartbeat_timeout_s"):
+        if values[knob] < 1:
+            raise InvalidLayout(knob, f"{values[knob]}: give a timeout of at least 1 second")
     try:
         cluster = distributed.detect(values["coordinator_address"], values["num_processes"], values["process_id"])
     except ValueError as error:
@@ -176,6 +179,10 @@ def benchmark(run: RunConfig, *, steps: int, warmup: int, axis_rules: dict | Non
         raise InvalidLayout("steps", f"need --steps >= 1 and --warmup >= 0 (got {steps}, {warmup})")
     if restore and not checkpoint_dir:
         raise InvalidLayout("restore", "needs --checkpoint_dir, the directory to resume from")
+    if checkpoint_dir and checkpoint_every < 1:
+        raise InvalidLayout("checkpoint_every", f"{checkpoint_every}: save every K >= 1 steps, e.g. --checkpoint_every 100")
+    if device_memory_gb is not None and device_memory_gb <= 0:
+        raise InvalidLayout("device_memory_gb", f"{device_memory_gb}: give the capacity in GB, e.g. --device_memory_gb 80")
     device_mesh = meshes.build_mesh(run.layout, devices)
     if jax.process_count() > 1:
         distributed.log_once(distributed.describe_topology(run.layout, jax.process_count()))

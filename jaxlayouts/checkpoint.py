@@ -17,8 +17,6 @@ import orbax.checkpoint as ocp
 
 class Checkpoints:
     def __init__(self, directory: str, every: int, keep: int = 3):
-        if every < 1:
-            raise ValueError(f"--checkpoint_every must be >= 1 (got {every})")
         options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
                                                enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)

@@ -246,6 +246,9 @@ def main(argv=None) -> int:
         print(f"error: {args.sweep_file}: {error}", file=sys.stderr)
         return 2
     keyed = [(point_key(p, sweep), p) for p in todo]
+    if args.timeout is not None and args.timeout <= 0:
+        print(f"error: --timeout {args.timeout}: give seconds > 0, e.g. --timeout 600", file=sys.stderr)
+        return 2
     if args.index is not None:
         if not 0 <= args.index < len(keyed):
             print(f"error: --index {args.index}: the sweep has points 0 to {len(keyed) - 1}", file=sys.stderr)

@@ -66,6 +66,9 @@ def test_peak_flag_gives_mfu_and_profile_dir_gets_a_trace(tmp_path):
     (["--mesh", "dp=2", "--steps", "0"], "--steps"),
     (["--mesh", "dp=2", "--coordinator_address", "127.0.0.1:1"], "--coordinator_address"),
     (["--mesh", "dp=2", "--num_devices", "3"], "--mesh"),
+    (["--mesh", "dp=2", "--checkpoint_dir", "/tmp/x", "--checkpoint_every", "0"], "--checkpoint_every"),
+    (["--mesh", "dp=2", "--device_memory_gb", "-1"], "--device_memory_gb"),
+    (["--mesh", "dp=2", "--heartbeat_timeout_s", "0"], "--heartbeat_timeout_s"),
 ])
 def test_bad_input_is_invalid_before_compiling(args, knob):
     code, result, proc = bench(*args)

@@ -151,6 +151,7 @@ def test_index_runs_one_point_for_a_job_array(tmp_path):
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["status"] == "invalid" and row["point"]["mesh"] == "dp=-1,fsdp=1,tp=8,pp=1"
     assert sweep.main([CPU_SMOKE, "--out", str(out), "--index", str(total)]) == 2
+    assert sweep.main([CPU_SMOKE, "--out", str(out), "--timeout", "-5"]) == 2
 
 
 def test_a_point_past_its_timeout_is_recorded_as_timeout(tmp_path):
