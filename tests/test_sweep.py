@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -160,3 +161,10 @@ def test_a_point_past_its_timeout_is_recorded_as_timeout(tmp_path):
     assert sweep.main([str(tmp_path / "s.yaml"), "--out", str(out)]) == 0
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["status"] == "timeout" and "no result within 1 s" in row["error"]
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in pathlib.Path("configs/sweeps").glob("*.yaml")))
+def test_every_shipped_sweep_file_resolves(path):
+    s = sweep.load_sweep(path)
+    points = sweep.points(s, FLAG_NAMES)
+    assert points and len({sweep.point_key(p, s) for p in points}) == len(points)
