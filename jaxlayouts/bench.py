@@ -181,6 +181,8 @@ def benchmark(run: RunConfig, *, steps: int, warmup: int, axis_rules: dict | Non
         raise InvalidLayout("restore", "needs --checkpoint_dir, the directory to resume from")
     if checkpoint_dir and checkpoint_every < 1:
         raise InvalidLayout("checkpoint_every", f"{checkpoint_every}: save every K >= 1 steps, e.g. --checkpoint_every 100")
+    if peak_tflops is not None and peak_tflops <= 0:
+        raise InvalidLayout("peak_tflops", f"{peak_tflops}: give the device's peak in TFLOP/s, e.g. --peak_tflops 989")
     if device_memory_gb is not None and device_memory_gb <= 0:
         raise InvalidLayout("device_memory_gb", f"{device_memory_gb}: give the capacity in GB, e.g. --device_memory_gb 80")
     device_mesh = meshes.build_mesh(run.layout, devices)

@@ -26,9 +26,6 @@ class Checkpoints:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), run=ocp.args.JsonSave(record))
         return self.manager.save(step, args=args)
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
     def restore(self, abstract_state):
         """The latest complete checkpoint, laid out like ``abstract_state`` (ShapeDtypeStructs
         with shardings); returns ``(state, record)``."""

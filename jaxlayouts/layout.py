@@ -221,6 +221,15 @@ def validate(run: RunConfig, num_devices: int, platform: str | None = None) -> N
         raise InvalidLayout("mesh", f"{mesh_text(lay.mesh)} uses {lay.num_devices} devices but "
                             f"{num_devices} are present; make the product {num_devices} "
                             "(or use -1 on one axis for the rest)")
+    sizes = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.type == "int"}
+    bad = [f"{name}={value}" for name, value in sizes.items() if value < 1]
+    if bad:
+        raise InvalidLayout("model", f"{m.name}: {', '.join(bad)}; every size must be a positive integer")
+    if m.d_model % m.num_heads or m.head_dim % 2:
+        raise InvalidLayout("model", f"{m.name}: d_model={m.d_model} must be num_heads={m.num_heads} times "
+                            "an even head dimension (rotary embeddings rotate pairs)")
+    if run.seed < 0:
+        raise InvalidLayout("seed", f"{run.seed}: seeds are non-negative integers, e.g. --seed 0")
     if lay.remat not in REMAT_CHOICES:
         raise InvalidLayout("remat", f"unknown policy {lay.remat!r}; choose one of {', '.join(REMAT_CHOICES)}")
     if lay.attention not in ATTENTION_CHOICES:

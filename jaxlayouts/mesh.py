@@ -20,7 +20,6 @@ import contextlib
 import contextvars
 
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlayouts import distributed
@@ -118,8 +117,3 @@ def constrain(x, logical: tuple):
     mesh, rules = context
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(logical, rules)))
 
-
-def device_positions(mesh: Mesh) -> np.ndarray:
-    """Array of mesh shape holding each device's position in the program's device assignment,
-    which is what HLO replica groups name (partition ids)."""
-    return np.arange(mesh.devices.size).reshape(mesh.devices.shape)

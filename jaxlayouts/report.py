@@ -46,13 +46,20 @@ def load(path: str | pathlib.Path) -> list[Row]:
         raise FileNotFoundError(f"no results file {path}")
     if path.suffix == ".csv":
         with open(path, newline="") as f:
-            return [_from_study(r) for r in csv.DictReader(f)]
+            try:
+                return [_from_study(r) for r in csv.DictReader(f)]
+            except KeyError as missing:
+                raise ValueError(f"{path}: no column {missing}; expected the reference study's columns "
+                                 "(see ../shared/paper-data/README.md)") from None
     rows = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines(), 1):
         try:
-            rows.append(_from_bench(json.loads(line)))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a torn last line of a sweep that was killed
+        if not isinstance(row, dict) or "status" not in row:
+            raise ValueError(f"{path}:{number} is not a bench or sweep result (no 'status' field)")
+        rows.append(_from_bench(row))
     return rows
 
 
@@ -313,7 +320,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         made = write_report(args.results, args.out)
-    except (FileNotFoundError, ValueError, KeyError) as error:
+    except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {pathlib.Path(args.out) / 'report.md'} and {len(made)} figures: {', '.join(made)}")

@@ -62,6 +62,8 @@ def load_sweep(path: str | pathlib.Path) -> dict:
     sweep.setdefault("timeout_s", 1800)
     if sweep["data_axis"] not in ("dp", "fsdp"):
         raise SweepError(f"data_axis: {sweep['data_axis']!r}; choose dp or fsdp")
+    if not isinstance(sweep["skip"], list) or not all(isinstance(rule, dict) for rule in sweep["skip"]):
+        raise SweepError("skip: give a list of partial points, e.g. skip: [{sequence_parallel: true, tp: 1}]")
     for knob, values in sweep["grid"].items():
         if not isinstance(values, list) or not values:
             raise SweepError(f"grid.{knob}: give a non-empty list of values, e.g. {knob}: [1, 2]")

@@ -1,6 +1,9 @@
 """Tests run on 8 emulated CPU devices in float32, so that layouts can be compared exactly."""
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 
 # One compilation cache per test run (shared by xdist workers and inherited by the subprocesses
@@ -16,6 +19,23 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
 
 from jaxlayouts.layout import Layout, RunConfig, load_model_config, parse_mesh  # noqa: E402
+
+def clean_env(**extra) -> dict:
+    """This environment without device or multi-process settings (a subprocess sets its own)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("JAXLAYOUTS_")}
+    env.update(extra)
+    return env
+
+
+def run_bench(*args, launcher_processes=None, timeout=300):
+    """``python -m jaxlayouts.bench ARGS`` (under ``jaxlayouts.launch N`` when asked) as a user
+    runs it: returns (exit code, last stdout line as JSON, the finished process)."""
+    command = [sys.executable, "-m", "jaxlayouts.bench", *args]
+    if launcher_processes:
+        command = [sys.executable, "-m", "jaxlayouts.launch", str(launcher_processes), "--", *command]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=clean_env())
+    return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1]), proc
+
 
 SEQ_LEN = 32
 GLOBAL_BATCH = 8

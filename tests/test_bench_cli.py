@@ -1,33 +1,22 @@
 """The bench as a user runs it: a subprocess, a summary, one JSON object as the last line."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+
+from conftest import run_bench
 
 from jaxlayouts.bench import is_oom
 
 QUICK = ["--seq_len", "32", "--global_batch", "8", "--steps", "2", "--warmup", "1"]
 
 
-def bench(*args, env_devices=None):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    if env_devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={env_devices}"
-    proc = subprocess.run([sys.executable, "-m", "jaxlayouts.bench", *args], capture_output=True,
-                          text=True, env=env, timeout=300)
-    lines = proc.stdout.strip().splitlines()
-    return proc.returncode, json.loads(lines[-1]), proc
-
-
 def test_layouts_report_the_same_losses_as_one_device(tmp_path):
     out = tmp_path / "results.jsonl"
-    code, hybrid, proc = bench("--mesh", "dp=2,fsdp=2,tp=2", "--dtype", "float32", "--output", str(out), *QUICK)
+    code, hybrid, proc = run_bench("--mesh", "dp=2,fsdp=2,tp=2", "--dtype", "float32", "--output", str(out), *QUICK)
     assert code == 0, proc.stderr
-    code, single, _ = bench("--mesh", "dp=1", "--dtype", "float32", "--output", str(out), *QUICK)
+    code, single, _ = run_bench("--mesh", "dp=1", "--dtype", "float32", "--output", str(out), *QUICK)
     assert code == 0
     np.testing.assert_allclose(hybrid["losses"], single["losses"], rtol=1e-4)
     # the harness emulated exactly the devices each mesh needs
@@ -49,7 +38,7 @@ def test_layouts_report_the_same_losses_as_one_device(tmp_path):
 
 
 def test_peak_flag_gives_mfu_and_profile_dir_gets_a_trace(tmp_path):
-    code, result, proc = bench("--mesh", "dp=2", "--peak_tflops", "1", "--profile_dir", str(tmp_path), *QUICK)
+    code, result, proc = run_bench("--mesh", "dp=2", "--peak_tflops", "1", "--profile_dir", str(tmp_path), *QUICK)
     assert code == 0, proc.stderr
     assert result["mfu"] == pytest.approx(result["model_tflops_per_device"] / 1.0)
     assert list(tmp_path.rglob("*.xplane.pb"))
@@ -69,9 +58,11 @@ def test_peak_flag_gives_mfu_and_profile_dir_gets_a_trace(tmp_path):
     (["--mesh", "dp=2", "--checkpoint_dir", "/tmp/x", "--checkpoint_every", "0"], "--checkpoint_every"),
     (["--mesh", "dp=2", "--device_memory_gb", "-1"], "--device_memory_gb"),
     (["--mesh", "dp=2", "--heartbeat_timeout_s", "0"], "--heartbeat_timeout_s"),
+    (["--mesh", "dp=2", "--peak_tflops", "0"], "--peak_tflops"),
+    (["--mesh", "dp=2", "--vocab_size", "0"], "--model"),
 ])
 def test_bad_input_is_invalid_before_compiling(args, knob):
-    code, result, proc = bench(*args)
+    code, result, proc = run_bench(*args)
     assert code == 2
     assert result["status"] == "invalid" and result["error"].startswith(knob)
     assert "compiling" not in proc.stderr

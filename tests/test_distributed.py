@@ -1,6 +1,5 @@
 """Multi-process runs (2 processes x 4 CPU devices, gloo), checkpoints across layouts, failures."""
 
-import json
 import os
 import pathlib
 import signal
@@ -11,52 +10,40 @@ import time
 import numpy as np
 import pytest
 
+from conftest import clean_env, run_bench
+
 from jaxlayouts import distributed, launch
 from jaxlayouts.layout import Layout, parse_mesh
 
 QUICK = ["--dtype", "float32", "--seq_len", "32", "--global_batch", "8", "--warmup", "0"]
 
 
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" and not k.startswith("JAXLAYOUTS_")}
-    env.update(extra)
-    return env
-
-
-def bench(*args, launcher_processes=None, timeout=300):
-    command = [sys.executable, "-m", "jaxlayouts.bench", *args]
-    if launcher_processes:
-        command = [sys.executable, "-m", "jaxlayouts.launch", str(launcher_processes), "--", *command]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=clean_env())
-    return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1]), proc
-
-
 def test_two_processes_give_the_losses_of_one(tmp_path):
-    code, multi, proc = bench("--mesh", "dp=2,fsdp=2,tp=2", "--steps", "3", *QUICK, launcher_processes=2)
+    code, multi, proc = run_bench("--mesh", "dp=2,fsdp=2,tp=2", "--steps", "3", *QUICK, launcher_processes=2)
     assert code == 0, proc.stderr[-3000:]
     assert multi["num_processes"] == 2 and multi["num_devices"] == 8
     assert "mesh over 2 processes: dp=2 (2 across x 1 inside)" in proc.stderr
-    code, single, _ = bench("--mesh", "dp=2,fsdp=2,tp=2", "--steps", "3", *QUICK)
+    code, single, _ = run_bench("--mesh", "dp=2,fsdp=2,tp=2", "--steps", "3", *QUICK)
     assert code == 0 and single["num_processes"] == 1
     np.testing.assert_allclose(multi["losses"], single["losses"], rtol=1e-5)
 
 
 def test_restore_under_another_layout_and_device_count(tmp_path):
     ckpt = str(tmp_path / "ckpt")
-    code, first, proc = bench("--mesh", "dp=2,fsdp=2,tp=2", "--steps", "2", "--checkpoint_dir", ckpt,
+    code, first, proc = run_bench("--mesh", "dp=2,fsdp=2,tp=2", "--steps", "2", "--checkpoint_dir", ckpt,
                               "--checkpoint_every", "2", *QUICK)
     assert code == 0, proc.stderr[-3000:]
-    code, resumed, proc = bench("--mesh", "fsdp=2,tp=2", "--zero", "1", "--steps", "2", "--checkpoint_dir", ckpt,
+    code, resumed, proc = run_bench("--mesh", "fsdp=2,tp=2", "--zero", "1", "--steps", "2", "--checkpoint_dir", ckpt,
                                 "--restore", *QUICK)
     assert code == 0, proc.stderr[-3000:]
     assert resumed["first_step"] == 2 and resumed["num_devices"] == 4
     assert resumed["restored_from"].startswith("dp=2,fsdp=2,tp=2,pp=1")
-    code, straight, _ = bench("--mesh", "dp=1", "--steps", "4", *QUICK)
+    code, straight, _ = run_bench("--mesh", "dp=1", "--steps", "4", *QUICK)
     np.testing.assert_allclose(first["losses"] + resumed["losses"], straight["losses"], rtol=1e-5)
 
 
 def test_restore_without_a_checkpoint_dir_is_invalid():
-    code, result, _ = bench("--mesh", "dp=1", "--restore", *QUICK, "--steps", "1")
+    code, result, _ = run_bench("--mesh", "dp=1", "--restore", *QUICK, "--steps", "1")
     assert code == 2 and result["error"].startswith("--restore: needs --checkpoint_dir")
 
 
@@ -76,7 +63,7 @@ def test_a_save_killed_part_way_leaves_the_previous_checkpoint(tmp_path):
     proc.wait()
     saved = _complete_steps(ckpt)
     assert len(saved) >= 3
-    code, resumed, out = bench("--mesh", "dp=2", "--steps", "1", "--checkpoint_dir", str(ckpt), "--restore", *QUICK)
+    code, resumed, out = run_bench("--mesh", "dp=2", "--steps", "1", "--checkpoint_dir", str(ckpt), "--restore", *QUICK)
     assert code == 0, out.stderr[-3000:]
     assert resumed["first_step"] >= saved[0]
 

@@ -85,7 +85,7 @@ def test_validation_names_the_knob(mesh, kwargs, knob, message):
 
 
 @pytest.mark.parametrize("changes, field, value", [
-    ({"num_heads": 6, "num_kv_heads": 2}, "num_heads", 6),
+    ({"num_heads": 6, "num_kv_heads": 2, "d_model": 192}, "num_heads", 6),
     ({"d_ff": 390}, "d_ff", 390),
     ({"vocab_size": 510}, "vocab_size", 510),
 ])
@@ -94,6 +94,24 @@ def test_tp_must_divide_heads_ffn_and_vocabulary(changes, field, value):
     run = dataclasses.replace(make_run("dp=2,tp=4"), model=model)
     with pytest.raises(InvalidLayout, match=f"tp=4 does not divide {field}={value}"):
         validate(run, 8, platform="cpu")
+
+
+@pytest.mark.parametrize("changes, knob, message", [
+    ({"vocab_size": 0}, "model", "vocab_size=0; every size must be a positive integer"),
+    ({"d_model": 100, "num_heads": 3, "num_kv_heads": 3}, "model", "must be num_heads=3 times an even head dimension"),
+    ({"d_model": 120}, "model", "an even head dimension"),  # 120 / 8 heads = 15
+])
+def test_model_shapes_are_checked(changes, knob, message):
+    model = dataclasses.replace(load_model_config("tiny"), **changes)
+    run = dataclasses.replace(make_run("dp=1"), model=model)
+    with pytest.raises(InvalidLayout, match=message) as error:
+        validate(run, 1, platform="cpu")
+    assert error.value.knob == knob
+
+
+def test_negative_seed_is_invalid():
+    with pytest.raises(InvalidLayout, match="--seed: -1: seeds are non-negative"):
+        validate(dataclasses.replace(make_run("dp=1"), seed=-1), 1, platform="cpu")
 
 
 def test_unknown_model_lists_the_known_ones():

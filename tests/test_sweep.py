@@ -49,6 +49,7 @@ def test_point_keys_are_stable_and_distinct(tmp_path):
     ("grid: {tp: [2]}\n", "devices: the mesh dp=-1"),
     ("grid: {tp: [2]}\nwhatever: 1\n", "unknown keys \\['whatever'\\]"),
     ("devices: 8\ndata_axis: tp\ngrid: {tp: [2]}\n", "data_axis: 'tp'; choose dp or fsdp"),
+    ("devices: 8\ngrid: {tp: [2]}\nskip: [tp]\n", "skip: give a list of partial points"),
 ])
 def test_bad_sweep_files_name_the_key(tmp_path, text, message):
     with pytest.raises(sweep.SweepError, match=message):
@@ -168,3 +169,15 @@ def test_every_shipped_sweep_file_resolves(path):
     s = sweep.load_sweep(path)
     points = sweep.points(s, FLAG_NAMES)
     assert points and len({sweep.point_key(p, s) for p in points}) == len(points)
+
+
+def test_report_rejects_files_that_are_not_results(tmp_path):
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text('{"foo": 1}\n')
+    with pytest.raises(ValueError, match="foreign.jsonl:1 is not a bench or sweep result"):
+        report.load(foreign)
+    table = tmp_path / "table.csv"
+    table.write_text("sweep,model\ns,13B\n")
+    with pytest.raises(ValueError, match="no column 'tp'"):
+        report.load(table)
+    assert report.main([str(foreign), "--out", str(tmp_path / "out")]) == 2
