@@ -24,7 +24,7 @@ import time
 from absl import app, flags, logging
 
 from jaxlayouts import devices, distributed, launch
-from jaxlayouts.layout import (ATTENTION_CHOICES, DTYPE_CHOICES, MESH_AXES, REMAT_CHOICES,
+from jaxlayouts.layout import (ATTENTION_CHOICES, DTYPE_CHOICES, MESH_AXES, NORM_CHOICES, REMAT_CHOICES,
                                InvalidLayout, Layout, RunConfig, load_model_config, parse_mesh)
 
 FLAGS = flags.FLAGS
@@ -35,6 +35,7 @@ flags.DEFINE_integer("global_batch", 32, "Sequences per optimizer step (all data
 flags.DEFINE_integer("micro_batch", 1, "Sequences per data shard per accumulation step.")
 flags.DEFINE_string("remat", "none", f"Activation checkpointing policy: {', '.join(REMAT_CHOICES)}.")
 flags.DEFINE_string("attention", "xla", f"Attention implementation: {', '.join(ATTENTION_CHOICES)}.")
+flags.DEFINE_string("norm", "xla", f"RMSNorm implementation: {', '.join(NORM_CHOICES)}.")
 flags.DEFINE_bool("sequence_parallel", False, "Megatron sequence parallelism inside the tp group.")
 flags.DEFINE_integer("zero", None, "ZeRO stage over the fsdp axis (0-3); default 3 if fsdp>1 else 0.")
 flags.DEFINE_string("dtype", "bfloat16", f"Compute dtype: {', '.join(DTYPE_CHOICES)} (master weights are float32).")
@@ -137,7 +138,7 @@ def run_config(values: dict, num_devices: int | None = None) -> tuple[RunConfig,
     model = load_model_config(values["model"], vocab_size=values["vocab_size"])
     layout = Layout(mesh=mesh, micro_batch=values["micro_batch"], zero=values["zero"],
                     sequence_parallel=values["sequence_parallel"], remat=values["remat"],
-                    attention=values["attention"])
+                    attention=values["attention"], norm=values["norm"])
     run = RunConfig(model=model, layout=layout, seq_len=values["seq_len"],
                     global_batch=values["global_batch"], dtype=values["dtype"],
                     learning_rate=values["learning_rate"], seed=values["seed"])
@@ -156,7 +157,7 @@ def describe(run: RunConfig) -> dict:
         "model": run.model.name, "n_params": run.model.n_params, "layout": str(lay),
         "mesh": dict(lay.mesh), "seq_len": run.seq_len, "global_batch": run.global_batch,
         "micro_batch": lay.micro_batch, "grad_accum_steps": run.grad_accum_steps,
-        "remat": lay.remat, "attention": lay.attention, "sequence_parallel": lay.sequence_parallel,
+        "remat": lay.remat, "attention": lay.attention, "norm": lay.norm, "sequence_parallel": lay.sequence_parallel,
         "zero": lay.zero, "dtype": run.dtype,
     }
 

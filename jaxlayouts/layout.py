@@ -12,6 +12,7 @@ devices must be requested through XLA_FLAGS before that).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import pathlib
 
@@ -24,8 +25,13 @@ MESH_AXES = ("dp", "fsdp", "tp", "pp")
 DATA_AXES = ("dp", "fsdp")
 """The axes the batch is split over."""
 
-REMAT_CHOICES = ("none", "full", "dots", "save_attention_proj")
-ATTENTION_CHOICES = ("xla", "cudnn")
+REMAT_CHOICES = ("none", "full", "selective", "dots", "save_all_but_ffn", "offload")
+ATTENTION_CHOICES = ("xla", "cudnn", "pallas", "pallas_jax")
+NORM_CHOICES = ("xla", "pallas", "triton")
+GPU_ONLY = {("attention", "cudnn"): "use --attention pallas or xla",
+            ("norm", "triton"): "use --norm pallas or xla",
+            ("remat", "offload"): "use --remat full or selective"}
+"""Choices that need an NVIDIA GPU, with the alternative to name in the error."""
 DTYPE_CHOICES = ("bfloat16", "float32")
 ZERO_CHOICES = (0, 1, 2, 3)
 
@@ -155,6 +161,7 @@ class Layout:
     sequence_parallel: bool = False
     remat: str = "none"
     attention: str = "xla"
+    norm: str = "xla"
 
     def __post_init__(self):
         if self.zero is None:
@@ -172,16 +179,16 @@ class Layout:
 
     def __str__(self) -> str:
         return (f"{mesh_text(self.mesh)} mbs={self.micro_batch} zero={self.zero} "
-                f"sp={int(self.sequence_parallel)} remat={self.remat} attn={self.attention}")
+                f"sp={int(self.sequence_parallel)} remat={self.remat} attn={self.attention} norm={self.norm}")
 
     @classmethod
     def parse(cls, text: str) -> "Layout":
-        """Inverse of ``str(layout)``: ``"dp=8,tp=4 mbs=1 zero=0 sp=0 remat=none attn=xla"``."""
+        """Inverse of ``str(layout)``: ``"dp=8,tp=4 mbs=1 zero=0 sp=0 remat=none attn=xla norm=xla"``."""
         mesh_part, *rest = text.split()
         fields: dict = {"mesh": parse_mesh(mesh_part)}
         names = {"mbs": ("micro_batch", int), "zero": ("zero", int),
                  "sp": ("sequence_parallel", lambda v: bool(int(v))),
-                 "remat": ("remat", str), "attn": ("attention", str)}
+                 "remat": ("remat", str), "attn": ("attention", str), "norm": ("norm", str)}
         for item in rest:
             key, _, value = item.partition("=")
             if key not in names:
@@ -235,9 +242,14 @@ def validate(run: RunConfig, num_devices: int, platform: str | None = None) -> N
     if lay.attention not in ATTENTION_CHOICES:
         raise InvalidLayout("attention", f"unknown implementation {lay.attention!r}; "
                             f"choose one of {', '.join(ATTENTION_CHOICES)}")
-    if lay.attention == "cudnn" and platform not in (None, "gpu", "cuda"):
-        raise InvalidLayout("attention", f"cudnn attention needs an NVIDIA GPU (platform is {platform}); "
-                            "use --attention xla")
+    if lay.norm not in NORM_CHOICES:
+        raise InvalidLayout("norm", f"unknown implementation {lay.norm!r}; choose one of {', '.join(NORM_CHOICES)}")
+    for (knob, choice), alternative in GPU_ONLY.items():
+        if getattr(lay, knob) == choice and platform not in (None, "gpu", "cuda"):
+            raise InvalidLayout(knob, f"{choice} needs an NVIDIA GPU (platform is {platform}); {alternative}")
+    if lay.norm == "triton" and not all(importlib.util.find_spec(m) for m in ("jax_triton", "triton")):
+        raise InvalidLayout("norm", "triton needs the optional packages jax-triton and triton: "
+                            "pip install 'jaxlayouts[gpu]' (or use --norm pallas)")
     if run.dtype not in DTYPE_CHOICES:
         raise InvalidLayout("dtype", f"unknown dtype {run.dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
     if lay.zero not in ZERO_CHOICES:

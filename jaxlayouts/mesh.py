@@ -117,3 +117,15 @@ def constrain(x, logical: tuple):
     mesh, rules = context
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(logical, rules)))
 
+
+
+def per_shard(fn, in_axes: tuple, out_axes: tuple):
+    """Run ``fn`` on each device's shard (``shard_map``), inputs and output laid out by logical
+    names; ``fn`` itself unchanged outside :func:`sharding_context`. For kernels (Pallas, Triton,
+    cuDNN) that XLA's partitioner cannot split: it would otherwise gather their inputs."""
+    context = _CONTEXT.get()
+    if context is None:
+        return fn
+    mesh, rules = context
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(a, rules) for a in in_axes),
+                         out_specs=spec(out_axes, rules), check_vma=False)

@@ -57,7 +57,7 @@ class Trainer:
         self.run, self.mesh = run, mesh
         layout = run.layout
         self.dtype = jnp.dtype(run.dtype)
-        self.model = Llama(run.model, self.dtype, layout.attention, layout.remat)
+        self.model = Llama(run.model, self.dtype, layout.attention, layout.norm, layout.remat)
         self.optimizer = optax.chain(
             optax.clip_by_global_norm(1.0),
             optax.adamw(run.learning_rate, b1=0.9, b2=0.95, weight_decay=0.1))

@@ -32,7 +32,11 @@ LAYOUTS = [  # pure dp=8 is covered by the gradient test below
     ("dp=1", {"micro_batch": 4}),
     ("fsdp=2,tp=4", {"micro_batch": 2, "remat": "full"}),
     ("dp=4,tp=2", {"remat": "dots"}),
-    ("dp=2,tp=2", {"remat": "save_attention_proj", "sequence_parallel": True}),
+    ("dp=2,tp=2", {"remat": "selective", "sequence_parallel": True}),
+    # kernels run per shard: batch over dp/fsdp, heads over tp, sequence over tp under SP
+    ("dp=2,tp=2", {"attention": "pallas", "norm": "pallas", "remat": "selective"}),
+    ("fsdp=2,tp=2", {"attention": "pallas_jax", "norm": "pallas", "sequence_parallel": True,
+                     "remat": "save_all_but_ffn"}),
 ]
 
 
@@ -101,10 +105,10 @@ def test_remat_policies_order_activation_memory(devices):
     assert set(POLICIES) == set(REMAT_CHOICES)
     model = dataclasses.replace(load_model_config("tiny"), num_layers=8, d_ff=1024, vocab_size=64)
     temp = {}
-    for remat in ("none", "dots", "save_attention_proj", "full"):
+    for remat in ("none", "dots", "selective", "save_all_but_ffn", "full"):
         run = dataclasses.replace(make_run("dp=1", seq_len=64, global_batch=16, remat=remat), model=model)
         compiled = Trainer(run, build_mesh(run.layout, devices[:1])).lower().compile()
         temp[remat] = compiled.memory_analysis().temp_size_in_bytes
     assert temp["none"] > temp["dots"] > temp["full"]
-    assert temp["none"] > temp["save_attention_proj"] > temp["full"]
+    assert temp["none"] > temp["save_all_but_ffn"] > temp["selective"] > temp["full"]
     assert temp["none"] > 1.3 * temp["full"]

@@ -75,3 +75,15 @@ def test_replica_group_spellings(groups, axes):
     text = f"ENTRY %main {{\n  %x = f32[8,2]{{1,0}} parameter(0)\n  ROOT %a = f32[8,2]{{1,0}} all-gather(%x), {groups}, dimensions={{0}}\n}}"
     (found,) = hlo.collectives(text, {"dp": 2, "fsdp": 1, "tp": 4, "pp": 1})
     assert found.axes == axes and found.bytes == 64
+
+
+@pytest.mark.parametrize("attention, norm", [("pallas", "xla"), ("xla", "pallas")])
+def test_kernels_run_per_shard_without_gathering_heads_or_sequence(devices, attention, norm):
+    """A Pallas kernel is opaque to the partitioner; run through shard_map it needs no extra
+    collective: the per-layer collectives are exactly those of the plain XLA layout (ignoring
+    all-reduces over single-device groups, no-ops that shard_map's transpose leaves for size-1 axes)."""
+    summary = lambda found: sorted((c.kind, c.axes, c.bytes) for c in forward_layer(found, run) if c.axes)
+    run, plain = compiled_collectives(devices, "dp=2,tp=2", sequence_parallel=True)
+    _, kernel = compiled_collectives(devices, "dp=2,tp=2", sequence_parallel=True,
+                                     attention=attention, norm=norm)
+    assert summary(kernel) == summary(plain)

@@ -29,7 +29,7 @@ def test_parse_mesh_errors(text, message):
 def test_layout_text_round_trips():
     layout = Layout(mesh=parse_mesh("dp=2,fsdp=2,tp=2"), micro_batch=2, zero=1,
                     sequence_parallel=True, remat="full")
-    assert str(layout) == "dp=2,fsdp=2,tp=2,pp=1 mbs=2 zero=1 sp=1 remat=full attn=xla"
+    assert str(layout) == "dp=2,fsdp=2,tp=2,pp=1 mbs=2 zero=1 sp=1 remat=full attn=xla norm=xla"
     assert Layout.parse(str(layout)) == layout
 
 

@@ -21,13 +21,11 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxlayouts.layout import ModelConfig
 from jaxlayouts.mesh import constrain
-from jaxlayouts.model.attention import IMPLEMENTATIONS as ATTENTION
+from jaxlayouts.model.attention import attention
+from jaxlayouts.model.axes import HEADS, LAYER_INPUT, RESIDUAL
+from jaxlayouts.model.norm import rms_norm
 from jaxlayouts.remat import POLICIES as REMAT, WEIGHT_TAG
 
-RESIDUAL = ("batch", "act_seq", "act_embed")
-"""The residual stream between sublayers (sequence-sharded under sequence parallelism)."""
-LAYER_INPUT = ("batch", "seq", "act_embed")
-"""A sublayer's normalised input, gathered along the sequence before the projections."""
 
 
 def weight(module: nn.Module, name: str, shape: tuple, axes: tuple, dtype, scale: float = 0.02):
@@ -36,13 +34,6 @@ def weight(module: nn.Module, name: str, shape: tuple, axes: tuple, dtype, scale
     init = nn.with_logical_partitioning(nn.initializers.normal(scale), axes)
     return checkpoint_name(constrain(module.param(name, init, shape, jnp.float32).astype(dtype), axes),
                            WEIGHT_TAG)
-
-
-def rms_norm(x, scale, eps: float):
-    """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * scale, computed in float32."""
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (normed * scale).astype(x.dtype)
 
 
 def rotary(x, theta: float):
@@ -56,14 +47,17 @@ def rotary(x, theta: float):
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019) of the residual stream with the ``--norm`` kernel."""
+
     eps: float
+    norm: str = "xla"
 
     @nn.compact
     def __call__(self, x):
         init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
         scale = checkpoint_name(constrain(self.param("scale", init, (x.shape[-1],), jnp.float32),
                                           ("embed",)), WEIGHT_TAG)
-        return rms_norm(x, scale, self.eps)
+        return rms_norm(x, scale, self.eps, self.norm)
 
 
 class Attention(nn.Module):
@@ -79,12 +73,11 @@ class Attention(nn.Module):
         wk = weight(self, "wk", (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt)
         wv = weight(self, "wv", (d, kv, hd), ("embed", "kv_heads", "head_dim"), dt)
         wo = weight(self, "wo", (h, hd, d), ("heads", "head_dim", "embed"), dt)
-        heads = ("batch", "seq", "act_heads", None)
-        q = checkpoint_name(constrain(jnp.einsum("btd,dnh->btnh", x, wq), heads), "query_proj")
-        k = checkpoint_name(constrain(jnp.einsum("btd,dnh->btnh", x, wk), heads), "key_proj")
-        v = checkpoint_name(constrain(jnp.einsum("btd,dnh->btnh", x, wv), heads), "value_proj")
+        q = checkpoint_name(constrain(jnp.einsum("btd,dnh->btnh", x, wq), HEADS), "query_proj")
+        k = checkpoint_name(constrain(jnp.einsum("btd,dnh->btnh", x, wk), HEADS), "key_proj")
+        v = checkpoint_name(constrain(jnp.einsum("btd,dnh->btnh", x, wv), HEADS), "value_proj")
         q, k = rotary(q, c.rope_theta), rotary(k, c.rope_theta)
-        out = checkpoint_name(constrain(ATTENTION[self.attention](q, k, v), heads), "attention")
+        out = checkpoint_name(constrain(attention(q, k, v, self.attention), HEADS), "attention")
         return checkpoint_name(constrain(jnp.einsum("btnh,nhd->btd", out, wo), RESIDUAL), "out_proj")
 
 
@@ -113,12 +106,15 @@ class Block(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
     attention: str
+    norm: str
 
     @nn.compact
     def __call__(self, x, _):
-        h = constrain(RMSNorm(self.cfg.norm_eps, name="attn_norm")(x), LAYER_INPUT)
+        eps = self.cfg.norm_eps
+        h = constrain(checkpoint_name(RMSNorm(eps, self.norm, name="attn_norm")(x), "attention_norm"),
+                      LAYER_INPUT)
         x = x + Attention(self.cfg, self.dtype, self.attention, name="attn")(h)
-        h = constrain(RMSNorm(self.cfg.norm_eps, name="mlp_norm")(x), LAYER_INPUT)
+        h = constrain(checkpoint_name(RMSNorm(eps, self.norm, name="mlp_norm")(x), "mlp_norm"), LAYER_INPUT)
         x = x + SwiGLU(self.cfg, self.dtype, name="mlp")(h)
         return constrain(x, RESIDUAL), None
 
@@ -129,6 +125,7 @@ class Llama(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.bfloat16
     attention: str = "xla"
+    norm: str = "xla"
     remat: str = "none"
 
     @nn.compact
@@ -140,8 +137,8 @@ class Llama(nn.Module):
         block = nn.remat(Block, policy=REMAT[self.remat], prevent_cse=False)
         layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                          length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = layers(c, self.dtype, self.attention, name="layers")(x, None)
-        x = constrain(RMSNorm(c.norm_eps, name="final_norm")(x), LAYER_INPUT)
+        x, _ = layers(c, self.dtype, self.attention, self.norm, name="layers")(x, None)
+        x = constrain(RMSNorm(c.norm_eps, self.norm, name="final_norm")(x), LAYER_INPUT)
         head = weight(self, "lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"), self.dtype)
         logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "seq", "act_vocab"))

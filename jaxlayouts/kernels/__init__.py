@@ -1,0 +1,10 @@
+"""Hand-written kernels (Pallas, Triton), each beside its reference and custom VJP."""
+
+from __future__ import annotations
+
+import jax
+
+
+def interpret_mode(interpret: bool | None) -> bool:
+    """Pallas interpret mode: ``None`` means "on CPU" (where no Pallas backend compiles)."""
+    return jax.default_backend() == "cpu" if interpret is None else interpret

@@ -1,0 +1,218 @@
+"""Kernel benchmark: attention forward and forward+backward per implementation, RMSNorm bandwidth.
+
+    python -m jaxlayouts.kernels.bench                       # GPU: T = 2k/4k/8k, d = 128, bf16
+    python -m jaxlayouts.kernels.bench --markdown docs/results/kernels-h100.md
+
+Attention TFLOP/s count the causal FLOPs as FlashAttention's benchmarks do (the two matmuls,
+halved by the mask; backward = 2.5 x forward; softmax not counted), see
+:func:`jaxlayouts.kernels.flash_attention.attention_flops`. ``vs_cudnn`` is the speed ratio to the
+``cudnn`` row measured in the same run. RMSNorm GB/s count the bytes a fused kernel must move
+(forward: read x, write y; backward: read x and dy, write dx), so the plain version's extra
+passes show up as lower GB/s. Inputs are random normal, never zeros; each time is the median of
+``--iters`` runs after ``--warmup`` runs, each run synchronised with ``block_until_ready``; the
+compile is timed separately. On CPU the Pallas kernels run in interpret mode and the shapes are
+tiny: those numbers test the harness, not the kernels. The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("seq_lens", None, "Sequence lengths (default: 2048,4096,8192 on GPU, 128,256 on CPU).")
+flags.DEFINE_integer("head_dim", 128, "Head dimension.")
+flags.DEFINE_integer("tokens", None, "batch x seq_len per call (default: 16384 on GPU, 256 on CPU).")
+flags.DEFINE_integer("heads", None, "Query heads (default: 16 on GPU, 2 on CPU).")
+flags.DEFINE_integer("kv_heads", None, "K/V heads (default: as many as query heads).")
+flags.DEFINE_string("dtype", "bfloat16", "bfloat16 or float32.")
+flags.DEFINE_list("attention", ["xla", "cudnn", "pallas", "pallas_jax"], "Attention implementations.")
+flags.DEFINE_list("norm", ["xla", "pallas", "triton"], "RMSNorm implementations.")
+flags.DEFINE_integer("norm_rows", None, "Rows for RMSNorm (default: 16384 on GPU, 256 on CPU).")
+flags.DEFINE_integer("d_model", 8192, "RMSNorm row width.")
+flags.DEFINE_integer("warmup", 3, "Untimed runs after the compile.")
+flags.DEFINE_integer("iters", 10, "Timed runs (the median is reported).")
+flags.DEFINE_string("markdown", None, "Also write the tables as Markdown to this file.")
+
+
+def timed(fn, *args, warmup: int, iters: int) -> dict:
+    """Compile time and the median of ``iters`` synchronised runs after ``warmup`` runs."""
+    import jax
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - start
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return {"compile_s": compile_s, "time_s": statistics.median(times)}
+
+
+def _unavailable(implementation: str, kind: str, platform: str) -> str | None:
+    from jaxlayouts.layout import GPU_ONLY
+    if (kind, implementation) in GPU_ONLY and platform != "gpu":
+        return f"needs an NVIDIA GPU (platform is {platform})"
+    return None
+
+
+def attention_rows(platform: str) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlayouts.kernels.flash_attention import attention_flops
+    from jaxlayouts.model.attention import IMPLEMENTATIONS
+
+    gpu = platform == "gpu"
+    seq_lens = [int(t) for t in FLAGS.seq_lens or ([2048, 4096, 8192] if gpu else [128, 256])]
+    heads = FLAGS.heads or (16 if gpu else 2)
+    kv_heads = FLAGS.kv_heads or heads
+    dtype = jnp.dtype(FLAGS.dtype)
+    rows = []
+    for seq_len in seq_lens:
+        batch = max(1, (FLAGS.tokens or (16384 if gpu else 256)) // seq_len)
+        keys = jax.random.split(jax.random.key(seq_len), 4)
+        q = jax.random.normal(keys[0], (batch, seq_len, heads, FLAGS.head_dim), dtype)
+        k, v = (jax.random.normal(key, (batch, seq_len, kv_heads, FLAGS.head_dim), dtype) for key in keys[1:3])
+        do = jax.random.normal(keys[3], q.shape, dtype)
+        for name in FLAGS.attention:
+            row = {"kernel": "attention", "implementation": name, "seq_len": seq_len, "batch": batch,
+                   "heads": heads, "kv_heads": kv_heads, "head_dim": FLAGS.head_dim, "dtype": dtype.name}
+            reason = _unavailable(name, "attention", platform)
+            if reason is None:
+                fn = IMPLEMENTATIONS[name]
+                forward = jax.jit(fn)
+                backward = jax.jit(lambda q, k, v, do: jax.vjp(fn, q, k, v)[1](do))
+                try:
+                    for mode, call, args in (("forward", forward, (q, k, v)),
+                                             ("forward_backward", backward, (q, k, v, do))):
+                        measured = timed(call, *args, warmup=FLAGS.warmup, iters=FLAGS.iters)
+                        flop = attention_flops(batch, seq_len, heads, FLAGS.head_dim, mode != "forward")
+                        row[f"{mode}_ms"] = measured["time_s"] * 1e3
+                        row[f"{mode}_tflops"] = flop / measured["time_s"] / 1e12
+                        row[f"{mode}_compile_s"] = measured["compile_s"]
+                except Exception as error:  # a kernel that fails for a shape is a result too
+                    reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            row["status"] = "ok" if reason is None else "unavailable"
+            row["reason"] = reason
+            rows.append(row)
+        for mode in ("forward", "forward_backward"):
+            cudnn = next((r.get(f"{mode}_ms") for r in rows if r["seq_len"] == seq_len
+                          and r["implementation"] == "cudnn" and r["status"] == "ok"), None)
+            for r in rows:
+                if r["seq_len"] == seq_len:
+                    ok = cudnn is not None and r["status"] == "ok"
+                    r[f"{mode}_vs_cudnn"] = cudnn / r[f"{mode}_ms"] if ok else None
+    return rows
+
+
+def norm_rows(platform: str) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxlayouts.model.norm import IMPLEMENTATIONS
+
+    dtype = jnp.dtype(FLAGS.dtype)
+    n = FLAGS.norm_rows or (16384 if platform == "gpu" else 256)
+    d = FLAGS.d_model
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (n, d), dtype)
+    scale = 1.0 + 0.1 * jax.random.normal(keys[1], (d,), jnp.float32)
+    dy = jax.random.normal(keys[2], (n, d), dtype)
+    moved = {"forward": 2 * n * d * dtype.itemsize, "forward_backward": 5 * n * d * dtype.itemsize}
+    rows = []
+    for name in FLAGS.norm:
+        row = {"kernel": "rms_norm", "implementation": name, "rows": n, "d_model": d, "dtype": dtype.name}
+        reason = _unavailable(name, "norm", platform)
+        if reason is None:
+            fn = lambda x, scale, name=name: IMPLEMENTATIONS[name](x, scale, 1e-5)
+            try:
+                calls = {"forward": (jax.jit(fn), (x, scale)),
+                         "forward_backward": (jax.jit(lambda x, s, dy: jax.vjp(fn, x, s)[1](dy)), (x, scale, dy))}
+                for mode, (call, args) in calls.items():
+                    measured = timed(call, *args, warmup=FLAGS.warmup, iters=FLAGS.iters)
+                    row[f"{mode}_ms"] = measured["time_s"] * 1e3
+                    row[f"{mode}_gb_per_s"] = moved[mode] / measured["time_s"] / 1e9
+            except Exception as error:
+                reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        row["status"] = "ok" if reason is None else "unavailable"
+        row["reason"] = reason
+        rows.append(row)
+    plain = next((r for r in rows if r["implementation"] == "xla" and r["status"] == "ok"), None)
+    for r in rows:
+        for mode in ("forward", "forward_backward"):
+            ok = plain is not None and r["status"] == "ok"
+            r[f"{mode}_vs_xla"] = plain[f"{mode}_ms"] / r[f"{mode}_ms"] if ok else None
+    return rows
+
+
+def _cell(value, digits=2):
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(header: dict, attention: list[dict], norm: list[dict]) -> str:
+    lines = [f"# Kernel benchmark on {header['device_kind']}", "",
+             f"{header['date']}, jax {header['jax_version']}, {header['platform']}"
+             f"{' (Pallas in interpret mode: tiny shapes, not kernel performance)' if header['interpret'] else ''}.",
+             f"Command: `{header['command']}`", "",
+             "## Attention (causal; TFLOP/s count causal FLOPs: 2 matmuls halved, backward 2.5x)", "",
+             "| T | batch x heads x d | impl | fwd ms | fwd TFLOP/s | fwd vs cudnn | fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd vs cudnn | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in attention:
+        lines.append(f"| {r['seq_len']} | {r['batch']}x{r['heads']}x{r['head_dim']} | {r['implementation']} | "
+                     f"{_cell(r.get('forward_ms'))} | {_cell(r.get('forward_tflops'), 3)} | "
+                     f"{_cell(r.get('forward_vs_cudnn'))} | {_cell(r.get('forward_backward_ms'))} | "
+                     f"{_cell(r.get('forward_backward_tflops'), 3)} | {_cell(r.get('forward_backward_vs_cudnn'))} | "
+                     f"{r['reason'] or ''} |")
+    lines += ["", "## RMSNorm (GB/s of the bytes a fused kernel moves)", "",
+              "| rows x d | impl | fwd ms | fwd GB/s | fwd vs xla | fwd+bwd ms | fwd+bwd GB/s | fwd+bwd vs xla | note |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in norm:
+        lines.append(f"| {r['rows']}x{r['d_model']} | {r['implementation']} | {_cell(r.get('forward_ms'))} | "
+                     f"{_cell(r.get('forward_gb_per_s'))} | {_cell(r.get('forward_vs_xla'))} | "
+                     f"{_cell(r.get('forward_backward_ms'))} | {_cell(r.get('forward_backward_gb_per_s'))} | "
+                     f"{_cell(r.get('forward_backward_vs_xla'))} | {r['reason'] or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    import sys
+
+    import jax
+
+    from jaxlayouts.kernels import interpret_mode
+    from jaxlayouts.model.attention import IMPLEMENTATIONS as ATTENTION
+    from jaxlayouts.model.norm import IMPLEMENTATIONS as NORM
+
+    for knob, chosen, known in (("attention", FLAGS.attention, ATTENTION), ("norm", FLAGS.norm, NORM)):
+        unknown = [c for c in chosen if c not in known]
+        if unknown:
+            print(f"--{knob}: unknown {unknown}; choose from {', '.join(known)}", file=sys.stderr)
+            sys.exit(2)
+    if FLAGS.dtype not in ("bfloat16", "float32"):
+        print(f"--dtype: {FLAGS.dtype!r}; choose bfloat16 or float32", file=sys.stderr)
+        sys.exit(2)
+    platform = jax.default_backend()
+    header = {"device_kind": jax.devices()[0].device_kind, "platform": platform,
+              "jax_version": jax.__version__, "interpret": interpret_mode(None),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": "python -m jaxlayouts.kernels.bench " + " ".join(argv[1:])}
+    if header["interpret"]:
+        print("note: no GPU; Pallas kernels run in interpret mode on tiny shapes (harness check only)")
+    attention, norm = attention_rows(platform), norm_rows(platform)
+    table = markdown(header, attention, norm)
+    print(table)
+    if FLAGS.markdown:
+        with open(FLAGS.markdown, "w") as f:
+            f.write(table)
+    print(json.dumps({**header, "attention": attention, "rms_norm": norm}))
+
+
+if __name__ == "__main__":
+    app.run(main)

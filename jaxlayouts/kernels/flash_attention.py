@@ -1,0 +1,242 @@
+"""Causal flash attention in Pallas, forward and backward (FlashAttention-2, Dao 2023).
+
+Layout ``q [batch, seq, heads, head_dim]``, ``k, v [batch, seq, kv_heads, head_dim]``; grouped-query
+attention reads each K/V head for its group of query heads through the block index maps, so K/V
+are never repeated in memory.
+
+* Forward (Dao 2023, Alg. 1): one program per (batch, head, query block) streams the key blocks
+  up to the causal diagonal, keeping the running max ``m``, the running sum ``l`` and the output
+  accumulator in float32 (online softmax); it writes ``o`` and ``lse = m + log l`` per row.
+* Backward (Alg. 2, split in two kernels as Triton's tutorial and JAX's Pallas op do): with
+  ``delta = rowsum(dO * O)``, one kernel per (batch, KV head, key block) accumulates ``dK, dV``
+  over the query blocks below the diagonal and over the query heads of its group (so dK/dV are
+  never materialised per query head); one per (batch, head, query block) accumulates ``dQ``.
+  ``P = exp(S - lse)`` is recomputed block by block; nothing of size ``seq x seq`` is stored.
+
+Sequence lengths that are not a multiple of the block sizes are padded; padded keys are masked.
+On GPU the kernels lower through Pallas' Triton backend; on CPU they run in interpret mode
+(``interpret=None`` picks that automatically), which is slow and meant for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jaxlayouts.kernels import interpret_mode
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+"""Finite "minus infinity" for masked scores, so no row ever computes inf - inf."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes (powers of two). The defaults follow JAX's bundled Pallas GPU op for the forward
+    pass and use 64 x 64 tiles in the backward pass (its register pressure is higher); they fit
+    head_dim 128 in A100/H100 shared memory. Not tuned per GPU by this project (no GPU measured)."""
+
+    block_q: int = 128
+    block_k: int = 64
+    block_q_backward: int = 64
+    block_k_backward: int = 64
+
+    def clamped(self, seq_len: int) -> "BlockSizes":
+        """Shrink blocks longer than the (power-of-two rounded) sequence."""
+        cap = max(16, pl.next_power_of_2(seq_len))
+        return BlockSizes(*(min(b, cap) for b in dataclasses.astuple(self)))
+
+
+def _causal_blocks(query_end, block_k):
+    """Number of key blocks a query block ending (exclusive) at ``query_end`` attends to."""
+    return lax.div(query_end + block_k - 1, block_k)
+
+
+def _scores(q, k, q_start, k_start, scale, seq_len):
+    """Masked scaled scores ``q k^T`` of one tile, float32 (causal, padded keys masked)."""
+    s = plgpu.dot(q, k, trans_b=True) * scale
+    q_pos = q_start + jnp.arange(q.shape[0])[:, None]
+    k_pos = k_start + jnp.arange(k.shape[0])[None, :]
+    return jnp.where((q_pos >= k_pos) & (k_pos < seq_len), s, MASK_VALUE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block_k, seq_len):
+    block_q = q_ref.shape[0]
+    q_start = pl.program_id(2) * block_q
+    q = q_ref[...]
+
+    def body(j, carry):
+        acc, m, l = carry
+        k = k_ref[pl.ds(j * block_k, block_k), :]
+        v = v_ref[pl.ds(j * block_k, block_k), :]
+        s = _scores(q, k, q_start, j * block_k, scale, seq_len)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        p = jnp.exp(s - m_new[:, None])
+        correction = jnp.exp(m - m_new)
+        acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        return acc, m_new, l * correction + p.sum(axis=-1)
+
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q,), MASK_VALUE, jnp.float32),
+            jnp.zeros((block_q,), jnp.float32))
+    acc, m, l = lax.fori_loop(0, _causal_blocks(q_start + block_q, block_k), body, init)
+    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log(l)
+
+
+def _forward(q, k, v, scale, blocks: BlockSizes, seq_len, interpret):
+    batch, padded, heads, head_dim = q.shape
+    group = heads // k.shape[2]
+    bq, bk = blocks.block_q, blocks.block_k
+    kv_spec = pl.BlockSpec((None, padded, None, head_dim), lambda b, h, i: (b, 0, h // group, 0))
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, scale=scale, block_k=bk, seq_len=seq_len),
+        grid=(batch, heads, padded // bq),
+        in_specs=[pl.BlockSpec((None, bq, None, head_dim), lambda b, h, i: (b, i, h, 0)), kv_spec, kv_spec],
+        out_specs=[pl.BlockSpec((None, bq, None, head_dim), lambda b, h, i: (b, i, h, 0)),
+                   pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((batch, heads, padded), jnp.float32)],
+        interpret=interpret, name="flash_attention_forward",
+    )(q, k, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+
+
+def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref, *,
+                scale, block_q, seq_len):
+    block_k = k_ref.shape[0]
+    k_start = pl.program_id(2) * block_k
+    k, v = k_ref[...], v_ref[...]
+    padded, group = q_ref.shape[0], q_ref.shape[1]
+
+    def body(g, i, carry):
+        dk, dv = carry
+        rows = pl.ds(i * block_q, block_q)
+        q, do = q_ref[rows, g, :], do_ref[rows, g, :]
+        s = _scores(q, k, i * block_q, k_start, scale, seq_len)
+        p = jnp.exp(s - lse_ref[g, rows][:, None])
+        dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
+        dp = plgpu.dot(do, v, trans_b=True)
+        ds = p * (dp - delta_ref[g, rows][:, None]) * scale
+        return dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True), dv
+
+    first = lax.div(k_start, block_q)
+    dk = jnp.zeros(k.shape, jnp.float32)
+    dv = jnp.zeros(v.shape, jnp.float32)
+    for g in range(group):  # static: the query heads sharing this K/V head
+        dk, dv = lax.fori_loop(first, padded // block_q, functools.partial(body, g), (dk, dv))
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref, *, scale, block_k, seq_len):
+    block_q = q_ref.shape[0]
+    q_start = pl.program_id(2) * block_q
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+
+    def body(j, dq):
+        k = k_ref[pl.ds(j * block_k, block_k), :]
+        v = v_ref[pl.ds(j * block_k, block_k), :]
+        p = jnp.exp(_scores(q, k, q_start, j * block_k, scale, seq_len) - lse[:, None])
+        ds = p * (plgpu.dot(do, v, trans_b=True) - delta[:, None]) * scale
+        return dq + plgpu.dot(ds.astype(k.dtype), k)
+
+    dq = lax.fori_loop(0, _causal_blocks(q_start + block_q, block_k), body,
+                       jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _backward(q, k, v, o, lse, do, scale, blocks: BlockSizes, seq_len, interpret):
+    batch, padded, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = heads // kv_heads
+    bq, bk = blocks.block_q_backward, blocks.block_k_backward
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))
+
+    group_rows = pl.BlockSpec((None, padded, group, head_dim), lambda b, h, j: (b, 0, h, 0))
+    group_stats = pl.BlockSpec((None, group, padded), lambda b, h, j: (b, h, 0))
+    kv_block = pl.BlockSpec((None, bk, None, head_dim), lambda b, h, j: (b, j, h, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, scale=scale, block_q=bq, seq_len=seq_len),
+        grid=(batch, kv_heads, padded // bk),
+        in_specs=[group_rows, group_rows, group_stats, group_stats, kv_block, kv_block],
+        out_specs=[kv_block, kv_block],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        interpret=interpret, name="flash_attention_dkv",
+    )(q, do, lse, delta, k, v)
+
+    q_block = pl.BlockSpec((None, bq, None, head_dim), lambda b, h, i: (b, i, h, 0))
+    stats_block = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
+    kv_full = pl.BlockSpec((None, padded, None, head_dim), lambda b, h, i: (b, 0, h // group, 0))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, scale=scale, block_k=bk, seq_len=seq_len),
+        grid=(batch, heads, padded // bq),
+        in_specs=[q_block, q_block, stats_block, stats_block, kv_full, kv_full],
+        out_specs=q_block,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret=interpret, name="flash_attention_dq",
+    )(q, do, lse, delta, k, v)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# Public op
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _flash(q, k, v, blocks: BlockSizes, interpret: bool):
+    return _flash_forward(q, k, v, blocks, interpret)[0]
+
+
+def _pad(x, length):
+    """Zero-pad the sequence axis to ``length``."""
+    extra = length - x.shape[1]
+    return x if not extra else jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0)))
+
+
+def _flash_forward(q, k, v, blocks, interpret):
+    seq_len, head_dim = q.shape[1], q.shape[3]
+    multiple = max(dataclasses.astuple(blocks))  # powers of two: the largest is their lcm
+    padded = -(-seq_len // multiple) * multiple
+    qp, kp, vp = (_pad(x, padded) for x in (q, k, v))
+    o, lse = _forward(qp, kp, vp, head_dim ** -0.5, blocks, seq_len, interpret)
+    return o[:, :seq_len], (qp, kp, vp, o, lse)
+
+
+def _flash_backward(blocks, interpret, residuals, do):
+    qp, kp, vp, o, lse = residuals
+    seq_len, head_dim = do.shape[1], do.shape[3]
+    dq, dk, dv = _backward(qp, kp, vp, o, lse, _pad(do, qp.shape[1]), head_dim ** -0.5, blocks,
+                           seq_len, interpret)
+    return dq[:, :seq_len], dk[:, :seq_len], dv[:, :seq_len]
+
+
+_flash.defvjp(_flash_forward, _flash_backward)
+
+
+def flash_attention(q, k, v, blocks: BlockSizes | None = None, interpret: bool | None = None):
+    """Causal softmax(QK^T / sqrt(d)) V without materialising the scores; differentiable."""
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"kv_heads={k.shape[2]} must divide heads={q.shape[2]}")
+    blocks = (blocks or BlockSizes()).clamped(q.shape[1])
+    return _flash(q, k, v, blocks, interpret_mode(interpret))
+
+
+def attention_flops(batch: int, seq_len: int, heads: int, head_dim: int, backward: bool) -> float:
+    """Causal attention FLOPs as FlashAttention's benchmarks count them: the two matmuls
+    (4 b h T^2 d) halved for the causal mask; the backward pass is 2.5x the forward (five matmuls
+    instead of two). Softmax and recomputation are not counted."""
+    forward = 4 * batch * heads * seq_len * seq_len * head_dim / 2
+    return forward * (3.5 if backward else 1.0)
