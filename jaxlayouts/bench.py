@@ -24,7 +24,8 @@ import time
 from absl import app, flags, logging
 
 from jaxlayouts import devices, distributed, launch
-from jaxlayouts.layout import (ATTENTION_CHOICES, DTYPE_CHOICES, MESH_AXES, NORM_CHOICES, REMAT_CHOICES,
+from jaxlayouts.layout import (ATTENTION_CHOICES, DTYPE_CHOICES, MESH_AXES, NORM_CHOICES, PIPELINE_SCHEDULES,
+                               REMAT_CHOICES,
                                InvalidLayout, Layout, RunConfig, load_model_config, parse_mesh)
 
 FLAGS = flags.FLAGS
@@ -36,6 +37,10 @@ flags.DEFINE_integer("micro_batch", 1, "Sequences per data shard per accumulatio
 flags.DEFINE_string("remat", "none", f"Activation checkpointing policy: {', '.join(REMAT_CHOICES)}.")
 flags.DEFINE_string("attention", "xla", f"Attention implementation: {', '.join(ATTENTION_CHOICES)}.")
 flags.DEFINE_string("norm", "xla", f"RMSNorm implementation: {', '.join(NORM_CHOICES)}.")
+flags.DEFINE_string("pipeline_schedule", "1f1b", f"Pipeline schedule for pp>1: {', '.join(PIPELINE_SCHEDULES)}.")
+flags.DEFINE_integer("virtual_stages", 1, "Layer chunks per pipeline stage (circular schedule).")
+flags.DEFINE_integer("pipeline_microbatches", None, "Micro-batches per pipeline flush (default: all of the "
+                     "step's; fewer means several flushes per step).")
 flags.DEFINE_bool("sequence_parallel", False, "Megatron sequence parallelism inside the tp group.")
 flags.DEFINE_integer("zero", None, "ZeRO stage over the fsdp axis (0-3); default 3 if fsdp>1 else 0.")
 flags.DEFINE_string("dtype", "bfloat16", f"Compute dtype: {', '.join(DTYPE_CHOICES)} (master weights are float32).")
@@ -138,7 +143,9 @@ def run_config(values: dict, num_devices: int | None = None) -> tuple[RunConfig,
     model = load_model_config(values["model"], vocab_size=values["vocab_size"])
     layout = Layout(mesh=mesh, micro_batch=values["micro_batch"], zero=values["zero"],
                     sequence_parallel=values["sequence_parallel"], remat=values["remat"],
-                    attention=values["attention"], norm=values["norm"])
+                    attention=values["attention"], norm=values["norm"],
+                    pipeline_schedule=values["pipeline_schedule"], virtual_stages=values["virtual_stages"],
+                    pipeline_microbatches=values["pipeline_microbatches"])
     run = RunConfig(model=model, layout=layout, seq_len=values["seq_len"],
                     global_batch=values["global_batch"], dtype=values["dtype"],
                     learning_rate=values["learning_rate"], seed=values["seed"])
@@ -158,8 +165,21 @@ def describe(run: RunConfig) -> dict:
         "mesh": dict(lay.mesh), "seq_len": run.seq_len, "global_batch": run.global_batch,
         "micro_batch": lay.micro_batch, "grad_accum_steps": run.grad_accum_steps,
         "remat": lay.remat, "attention": lay.attention, "norm": lay.norm, "sequence_parallel": lay.sequence_parallel,
-        "zero": lay.zero, "dtype": run.dtype,
+        "zero": lay.zero, "dtype": run.dtype, **pipeline_fields(run),
     }
+
+
+def pipeline_fields(run: RunConfig) -> dict:
+    """Pipeline fields of a result row: null when the layout has no pipeline (pp=1)."""
+    from jaxlayouts.parallel.schedule import bubble_fraction
+    lay = run.layout
+    if lay.mesh["pp"] == 1:
+        return {"pipeline_schedule": None, "virtual_stages": None, "pipeline_microbatches": None,
+                "bubble_fraction": None}
+    m = lay.pipeline_microbatches or run.grad_accum_steps
+    return {"pipeline_schedule": lay.pipeline_schedule, "virtual_stages": lay.virtual_stages,
+            "pipeline_microbatches": m,
+            "bubble_fraction": bubble_fraction(lay.pipeline_schedule, lay.mesh["pp"], lay.virtual_stages, m)}
 
 
 def benchmark(run: RunConfig, *, steps: int, warmup: int, axis_rules: dict | None = None,
@@ -214,6 +234,7 @@ def benchmark(run: RunConfig, *, steps: int, warmup: int, axis_rules: dict | Non
     if restore:
         state, record = checkpoints.restore(trainer.abstract_state_with_shardings())
         first_step, restored_from = record["next_step"], record["layout"]
+        state = trainer.from_layer_order(state, layout.Layout.parse(restored_from))
         log(f"restored step {first_step} (saved under {restored_from}) into {run.layout}")
     else:
         distributed.barrier("jaxlayouts_compiled")  # init_state runs collectives

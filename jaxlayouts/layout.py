@@ -33,6 +33,7 @@ GPU_ONLY = {("attention", "cudnn"): "use --attention pallas or xla",
             ("remat", "offload"): "use --remat full or selective"}
 """Choices that need an NVIDIA GPU, with the alternative to name in the error."""
 DTYPE_CHOICES = ("bfloat16", "float32")
+PIPELINE_SCHEDULES = ("gpipe", "circular", "1f1b")
 ZERO_CHOICES = (0, 1, 2, 3)
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -162,6 +163,9 @@ class Layout:
     remat: str = "none"
     attention: str = "xla"
     norm: str = "xla"
+    pipeline_schedule: str = "1f1b"
+    virtual_stages: int = 1
+    pipeline_microbatches: int | None = None  # None: every micro-batch of the step in one flush
 
     def __post_init__(self):
         if self.zero is None:
@@ -178,8 +182,13 @@ class Layout:
         return self.mesh["dp"] * self.mesh["fsdp"]
 
     def __str__(self) -> str:
-        return (f"{mesh_text(self.mesh)} mbs={self.micro_batch} zero={self.zero} "
+        text = (f"{mesh_text(self.mesh)} mbs={self.micro_batch} zero={self.zero} "
                 f"sp={int(self.sequence_parallel)} remat={self.remat} attn={self.attention} norm={self.norm}")
+        if self.mesh["pp"] > 1:
+            text += f" pipe={self.pipeline_schedule} vstages={self.virtual_stages}"
+            if self.pipeline_microbatches:
+                text += f" pmb={self.pipeline_microbatches}"
+        return text
 
     @classmethod
     def parse(cls, text: str) -> "Layout":
@@ -188,7 +197,9 @@ class Layout:
         fields: dict = {"mesh": parse_mesh(mesh_part)}
         names = {"mbs": ("micro_batch", int), "zero": ("zero", int),
                  "sp": ("sequence_parallel", lambda v: bool(int(v))),
-                 "remat": ("remat", str), "attn": ("attention", str), "norm": ("norm", str)}
+                 "remat": ("remat", str), "attn": ("attention", str), "norm": ("norm", str),
+                 "pipe": ("pipeline_schedule", str), "vstages": ("virtual_stages", int),
+                 "pmb": ("pipeline_microbatches", int)}
         for item in rest:
             key, _, value = item.partition("=")
             if key not in names:
@@ -282,10 +293,40 @@ def validate(run: RunConfig, num_devices: int, platform: str | None = None) -> N
         raise InvalidLayout("global_batch", f"{run.global_batch} is not divisible by dp*fsdp*micro_batch="
                             f"{dp}*{fsdp}*{lay.micro_batch}={shards}; e.g. --global_batch "
                             f"{max(1, run.global_batch // shards) * shards}")
-    if m.num_layers % pp:
-        raise InvalidLayout("mesh", f"pp={pp} does not divide num_layers={m.num_layers} of {m.name}")
-    if pp > 1:
-        raise InvalidLayout("mesh", f"pp={pp}: pipeline parallelism is not yet supported; use pp=1 "
-                            "(and put the devices on dp, fsdp or tp)")
+    _validate_pipeline(run)
     if run.seq_len < 2:
         raise InvalidLayout("seq_len", f"{run.seq_len} is too short to train on; e.g. --seq_len 128")
+
+
+def _validate_pipeline(run: RunConfig) -> None:
+    lay, layers = run.layout, run.model.num_layers
+    pp, v, schedule = lay.mesh["pp"], lay.virtual_stages, lay.pipeline_schedule
+    if schedule not in PIPELINE_SCHEDULES:
+        raise InvalidLayout("pipeline_schedule", f"unknown schedule {schedule!r}; choose one of "
+                            f"{', '.join(PIPELINE_SCHEDULES)}")
+    if v < 1:
+        raise InvalidLayout("virtual_stages", f"{v} is not a positive integer; e.g. --virtual_stages 2")
+    if v > 1 and schedule != "circular":
+        raise InvalidLayout("virtual_stages", f"{v} virtual stages need --pipeline_schedule circular "
+                            f"({schedule} runs one chunk per stage; interleaved 1F1B is not implemented)")
+    if v > 1 and pp == 1:
+        raise InvalidLayout("virtual_stages", "virtual stages split a pipeline, but pp=1; add pp>1 to --mesh")
+    if layers % (pp * v):
+        raise InvalidLayout("mesh", f"pp={pp} x virtual_stages={v} = {pp * v} stages do not divide "
+                            f"num_layers={layers} of {run.model.name}; choose degrees whose product divides it")
+    if pp == 1:
+        if lay.pipeline_microbatches is not None:
+            raise InvalidLayout("pipeline_microbatches", "applies to pipelines only (pp=1); drop it or add pp>1")
+        return
+    accum = run.grad_accum_steps
+    m = lay.pipeline_microbatches or accum
+    if m < 1 or accum % m:
+        raise InvalidLayout("pipeline_microbatches", f"{m} must divide the step's {accum} micro-batches "
+                            f"(global_batch / (dp*fsdp*micro_batch)); e.g. --pipeline_microbatches {accum}")
+    if m < pp:
+        raise InvalidLayout("pipeline_microbatches", f"{m} micro-batches cannot fill {pp} stages (the "
+                            f"pipeline would mostly idle); use at least {pp}: raise --global_batch or "
+                            "lower --micro_batch")
+    if schedule == "circular" and m % pp:
+        raise InvalidLayout("pipeline_microbatches", f"the circular schedule feeds micro-batches in groups "
+                            f"of pp={pp}; {m} is not a multiple, e.g. {m // pp * pp or pp}")

@@ -122,10 +122,15 @@ def constrain(x, logical: tuple):
 def per_shard(fn, in_axes: tuple, out_axes: tuple):
     """Run ``fn`` on each device's shard (``shard_map``), inputs and output laid out by logical
     names; ``fn`` itself unchanged outside :func:`sharding_context`. For kernels (Pallas, Triton,
-    cuDNN) that XLA's partitioner cannot split: it would otherwise gather their inputs."""
+    cuDNN) that XLA's partitioner cannot split: it would otherwise gather their inputs. Inside a
+    region already manual over some axes (the pipeline), it maps over the remaining ones."""
     context = _CONTEXT.get()
     if context is None:
         return fn
     mesh, rules = context
+    manual = set(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))
+    if manual:
+        mesh = jax.sharding.get_abstract_mesh()
     return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(a, rules) for a in in_axes),
-                         out_specs=spec(out_axes, rules), check_vma=False)
+                         out_specs=spec(out_axes, rules), axis_names=set(mesh.axis_names) - manual,
+                         check_vma=False)

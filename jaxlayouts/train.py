@@ -28,12 +28,14 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlayouts.layout import DATA_AXES, RunConfig
+from jaxlayouts.layout import DATA_AXES, Layout, RunConfig
 from jaxlayouts.mesh import compute_rules, sharding_context, spec, state_rules
 from jaxlayouts.model.llama import Llama
+from jaxlayouts.parallel.pipeline import Pipeline, storage_order
 
 BATCH_SPEC = PartitionSpec(None, DATA_AXES, None)
 """Device batch ``[accum_steps, micro-batch rows of all shards, seq_len + 1]``."""
@@ -80,6 +82,11 @@ class Trainer:
                 self.optimizer, lambda _, sharding: sharding, self.abstract_state.opt_state,
                 self.master_shardings, transform_non_params=lambda _: replicated))
         self.batch_sharding = NamedSharding(mesh, BATCH_SPEC)
+        self.pipeline = None
+        if layout.mesh["pp"] > 1:
+            specs = lambda shardings: jax.tree.map(lambda s: s.spec, shardings)
+            rules = compute_rules(layout, batch_axes=None, overrides={**(axis_rules or {}), "layers": None})
+            self.pipeline = Pipeline(run, mesh, rules, specs(self.compute_shardings), specs(self.master_shardings))
 
     def _shardings(self, rules):
         return jax.tree.map(lambda names: NamedSharding(self.mesh, spec(tuple(names), rules)),
@@ -89,8 +96,24 @@ class Trainer:
 
     def _init(self, key) -> TrainState:
         params = nn.meta.unbox(self.model.init(key, jnp.zeros((1, 2), jnp.int32)))["params"]
+        lay = self.run.layout
+        if lay.virtual_stages > 1:  # the stored layer order puts each device's chunks together
+            order = storage_order(self.run.model.num_layers, lay.mesh["pp"], lay.virtual_stages)
+            params["layers"] = jax.tree.map(lambda w: w[order], params["layers"])
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=self.optimizer.init(params))
+
+    def from_layer_order(self, state: TrainState, saved: Layout) -> TrainState:
+        """``state`` stored in ``saved``'s layer order (see ``pipeline.storage_order``), put into
+        this layout's order: every array under a ``layers`` key is permuted on its first axis."""
+        order = lambda lay: storage_order(self.run.model.num_layers, lay.mesh["pp"], lay.virtual_stages)
+        saved_order, order_now = order(saved), order(self.run.layout)
+        if (saved_order == order_now).all():
+            return state
+        position_of = np.argsort(saved_order)[order_now]
+        permute = lambda path, x: x[position_of] if any(getattr(k, "key", None) == "layers" for k in path) else x
+        return jax.jit(lambda s: jax.tree_util.tree_map_with_path(permute, s),
+                       out_shardings=self.state_shardings)(state)
 
     def init_state(self) -> TrainState:
         """Parameters from ``run.seed``, created directly in their shards (never whole on one device)."""
@@ -109,6 +132,8 @@ class Trainer:
         losses over ``batch [accum_steps, rows, seq_len + 1]``."""
         params = jax.tree.map(lambda p: p.astype(self.dtype), master_params)
         params = jax.lax.with_sharding_constraint(params, self.compute_shardings)
+        if self.pipeline is not None:
+            return self.pipeline.gradients(params, batch)
         if self.run.layout.zero >= 2:
             return self._sharded_accumulation(params, batch)
         return self._per_shard_accumulation(params, batch)

@@ -28,12 +28,16 @@ from jaxlayouts.remat import POLICIES as REMAT, WEIGHT_TAG
 
 
 
+def for_compute(param, axes: tuple, dtype):
+    """A float32 master parameter cast to ``dtype`` and laid out for compute (under ZeRO-3 the
+    all-gather), tagged so that no remat policy keeps the gathered copy for the backward pass."""
+    return checkpoint_name(constrain(param.astype(dtype), axes), WEIGHT_TAG)
+
+
 def weight(module: nn.Module, name: str, shape: tuple, axes: tuple, dtype, scale: float = 0.02):
-    """A float32 parameter with logical ``axes``, returned in ``dtype`` and laid out for compute
-    (tagged so that no remat policy keeps the gathered copy for the backward pass)."""
+    """A float32 parameter with logical ``axes``, returned by :func:`for_compute`."""
     init = nn.with_logical_partitioning(nn.initializers.normal(scale), axes)
-    return checkpoint_name(constrain(module.param(name, init, shape, jnp.float32).astype(dtype), axes),
-                           WEIGHT_TAG)
+    return for_compute(module.param(name, init, shape, jnp.float32), axes, dtype)
 
 
 def rotary(x, theta: float):
@@ -119,6 +123,50 @@ class Block(nn.Module):
         return constrain(x, RESIDUAL), None
 
 
+def scanned_blocks(remat: str, length: int):
+    """``length`` decoder layers as one ``nn.scan`` over stacked weights (leading ``layers``
+    axis), each layer under the ``remat`` policy."""
+    block = nn.remat(Block, policy=REMAT[remat], prevent_cse=False)
+    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=length,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+class LayerStack(nn.Module):
+    """A contiguous run of ``length`` layers with the parameter tree ``{"layers": ...}`` of
+    :class:`Llama`: one pipeline stage's share."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype
+    attention: str
+    norm: str
+    remat: str
+    length: int
+
+    @nn.compact
+    def __call__(self, x):
+        layers = scanned_blocks(self.remat, self.length)
+        return layers(self.cfg, self.dtype, self.attention, self.norm, name="layers")(x, None)[0]
+
+
+def embed(params, tokens, dtype):
+    """Token embeddings from ``params["embedding"]``: the model's input, a pipeline's first stage."""
+    table = for_compute(params["embedding"], EMBEDDING_AXES, dtype)
+    return constrain(jnp.take(table, tokens, axis=0), RESIDUAL)
+
+
+def head(params, x, cfg: ModelConfig, dtype, norm: str):
+    """Final RMSNorm and LM head: float32 logits; a pipeline's last stage."""
+    scale = checkpoint_name(constrain(params["final_norm"], ("embed",)), WEIGHT_TAG)
+    x = constrain(rms_norm(x, scale, cfg.norm_eps, norm), LAYER_INPUT)
+    logits = jnp.einsum("btd,dv->btv", x, for_compute(params["lm_head"], HEAD_AXES, dtype),
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "seq", "act_vocab"))
+
+
+EMBEDDING_AXES = ("vocab", "embed")
+HEAD_AXES = ("embed", "vocab")
+
+
 class Llama(nn.Module):
     """Decoder-only LLaMA returning float32 logits ``[batch, seq, vocab]``."""
 
@@ -131,14 +179,13 @@ class Llama(nn.Module):
     @nn.compact
     def __call__(self, tokens):
         c = self.cfg
-        embedding = weight(self, "embedding", (c.vocab_size, c.d_model), ("vocab", "embed"),
-                           self.dtype, scale=1.0)
-        x = constrain(jnp.take(embedding, tokens, axis=0), RESIDUAL)
-        block = nn.remat(Block, policy=REMAT[self.remat], prevent_cse=False)
-        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = layers(c, self.dtype, self.attention, self.norm, name="layers")(x, None)
-        x = constrain(RMSNorm(c.norm_eps, self.norm, name="final_norm")(x), LAYER_INPUT)
-        head = weight(self, "lm_head", (c.d_model, c.vocab_size), ("embed", "vocab"), self.dtype)
-        logits = jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "seq", "act_vocab"))
+        param = lambda name, init, shape, axes: self.param(
+            name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+        normal = nn.initializers.normal
+        params = {"embedding": param("embedding", normal(1.0), (c.vocab_size, c.d_model), EMBEDDING_AXES)}
+        x = embed(params, tokens, self.dtype)
+        x, _ = scanned_blocks(self.remat, c.num_layers)(
+            c, self.dtype, self.attention, self.norm, name="layers")(x, None)
+        params["final_norm"] = param("final_norm", nn.initializers.ones, (c.d_model,), ("embed",))
+        params["lm_head"] = param("lm_head", normal(0.02), (c.d_model, c.vocab_size), HEAD_AXES)
+        return head(params, x, c, self.dtype, self.norm)

@@ -1,0 +1,174 @@
+"""Pipeline parallelism: schedules, equal losses and gradients, collectives, the 1F1B memory bound."""
+
+import numpy as np
+import pytest
+from conftest import make_run
+
+from jaxlayouts.bench import benchmark
+from jaxlayouts.layout import InvalidLayout, validate
+from jaxlayouts.parallel.schedule import BACKWARD, FORWARD, bubble_fraction, build
+
+STEPS = 3
+
+
+def losses(devices, mesh, steps=STEPS, **kwargs):
+    run = make_run(mesh, **kwargs)
+    result = benchmark(run, steps=steps, warmup=0, devices=devices[:run.layout.num_devices], log=lambda _: None)
+    return np.array(result["losses"])
+
+
+@pytest.fixture(scope="module")
+def reference(devices):
+    return losses(devices, "dp=1")
+
+
+@pytest.mark.parametrize("kind, p, v, m", [("gpipe", 4, 1, 8), ("1f1b", 4, 1, 8), ("1f1b", 2, 1, 16),
+                                           ("circular", 2, 2, 4), ("circular", 4, 3, 8)])
+def test_schedule_runs_every_op_once_in_dependency_order(kind, p, v, m):
+    s = build(kind, p, v, m)
+    when = {}
+    for tick in range(s.ticks):
+        for d in range(p):
+            if s.op[tick, d] in (FORWARD, BACKWARD):
+                key = (int(s.op[tick, d]), int(s.micro[tick, d]), int(s.chunk[tick, d]) * p + d)
+                assert key not in when
+                when[key] = tick
+    last = p * v - 1
+    assert len(when) == 2 * m * p * v
+    for mb in range(m):
+        for j in range(p * v):
+            assert j == 0 or when[(FORWARD, mb, j)] > when[(FORWARD, mb, j - 1)]
+            after = when[(FORWARD, mb, j)] if j == last else when[(BACKWARD, mb, j + 1)]
+            assert when[(BACKWARD, mb, j)] > after
+    # No bubble beyond the ideal one: 2 (V M + P - 1) ticks of forward-or-backward.
+    assert s.ticks == 2 * (v * m + p - 1)
+
+
+def test_stash_sizes_show_each_schedules_memory():
+    assert build("1f1b", 4, 1, 32).input_slots == 4          # at most P in flight
+    assert build("gpipe", 4, 1, 32).input_slots == 32        # every micro-batch
+    assert build("circular", 4, 2, 32).input_slots == 64     # every micro-batch and chunk
+    assert bubble_fraction("circular", 4, 2, 8) == pytest.approx(3 / 19)
+    assert bubble_fraction("1f1b", 4, 2, 8) == pytest.approx(3 / 11)
+
+
+LAYOUTS = [
+    ("pp=2", {"pipeline_schedule": "gpipe"}),
+    ("pp=4", {"pipeline_schedule": "1f1b"}),
+    ("dp=2,pp=2", {"pipeline_schedule": "circular", "virtual_stages": 2}),
+    ("dp=2,tp=2,pp=2", {"sequence_parallel": True, "remat": "full"}),
+    ("fsdp=2,tp=2,pp=2", {"zero": 3, "micro_batch": 2, "pipeline_schedule": "gpipe"}),
+    ("tp=2,pp=2", {"pipeline_schedule": "circular", "virtual_stages": 2, "pipeline_microbatches": 4,
+                   "attention": "pallas", "norm": "pallas", "remat": "selective"}),
+]
+
+
+@pytest.mark.parametrize("mesh, kwargs", LAYOUTS, ids=[f"{m} {k}" for m, k in LAYOUTS])
+def test_pipelined_losses_match_single_device(devices, reference, mesh, kwargs):
+    np.testing.assert_allclose(losses(devices, mesh, **kwargs), reference, rtol=1e-5)
+
+
+def gradients(devices, mesh_text, **layout):
+    import jax
+
+    from jaxlayouts.data import device_batch, global_batch_tokens
+    from jaxlayouts.mesh import build_mesh
+    from jaxlayouts.train import BATCH_SPEC, Trainer
+
+    run = make_run(mesh_text, global_batch=16, **layout)
+    device_mesh = build_mesh(run.layout, devices[:run.layout.num_devices])
+    trainer = Trainer(run, device_mesh)
+    tokens = global_batch_tokens(0, 0, run.global_batch, run.seq_len, run.model.vocab_size)
+    batch = device_batch(tokens, run.grad_accum_steps, device_mesh, BATCH_SPEC)
+    grads, step_losses = jax.jit(trainer.gradients)(trainer.init_state().params, batch)
+    return jax.tree.leaves(grads), np.asarray(step_losses)
+
+
+@pytest.mark.parametrize("mesh, kwargs", [("dp=2,pp=2", {}), ("fsdp=2,tp=2,pp=2", {"zero": 1})])
+def test_pipelined_gradients_match_single_device(devices, mesh, kwargs):
+    """Adam hides a wrongly scaled gradient from the losses: compare the gradients themselves."""
+    expected, expected_losses = gradients(devices, "dp=1")
+    got, got_losses = gradients(devices, mesh, **kwargs)
+    np.testing.assert_allclose(got_losses.mean(), expected_losses.mean(), rtol=1e-5)
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=2e-4, atol=1e-7)
+
+
+def test_collective_permutes_along_pp_and_parameters_split_over_stages(devices):
+    import math
+
+    import jax
+
+    from jaxlayouts.analysis import hlo
+    from jaxlayouts.mesh import build_mesh
+    from jaxlayouts.train import Trainer
+
+    def trainer(mesh_text):
+        run = make_run(mesh_text)
+        return run, Trainer(run, build_mesh(run.layout, devices[:run.layout.num_devices]))
+
+    def param_bytes(t, only_layers=False):
+        leaves = jax.tree_util.tree_leaves_with_path(t.abstract_state.params)
+        shardings = jax.tree.leaves(t.master_shardings)
+        return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+                   for (path, a), s in zip(leaves, shardings)
+                   if not only_layers or path[0].key == "layers")
+
+    run, piped = trainer("pp=2")
+    _, single = trainer("dp=1")
+    found = hlo.collectives(piped.lower().compile().as_text(), dict(piped.mesh.shape))
+    permutes = [c for c in found if c.kind == "collective-permute" and c.axes == ("pp",)]
+    activation = run.global_batch // run.grad_accum_steps * run.seq_len * run.model.d_model * 4
+    ticks = piped.pipeline.schedule.ticks
+    assert len(permutes) == 2  # one ring each way, every tick, carrying one micro-batch's activation
+    assert all(c.bytes == activation and c.executions == ticks for c in permutes)
+    assert param_bytes(piped, only_layers=True) * 2 == param_bytes(single, only_layers=True)
+    assert param_bytes(piped) < 0.6 * param_bytes(single)  # embedding and head stay replicated
+
+
+def test_1f1b_activation_memory_stops_growing_with_micro_batches(devices):
+    """XLA's compiled temp memory: flat for 1F1B from M=4 to M=32 micro-batches, while GPipe's
+    grows with every stashed stage input."""
+    from jaxlayouts.mesh import build_mesh
+    from jaxlayouts.train import Trainer
+
+    def temp(schedule, microbatches):
+        run = make_run("pp=2", seq_len=128, global_batch=microbatches, pipeline_schedule=schedule)
+        compiled = Trainer(run, build_mesh(run.layout, devices[:2])).lower().compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    activation = 128 * 128 * 4  # one micro-batch's stage input: 1 x seq_len x d_model float32
+    growth = {s: temp(s, 32) - temp(s, 4) for s in ("1f1b", "gpipe")}
+    assert growth["1f1b"] < 2 * activation
+    assert growth["gpipe"] > 20 * activation
+
+
+def test_checkpoint_restores_across_pipeline_layer_orders(devices, tmp_path):
+    """A circular pipeline stores each device's chunks together; a checkpoint it saves restores
+    into a plain layout (and back) with every layer in its place."""
+    straight = losses(devices, "dp=1", steps=4)
+    run = make_run("dp=2,pp=2", pipeline_schedule="circular", virtual_stages=2)
+    first = benchmark(run, steps=2, warmup=0, devices=devices[:4], checkpoint_dir=str(tmp_path),
+                      checkpoint_every=2, log=lambda _: None)
+    second = benchmark(make_run("dp=1"), steps=2, warmup=0, devices=devices[:1], checkpoint_dir=str(tmp_path),
+                       checkpoint_every=2, restore=True, log=lambda _: None)
+    assert second["restored_from"] == str(run.layout)
+    np.testing.assert_allclose(first["losses"] + second["losses"], straight, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mesh, kwargs, message", [
+    ("pp=2", {"virtual_stages": 4, "pipeline_schedule": "circular"}, "--mesh: pp=2 x virtual_stages=4 = 8 stages do not divide num_layers=4"),
+    ("pp=3", {}, "--mesh: pp=3 x virtual_stages=1 = 3 stages do not divide num_layers=4"),
+    ("dp=4,pp=2", {"global_batch": 4}, "--pipeline_microbatches: 1 micro-batches cannot fill 2 stages"),
+    ("pp=2", {"pipeline_microbatches": 3}, "--pipeline_microbatches: 3 must divide the step's 8 micro-batches"),
+    ("pp=4", {"pipeline_schedule": "circular", "global_batch": 6},
+     "--pipeline_microbatches: the circular schedule feeds micro-batches in groups of pp=4; 6 is not"),
+    ("pp=2", {"virtual_stages": 2}, "--virtual_stages: 2 virtual stages need --pipeline_schedule circular"),
+    ("pp=2", {"pipeline_schedule": "zb"}, "--pipeline_schedule: unknown schedule 'zb'; choose one of gpipe, circular, 1f1b"),
+    ("dp=1", {"pipeline_microbatches": 4}, "--pipeline_microbatches: applies to pipelines only"),
+])
+def test_bad_pipelines_name_the_knob(mesh, kwargs, message):
+    run = make_run(mesh, global_batch=kwargs.pop("global_batch", 8), **kwargs)
+    with pytest.raises(InvalidLayout) as error:
+        validate(run, run.layout.num_devices)
+    assert message in str(error.value)
