@@ -1,0 +1,185 @@
+"""Predict the best layouts for a model on G GPUs, explain one layout, or validate the model.
+
+    python -m jaxlayouts.plan --model llama-65b --gpus 128 --seq_len 2048 --global_batch 2048 --hardware a100-80gb
+    python -m jaxlayouts.plan ... --explain "dp=4,tp=8,pp=4 mbs=1 remat=none attn=pallas norm=pallas"
+    python -m jaxlayouts.plan ... --verify 3      # ahead-of-time compile of the top 3 (explore)
+    python -m jaxlayouts.plan validate ../shared/paper-data/calibration_runs.csv --hardware a100-80gb [--fit]
+
+The layout space: tp (inside a node) x pp x data axis (dp with ZeRO-0, or fsdp with ZeRO-1/2/3),
+micro-batch, sequence parallelism, remat, attention and norm kernels, pipeline schedule. Every
+candidate passes the same validation as the bench, is scored by ``plan/cost.py`` and ranked by
+predicted MFU among those predicted to fit. With ``--json`` the last stdout line is one object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import sys
+import time
+
+from absl import app, flags
+
+from jaxlayouts.layout import InvalidLayout, Layout, RunConfig, load_model_config, validate
+from jaxlayouts.plan import cost
+from jaxlayouts.plan.hardware import load_hardware, save_calibration
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "llama-13b", "Model config name or YAML path.")
+flags.DEFINE_integer("gpus", 64, "Number of GPUs.")
+flags.DEFINE_integer("seq_len", 2048, "Tokens per sequence.")
+flags.DEFINE_integer("global_batch", 2048, "Sequences per optimizer step.")
+flags.DEFINE_string("hardware", "a100-80gb", "Hardware description under configs/hardware/ or a YAML path.")
+flags.DEFINE_integer("top", 10, "How many layouts to print.")
+flags.DEFINE_string("explain", None, "Explain one layout (its text form) instead of ranking.")
+flags.DEFINE_integer("verify", 0, "Ahead-of-time compile the top N layouts on emulated devices (explore).")
+flags.DEFINE_bool("json", False, "Print one JSON object (last stdout line).")
+flags.DEFINE_bool("fit", False, "validate: re-fit the calibration constants on the file and save them.")
+
+MICRO_BATCHES = (1, 2, 4, 8)
+REMATS = ("none", "selective", "full")
+KERNELS = (("xla", "xla"), ("pallas", "xla"), ("pallas", "pallas"))
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def candidates(model, gpus: int, seq_len: int, global_batch: int, gpus_per_node: int):
+    """Every valid layout of the space (see the module docstring) as RunConfigs."""
+    for tp, pp in itertools.product(_divisors(min(gpus, gpus_per_node)), _divisors(gpus)):
+        data = gpus // (tp * pp) if gpus % (tp * pp) == 0 else 0
+        if not data:
+            continue
+        meshes = [({"dp": data, "tp": tp, "pp": pp}, 0)]
+        if data > 1:
+            meshes += [({"fsdp": data, "tp": tp, "pp": pp}, zero) for zero in (1, 2, 3)]
+        schedules = [("1f1b", 1)] if pp == 1 else [("1f1b", 1), ("gpipe", 1), ("circular", 2)]
+        for (mesh, zero), mbs, sp, remat, (attn, norm), (schedule, v) in itertools.product(
+                meshes, MICRO_BATCHES, (False, True), REMATS, KERNELS, schedules):
+            layout = Layout(mesh=mesh, micro_batch=mbs, zero=zero, sequence_parallel=sp, remat=remat,
+                            attention=attn, norm=norm, pipeline_schedule=schedule, virtual_stages=v)
+            run = RunConfig(model=model, layout=layout, seq_len=seq_len, global_batch=global_batch)
+            try:
+                validate(run, gpus, platform="gpu")
+            except InvalidLayout:
+                continue
+            yield run
+
+
+def row(run: RunConfig, prediction: cost.Prediction) -> dict:
+    gib = lambda b: b / 2 ** 30
+    return {"layout": str(run.layout), "predicted": True, "mfu": prediction.mfu,
+            "step_time_s": prediction.step_time_s, "fits": prediction.fits,
+            "memory_gib": {k: gib(v) for k, v in prediction.memory_bytes.items()},
+            "time_s": prediction.time_s, "dominant": prediction.dominant}
+
+
+def rank(runs, hw) -> list[dict]:
+    rows = [row(run, cost.predict(cost.Workload.from_run(run), hw)) for run in runs]
+    return sorted(rows, key=lambda r: (not r["fits"], -r["mfu"]))
+
+
+def explain(run: RunConfig, hw) -> str:
+    p = cost.predict(cost.Workload.from_run(run), hw)
+    lines = [f"{run.layout} on {run.layout.num_devices} x {hw.name}: predicted MFU {p.mfu:.1%}, "
+             f"step {p.step_time_s:.2f} s", "time per step:"]
+    lines += [f"  {k:<16} {v:8.3f} s  {v / p.step_time_s:6.1%}" for k, v in sorted(p.time_s.items(), key=lambda kv: -kv[1])]
+    lines.append(f"memory per GPU ({'fits' if p.fits else 'DOES NOT FIT'} in {hw.hbm_bytes / 2**30:.0f} GiB):")
+    lines += [f"  {k:<16} {v / 2**30:8.2f} GiB" for k, v in p.memory_bytes.items()]
+    return "\n".join(lines)
+
+
+def validate_command(path: str, hw, as_json: bool):
+    from jaxlayouts.plan.validate import evaluate, fit, read_rows
+    rows = read_rows(path)
+    if FLAGS.fit:
+        hw = fit(rows, hw)
+        saved = save_calibration(hw.name, hw.calibration, f"Fitted by: python -m jaxlayouts.plan validate "
+                                 f"{path} --hardware {hw.name} --fit\n({len(rows)} rows ok/oom; coordinate "
+                                 "descent, see jaxlayouts/plan/validate.py)")
+        print(f"saved {saved}")
+    result = evaluate(rows, hw)
+    result["calibration"] = dataclasses.asdict(hw.calibration)
+    result["calibration_source"] = hw.calibration_source
+    if not as_json:
+        print(f"{result['rows']} rows; OOM accuracy {result['oom_accuracy']:.1%}; MFU error (MAPE) "
+              f"{result['mfu_mape']:.1%} on measured-ok rows; calibration {hw.calibration_source}")
+        print(f"{'sweep':<62} {'spearman':>8} {'best measured':>13} {'top-ranked measured':>19}")
+        for name, s in result["sweeps"].items():
+            top = s["measured_mfu_of_top_ranked"]
+            print(f"{name:<62} {s['spearman']:8.3f} {s['best_measured_mfu']:13.1%} "
+                  f"{(f'{top:.1%}' if top is not None else s['top_ranked_status']):>19}")
+    print(json.dumps(result))
+
+
+def main(argv):
+    try:
+        hw = load_hardware(FLAGS.hardware)
+        if len(argv) > 1:
+            if argv[1] != "validate" or len(argv) != 3:
+                raise InvalidLayout("command", f"unknown arguments {argv[1:]}; the one subcommand is "
+                                    "'validate FILE.csv'")
+            return validate_command(argv[2], hw, FLAGS.json)
+        model = load_model_config(FLAGS.model)
+        if FLAGS.explain:
+            layout = Layout.parse(FLAGS.explain)
+            run = RunConfig(model=model, layout=layout, seq_len=FLAGS.seq_len, global_batch=FLAGS.global_batch)
+            validate(run, layout.num_devices, platform="gpu")
+            text = explain(run, hw)
+            if FLAGS.json:
+                print(json.dumps(row(run, cost.predict(cost.Workload.from_run(run), hw))))
+            else:
+                print(text)
+            return
+    except (InvalidLayout, FileNotFoundError) as error:
+        print(f"invalid: {error}", file=sys.stderr)
+        sys.exit(2)
+    start = time.perf_counter()
+    runs = list(candidates(model, FLAGS.gpus, FLAGS.seq_len, FLAGS.global_batch, hw.gpus_per_node))
+    if not runs:
+        print(f"invalid: --gpus: no valid layout of {model.name} on {FLAGS.gpus} GPUs with global batch "
+              f"{FLAGS.global_batch}", file=sys.stderr)
+        sys.exit(2)
+    ranked = rank(runs, hw)
+    elapsed = time.perf_counter() - start
+    top = ranked[:FLAGS.top]
+    if FLAGS.verify:
+        top = verify(top, runs, FLAGS.verify)
+    if not FLAGS.json:
+        print(f"{len(ranked)} layouts of {model.name} on {FLAGS.gpus} x {hw.name} ranked in {elapsed:.1f} s "
+              f"(predicted; calibration {hw.calibration_source})")
+        print(f"{'#':>3} {'layout':<96} {'MFU':>6} {'step s':>8} {'GiB/GPU':>8}  dominant terms")
+        for i, r in enumerate(top, 1):
+            flag = "" if r["fits"] else "  (does not fit)"
+            print(f"{i:>3} {r['layout']:<96} {r['mfu']:6.1%} {r['step_time_s']:8.2f} "
+                  f"{r['memory_gib']['total']:8.1f}  {', '.join(r['dominant'])}{flag}")
+            if "compiled" in r:
+                print(f"    compiled (XLA, CPU emulation): {r['compiled']['peak_gib']:.1f} GiB peak per device "
+                      f"(analytic without runtime overhead {r['compiled']['analytic_gib']:.1f}), "
+                      f"{r['compiled']['collective_gib_per_step']:.1f} GiB of collectives per step")
+    print(json.dumps({"model": model.name, "gpus": FLAGS.gpus, "hardware": hw.name,
+                      "candidates": len(ranked), "seconds": elapsed, "top": top}))
+
+
+def verify(top: list[dict], runs: list[RunConfig], count: int) -> list[dict]:
+    """Ahead-of-time compile the first ``count`` layouts on emulated CPU devices."""
+    import os
+
+    from jaxlayouts import devices
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    devices.request_host_devices(FLAGS.gpus)
+    from jaxlayouts.explore import explore
+    by_text = {str(r.layout): r for r in runs}
+    for r in top[:count]:
+        report = explore(by_text[r["layout"]], FLAGS.hardware)
+        compiled, analytic = report["memory"]["compiled"], report["memory"]["analytic"]
+        r["compiled"] = {"peak_gib": compiled["peak"] / 2**30,
+                         "analytic_gib": (analytic["total"] - analytic["overhead"]) / 2**30,
+                         "collective_gib_per_step": sum(c["bytes"] * c["count"] for c in report["collectives"]) / 2**30}
+    return top
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,155 @@
+"""Explore, the cost model and the planner: against the compiler, against the study, as CLIs."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from conftest import clean_env, make_run
+
+from jaxlayouts.layout import InvalidLayout, load_model_config
+from jaxlayouts.plan import cost
+from jaxlayouts.plan.hardware import hardware_names, load_hardware
+
+STUDY_CSV = pathlib.Path(__file__).resolve().parents[2] / "shared" / "paper-data" / "calibration_runs.csv"
+
+
+def run_module(*args, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+                          env=clean_env())
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "null"
+    return proc, json.loads(last) if last.startswith("{") else None
+
+
+def test_hardware_descriptions_load_with_numbers():
+    assert {"a100-80gb", "h100-80gb", "h200"} <= set(hardware_names())
+    a100, h200 = load_hardware("a100-80gb"), load_hardware("h200")
+    assert a100.peak_tflops == 312 and a100.gpus_per_node == 8 and isinstance(a100.inter_node_bandwidth, float)
+    assert h200.hbm_bytes > a100.hbm_bytes and h200.peak_tflops > a100.peak_tflops
+    assert a100.calibration_source == "a100-80gb.calibration.yaml"
+    with pytest.raises(InvalidLayout, match="--hardware: unknown hardware 'tpu'"):
+        load_hardware("tpu")
+
+
+def workload(**changes):
+    base = dict(model=load_model_config("llama-13b"), seq_len=2048, global_batch=2048, data_parallel=16,
+                tp=4, pp=1, micro_batch=1, attention="flash2", zero=1)
+    return cost.Workload(**{**base, **changes})
+
+
+def test_cost_model_moves_the_right_way():
+    hw = load_hardware("a100-80gb")
+    p = lambda **c: cost.predict(workload(**c), hw)
+    assert p(remat="full").step_time_s > p().step_time_s                       # recomputation costs time
+    assert p(remat="full").memory_bytes["activations"] < p().memory_bytes["activations"]
+    assert p(fused_norm=True).step_time_s < p().step_time_s                    # fused RMSNorm saves time
+    assert p(attention="unfused").step_time_s > p().step_time_s
+    assert p(attention="unfused").memory_bytes["activations"] > p().memory_bytes["activations"]
+    assert p(tp=8, data_parallel=8).time_s["tensor_parallel"] > p().time_s["tensor_parallel"]
+    assert p(zero=3).memory_bytes["total"] < p(zero=1).memory_bytes["total"] < p(zero=0).memory_bytes["total"]
+    assert p(zero=3).time_s["data_parallel"] > p(zero=1).time_s["data_parallel"]
+    # 1F1B keeps at most P micro-batches in flight; GPipe all of them.
+    one_f = [p(tp=2, pp=4, data_parallel=8, global_batch=g).memory_bytes["activations"] for g in (256, 1024)]
+    gpipe = [p(tp=2, pp=4, data_parallel=8, global_batch=g, schedule="gpipe").memory_bytes["activations"]
+             for g in (256, 1024)]
+    assert one_f[0] == one_f[1] and gpipe[1] > 3 * gpipe[0]
+    assert p(tp=2, pp=4, data_parallel=8).time_s["bubble"] > 0 == p().time_s["bubble"]
+
+
+CROSS_CHECK = [("dp=2,tp=2", {}), ("dp=2,tp=2", {"sequence_parallel": True}), ("fsdp=4", {"zero": 1}),
+               ("fsdp=4", {"zero": 3}), ("fsdp=2,tp=2", {"zero": 2}), ("dp=2,pp=2", {}),
+               ("tp=2,pp=2", {"remat": "full"})]
+
+
+@pytest.mark.parametrize("mesh, kwargs", CROSS_CHECK, ids=[f"{m} {k}" for m, k in CROSS_CHECK])
+def test_cost_model_agrees_with_the_compiled_step(devices, mesh, kwargs):
+    """Collective bytes per step by axis family within 10% of the compiled HLO's; memory within
+    25% of XLA's memory analysis (see the README for the layouts outside these bounds)."""
+    from jaxlayouts.analysis import hlo
+    from jaxlayouts.mesh import build_mesh
+    from jaxlayouts.train import Trainer
+
+    run = make_run(mesh, seq_len=64, global_batch=8, **kwargs)
+    trainer = Trainer(run, build_mesh(run.layout, devices[:run.layout.num_devices]))
+    compiled = trainer.lower().compile()
+    measured = {"tp": 0, "data": 0, "pp": 0}
+    for c in hlo.collectives(compiled.as_text(), dict(trainer.mesh.shape)):
+        family = {("tp",): "tp", ("pp",): "pp", ("dp",): "data", ("fsdp",): "data"}.get(c.axes)
+        if family:
+            measured[family] += c.bytes * c.executions
+    w = cost.Workload.from_run(run)
+    predicted = cost.collective_bytes(w)
+    checked = {"tp", "data", "pp"} - ({"tp"} if run.layout.mesh["pp"] > 1 else set()) \
+        - ({"data"} if run.layout.sequence_parallel else set())
+    for family in checked:
+        assert predicted[family] == pytest.approx(measured[family], rel=0.10, abs=1), family
+    analysis = compiled.memory_analysis()
+    peak = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+            + analysis.temp_size_in_bytes)
+    memory = cost.memory(w, load_hardware("a100-80gb"))
+    if run.layout.zero == 0:
+        assert memory["total"] - memory["overhead"] == pytest.approx(peak, rel=0.25)
+
+
+def test_validation_on_a_small_file(tmp_path):
+    rows = ["sweep,model,seq_len,world_size,micro_batch_size,tp,pp,sequence_parallel,"
+            "activation_checkpointing,kernel,status,step_time_s,mfu,tflops_megatron"]
+    rows += [f"s,13B,2048,64,1,{tp},1,False,disabled,flash_attention2+rms_kernel,ok,1,{mfu},1"
+             for tp, mfu in ((1, 0.70), (2, 0.62), (4, 0.55), (8, 0.40))]
+    rows += ["s,13B,2048,64,8,1,1,False,disabled,torch,oom,,,"]
+    path = tmp_path / "runs.csv"
+    path.write_text("\n".join(rows) + "\n")
+    proc, result = run_module("jaxlayouts.plan", "validate", str(path), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result["rows"] == 5 and 0 <= result["oom_accuracy"] <= 1 and result["mfu_mape"] >= 0
+    sweep = result["sweeps"]["s"]
+    assert sweep["best_measured_mfu"] == 0.70
+    assert -1 <= sweep["spearman"] <= 1 and sweep["ok_rows"] == 4
+    assert sweep["measured_mfu_of_top_ranked"] in (0.70, 0.62, 0.55, 0.40)
+    assert sweep["top_ranked"].startswith("tp=")
+
+
+@pytest.mark.skipif(not STUDY_CSV.is_file(), reason="the reference study's data is not beside this checkout")
+def test_validation_against_the_study_meets_its_targets():
+    from jaxlayouts.plan.validate import evaluate, read_rows
+    result = evaluate(read_rows(str(STUDY_CSV)), load_hardware("a100-80gb"))
+    assert result["rows"] == 639
+    assert result["oom_accuracy"] >= 0.90
+    assert result["mfu_mape"] <= 0.10
+    assert sum(s["spearman"] >= 0.75 for s in result["sweeps"].values()) == len(result["sweeps"])
+
+
+def test_plan_ranks_a_65b_grid_in_seconds():
+    proc, result = run_module("jaxlayouts.plan", "--model", "llama-65b", "--gpus", "128", "--seq_len", "2048",
+                              "--global_batch", "2048", "--hardware", "a100-80gb", "--json", "--top", "5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert result["candidates"] > 1000 and result["seconds"] < 30
+    top = result["top"]
+    assert all(r["fits"] for r in top) and [r["mfu"] for r in top] == sorted((r["mfu"] for r in top), reverse=True)
+    assert all(r["predicted"] and r["memory_gib"]["total"] <= 80 for r in top)
+
+
+def test_plan_explains_a_layout_and_rejects_bad_input():
+    layout = "dp=4,fsdp=1,tp=8,pp=4 mbs=1 zero=0 sp=1 remat=full attn=pallas norm=pallas pipe=1f1b vstages=1"
+    proc, _ = run_module("jaxlayouts.plan", "--model", "llama-65b", "--explain", layout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "predicted MFU" in proc.stdout and "bubble" in proc.stdout and "activations" in proc.stdout
+    proc, _ = run_module("jaxlayouts.plan", "--hardware", "v100")
+    assert proc.returncode == 2 and "--hardware: unknown hardware 'v100'" in proc.stderr
+    proc, _ = run_module("jaxlayouts.plan", "--model", "llama-65b", "--explain", "tp=3,pp=4")
+    assert proc.returncode == 2 and "--mesh" in proc.stderr
+
+
+def test_explore_reports_shardings_memory_and_collectives():
+    proc, report = run_module("jaxlayouts.explore", "--mesh", "dp=2,tp=2,pp=2", "--dtype", "float32", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    params = {p["name"]: p for p in report["params"]}
+    assert params["layers/mlp/w1"]["spec"] == "P('pp', None, 'tp')"
+    assert params["layers/mlp/w1"]["logical_axes"] == ["layers", "embed", "mlp"]
+    assert params["layers/mlp/w1"]["bytes_per_device"] == 4 * 128 * 384 * 4 // 4  # 4 layers / pp / tp
+    assert set(report["memory"]) == {"compiled", "analytic"}
+    assert report["memory"]["compiled"]["peak"] > report["memory"]["compiled"]["parameters"] > 0
+    kinds = {(c["kind"], tuple(c["axes"])) for c in report["collectives"]}
+    assert ("collective-permute", ("pp",)) in kinds and ("all-reduce", ("tp",)) in kinds
+    assert report["model_flops_per_step"] == 5708544 * 32 * 256
