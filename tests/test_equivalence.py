@@ -105,10 +105,9 @@ def test_remat_policies_order_activation_memory(devices):
     assert set(POLICIES) == set(REMAT_CHOICES)
     model = dataclasses.replace(load_model_config("tiny"), num_layers=8, d_ff=1024, vocab_size=64)
     temp = {}
-    for remat in ("none", "dots", "selective", "save_all_but_ffn", "full"):
+    for remat in ("none", "selective", "save_all_but_ffn", "full"):
         run = dataclasses.replace(make_run("dp=1", seq_len=64, global_batch=16, remat=remat), model=model)
         compiled = Trainer(run, build_mesh(run.layout, devices[:1])).lower().compile()
         temp[remat] = compiled.memory_analysis().temp_size_in_bytes
-    assert temp["none"] > temp["dots"] > temp["full"]
     assert temp["none"] > temp["save_all_but_ffn"] > temp["selective"] > temp["full"]
     assert temp["none"] > 1.3 * temp["full"]

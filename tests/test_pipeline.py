@@ -53,7 +53,6 @@ def test_stash_sizes_show_each_schedules_memory():
 
 
 LAYOUTS = [
-    ("pp=2", {"pipeline_schedule": "gpipe"}),
     ("pp=4", {"pipeline_schedule": "1f1b"}),
     ("dp=2,pp=2", {"pipeline_schedule": "circular", "virtual_stages": 2}),
     ("dp=2,tp=2,pp=2", {"sequence_parallel": True, "remat": "full"}),
@@ -127,20 +126,20 @@ def test_collective_permutes_along_pp_and_parameters_split_over_stages(devices):
 
 
 def test_1f1b_activation_memory_stops_growing_with_micro_batches(devices):
-    """XLA's compiled temp memory: flat for 1F1B from M=4 to M=32 micro-batches, while GPipe's
+    """XLA's compiled temp memory: flat for 1F1B from M=4 to M=16 micro-batches, while GPipe's
     grows with every stashed stage input."""
     from jaxlayouts.mesh import build_mesh
     from jaxlayouts.train import Trainer
 
     def temp(schedule, microbatches):
-        run = make_run("pp=2", seq_len=128, global_batch=microbatches, pipeline_schedule=schedule)
+        run = make_run("pp=2", seq_len=64, global_batch=microbatches, pipeline_schedule=schedule)
         compiled = Trainer(run, build_mesh(run.layout, devices[:2])).lower().compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
-    activation = 128 * 128 * 4  # one micro-batch's stage input: 1 x seq_len x d_model float32
-    growth = {s: temp(s, 32) - temp(s, 4) for s in ("1f1b", "gpipe")}
+    activation = 64 * 128 * 4  # one micro-batch's stage input: 1 x seq_len x d_model float32
+    growth = {s: temp(s, 16) - temp(s, 4) for s in ("1f1b", "gpipe")}
     assert growth["1f1b"] < 2 * activation
-    assert growth["gpipe"] > 20 * activation
+    assert growth["gpipe"] > 10 * activation  # 12 more stashed inputs
 
 
 def test_checkpoint_restores_across_pipeline_layer_orders(devices, tmp_path):

@@ -57,7 +57,7 @@ def test_cost_model_moves_the_right_way():
     assert p(tp=2, pp=4, data_parallel=8).time_s["bubble"] > 0 == p().time_s["bubble"]
 
 
-CROSS_CHECK = [("dp=2,tp=2", {}), ("dp=2,tp=2", {"sequence_parallel": True}), ("fsdp=4", {"zero": 1}),
+CROSS_CHECK = [("dp=2,tp=2", {}), ("fsdp=4", {"zero": 1}),
                ("fsdp=4", {"zero": 3}), ("fsdp=2,tp=2", {"zero": 2}), ("dp=2,pp=2", {}),
                ("tp=2,pp=2", {"remat": "full"})]
 
@@ -152,4 +152,4 @@ def test_explore_reports_shardings_memory_and_collectives():
     assert report["memory"]["compiled"]["peak"] > report["memory"]["compiled"]["parameters"] > 0
     kinds = {(c["kind"], tuple(c["axes"])) for c in report["collectives"]}
     assert ("collective-permute", ("pp",)) in kinds and ("all-reduce", ("tp",)) in kinds
-    assert report["model_flops_per_step"] == 5708544 * 32 * 256
+    assert report["model_flops_per_step"] == 7084800 * 32 * 256  # 6N + 12 L d T per token at T = 256
