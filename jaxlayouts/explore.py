@@ -23,12 +23,10 @@ import sys
 
 from absl import app, flags
 
-from jaxlayouts import bench, devices
+from jaxlayouts import devices
 from jaxlayouts.layout import InvalidLayout, RunConfig, parse_mesh, validate
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("json", False, "Print only the report as one JSON object (last stdout line).")
-flags.DEFINE_string("hardware", "a100-80gb", "Hardware for the analytic memory model (configs/hardware/).")
 
 
 def parameter_table(trainer) -> list[dict]:
@@ -126,6 +124,7 @@ def print_report(report: dict) -> None:
 
 
 def main(argv):
+    from jaxlayouts import bench
     values = {name: FLAGS[name].value for name in bench.FLAG_NAMES}
     try:
         count = values["num_devices"] or math.prod(parse_mesh(values["mesh"]).values())
@@ -145,4 +144,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # The CLI takes the bench's flags plus its own; importing this module as a library (as the
+    # planner's --verify does) defines none.
+    from jaxlayouts import bench  # noqa: F401  (defines the bench's flags)
+    flags.DEFINE_bool("json", False, "Print only the report as one JSON object (last stdout line).")
+    flags.DEFINE_string("hardware", "a100-80gb", "Hardware for the analytic memory model (configs/hardware/).")
     app.run(main)

@@ -130,6 +130,15 @@ def test_plan_ranks_a_65b_grid_in_seconds():
     assert all(r["predicted"] and r["memory_gib"]["total"] <= 80 for r in top)
 
 
+def test_plan_verifies_its_top_layout_by_compiling_it():
+    proc, result = run_module("jaxlayouts.plan", "--model", "tiny", "--gpus", "8", "--seq_len", "256",
+                              "--global_batch", "32", "--top", "2", "--verify", "1", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, second = result["top"]
+    assert first["compiled"]["peak_gib"] > 0 and first["compiled"]["collective_gib_per_step"] > 0
+    assert "compiled" not in second
+
+
 def test_plan_explains_a_layout_and_rejects_bad_input():
     layout = "dp=4,fsdp=1,tp=8,pp=4 mbs=1 zero=0 sp=1 remat=full attn=pallas norm=pallas pipe=1f1b vstages=1"
     proc, _ = run_module("jaxlayouts.plan", "--model", "llama-65b", "--explain", layout)

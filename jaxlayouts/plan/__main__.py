@@ -156,9 +156,9 @@ def main(argv):
             print(f"{i:>3} {r['layout']:<96} {r['mfu']:6.1%} {r['step_time_s']:8.2f} "
                   f"{r['memory_gib']['total']:8.1f}  {', '.join(r['dominant'])}{flag}")
             if "compiled" in r:
-                print(f"    compiled (XLA, CPU emulation): {r['compiled']['peak_gib']:.1f} GiB peak per device "
-                      f"(analytic without runtime overhead {r['compiled']['analytic_gib']:.1f}), "
-                      f"{r['compiled']['collective_gib_per_step']:.1f} GiB of collectives per step")
+                print(f"    compiled (XLA, CPU emulation): {r['compiled']['peak_gib']:.3f} GiB peak per device "
+                      f"(analytic without runtime overhead {r['compiled']['analytic_gib']:.3f}), "
+                      f"{r['compiled']['collective_gib_per_step']:.3f} GiB of collectives per step")
     print(json.dumps({"model": model.name, "gpus": FLAGS.gpus, "hardware": hw.name,
                       "candidates": len(ranked), "seconds": elapsed, "top": top}))
 
