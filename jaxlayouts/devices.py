@@ -36,3 +36,13 @@ def request_host_devices(count: int) -> int | None:
         raise RuntimeError("request_host_devices must run before JAX is imported")
     os.environ["XLA_FLAGS"] = f"{flags} {_COUNT_FLAG}={count}".strip()
     return count
+
+
+def emulate_cluster(count: int) -> None:
+    """``count`` emulated CPU devices whatever this machine has (explore and plan --verify look at
+    a cluster without it); must run before JAX is imported."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:
+        raise RuntimeError("emulate_cluster must run before JAX is imported")
+    os.environ["XLA_FLAGS"] = (re.sub(_COUNT_FLAG + r"=\d+", "", os.environ.get("XLA_FLAGS", ""))
+                               + f" {_COUNT_FLAG}={count}").strip()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 
 from absl import app, flags
@@ -130,8 +129,7 @@ def main(argv):
         count = values["num_devices"] or math.prod(parse_mesh(values["mesh"]).values())
         if count < 1:
             raise InvalidLayout("mesh", f"{values['mesh']}: -1 needs --num_devices (the cluster size)")
-        os.environ["JAX_PLATFORMS"] = "cpu"  # the cluster is emulated, whatever this machine has
-        devices.request_host_devices(count)  # before JAX is imported
+        devices.emulate_cluster(count)
         run, _ = bench.run_config(values, count)
         validate(run, count)
     except InvalidLayout as error:

@@ -46,6 +46,33 @@ def make_run(mesh: str, *, seq_len=SEQ_LEN, global_batch=GLOBAL_BATCH, dtype="fl
                      seq_len=seq_len, global_batch=global_batch, dtype=dtype)
 
 
+def train_losses(devices, mesh: str, steps: int = 3, **kwargs):
+    """Per-step losses of ``steps`` training steps under a layout, in process."""
+    import numpy as np
+
+    from jaxlayouts.bench import benchmark
+    run = make_run(mesh, **kwargs)
+    result = benchmark(run, steps=steps, warmup=0, devices=devices[:run.layout.num_devices], log=lambda _: None)
+    return np.array(result["losses"])
+
+
+def step_gradients(devices, mesh: str, **layout):
+    """The first step's gradients (leaves) and per-micro-batch losses under a layout."""
+    import numpy as np
+
+    from jaxlayouts.data import device_batch, global_batch_tokens
+    from jaxlayouts.mesh import build_mesh
+    from jaxlayouts.train import BATCH_SPEC, Trainer
+
+    run = make_run(mesh, global_batch=16, **layout)
+    device_mesh = build_mesh(run.layout, devices[:run.layout.num_devices])
+    trainer = Trainer(run, device_mesh)
+    tokens = global_batch_tokens(0, 0, run.global_batch, run.seq_len, run.model.vocab_size)
+    batch = device_batch(tokens, run.grad_accum_steps, device_mesh, BATCH_SPEC)
+    grads, losses = jax.jit(trainer.gradients)(trainer.init_state().params, batch)
+    return jax.tree.leaves(grads), np.asarray(losses)
+
+
 @pytest.fixture(scope="session")
 def devices():
     assert len(jax.devices()) == 8, "tests expect 8 emulated CPU devices"

@@ -2,18 +2,9 @@
 
 import numpy as np
 import pytest
-from conftest import make_run
+from conftest import make_run, step_gradients, train_losses as losses
 
 from jaxlayouts.bench import benchmark
-
-STEPS = 3
-
-
-def losses(devices, mesh, **kwargs):
-    run = make_run(mesh, **kwargs)
-    result = benchmark(run, steps=STEPS, warmup=0, devices=devices[:run.layout.num_devices],
-                       log=lambda _: None)
-    return np.array(result["losses"])
 
 
 @pytest.fixture(scope="module")
@@ -59,31 +50,16 @@ GRADIENT_LAYOUTS = [("dp=8", {}), ("fsdp=8", {"zero": 1}), ("fsdp=4,tp=2", {"zer
                     ("dp=2,fsdp=2,tp=2", {"zero": 3, "sequence_parallel": True})]
 
 
-def gradients(devices, mesh_text, **layout):
-    import jax
-
-    from jaxlayouts.data import device_batch, global_batch_tokens
-    from jaxlayouts.mesh import build_mesh
-    from jaxlayouts.train import BATCH_SPEC, Trainer
-
-    run = make_run(mesh_text, global_batch=16, **layout)
-    device_mesh = build_mesh(run.layout, devices[:run.layout.num_devices])
-    trainer = Trainer(run, device_mesh)
-    tokens = global_batch_tokens(0, 0, run.global_batch, run.seq_len, run.model.vocab_size)
-    batch = device_batch(tokens, run.grad_accum_steps, device_mesh, BATCH_SPEC)
-    return jax.tree.leaves(jax.jit(trainer.gradients)(trainer.init_state().params, batch)[0])
-
-
 @pytest.fixture(scope="module")
 def reference_gradients(devices):
-    return gradients(devices, "dp=1")
+    return step_gradients(devices, "dp=1")[0]
 
 
 @pytest.mark.parametrize("mesh, kwargs", GRADIENT_LAYOUTS, ids=[f"{m} {k}" for m, k in GRADIENT_LAYOUTS])
 def test_gradients_match_single_device(devices, reference_gradients, mesh, kwargs):
     """Adam is nearly invariant to the gradient's scale, so equal losses alone would not catch a
     gradient reduced with the wrong factor: compare the gradients themselves."""
-    for expected, got in zip(reference_gradients, gradients(devices, mesh, **kwargs)):
+    for expected, got in zip(reference_gradients, step_gradients(devices, mesh, **kwargs)[0]):
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=2e-4, atol=1e-7)
 
 

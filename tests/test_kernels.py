@@ -132,8 +132,14 @@ def test_kernel_benchmark_reports_every_implementation(tmp_path):
     assert "| 64 | 4x2x64 | pallas |" in markdown.read_text()
 
 
-def test_kernel_benchmark_rejects_unknown_implementation():
-    proc = subprocess.run([sys.executable, "-m", "jaxlayouts.kernels.bench", "--attention", "flash3"],
+@pytest.mark.parametrize("args, message", [
+    (["--attention", "flash3"], "--attention: unknown ['flash3']"),
+    (["--seq_lens", "2k"], "--seq_lens: 2k; give positive integers"),
+    (["--iters", "0"], "--iters: 0; must be at least 1"),
+    (["--heads", "6", "--kv_heads", "4"], "--kv_heads: 4 must divide --heads 6"),
+])
+def test_kernel_benchmark_rejects_bad_input(args, message):
+    proc = subprocess.run([sys.executable, "-m", "jaxlayouts.kernels.bench", *args],
                           capture_output=True, text=True, timeout=120, env=clean_env())
     assert proc.returncode == 2
-    assert "--attention: unknown ['flash3']" in proc.stderr
+    assert message in proc.stderr

@@ -2,19 +2,11 @@
 
 import numpy as np
 import pytest
-from conftest import make_run
+from conftest import make_run, step_gradients as gradients, train_losses as losses
 
 from jaxlayouts.bench import benchmark
 from jaxlayouts.layout import InvalidLayout, validate
 from jaxlayouts.parallel.schedule import BACKWARD, FORWARD, bubble_fraction, build
-
-STEPS = 3
-
-
-def losses(devices, mesh, steps=STEPS, **kwargs):
-    run = make_run(mesh, **kwargs)
-    result = benchmark(run, steps=steps, warmup=0, devices=devices[:run.layout.num_devices], log=lambda _: None)
-    return np.array(result["losses"])
 
 
 @pytest.fixture(scope="module")
@@ -65,22 +57,6 @@ LAYOUTS = [
 @pytest.mark.parametrize("mesh, kwargs", LAYOUTS, ids=[f"{m} {k}" for m, k in LAYOUTS])
 def test_pipelined_losses_match_single_device(devices, reference, mesh, kwargs):
     np.testing.assert_allclose(losses(devices, mesh, **kwargs), reference, rtol=1e-5)
-
-
-def gradients(devices, mesh_text, **layout):
-    import jax
-
-    from jaxlayouts.data import device_batch, global_batch_tokens
-    from jaxlayouts.mesh import build_mesh
-    from jaxlayouts.train import BATCH_SPEC, Trainer
-
-    run = make_run(mesh_text, global_batch=16, **layout)
-    device_mesh = build_mesh(run.layout, devices[:run.layout.num_devices])
-    trainer = Trainer(run, device_mesh)
-    tokens = global_batch_tokens(0, 0, run.global_batch, run.seq_len, run.model.vocab_size)
-    batch = device_batch(tokens, run.grad_accum_steps, device_mesh, BATCH_SPEC)
-    grads, step_losses = jax.jit(trainer.gradients)(trainer.init_state().params, batch)
-    return jax.tree.leaves(grads), np.asarray(step_losses)
 
 
 @pytest.mark.parametrize("mesh, kwargs", [("dp=2,pp=2", {}), ("fsdp=2,tp=2,pp=2", {"zero": 1})])

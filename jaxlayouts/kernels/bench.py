@@ -195,8 +195,21 @@ def main(argv):
         if unknown:
             print(f"--{knob}: unknown {unknown}; choose from {', '.join(known)}", file=sys.stderr)
             sys.exit(2)
+    problems = []
     if FLAGS.dtype not in ("bfloat16", "float32"):
-        print(f"--dtype: {FLAGS.dtype!r}; choose bfloat16 or float32", file=sys.stderr)
+        problems.append(f"--dtype: {FLAGS.dtype!r}; choose bfloat16 or float32")
+    if FLAGS.seq_lens and not all(t.isdigit() and int(t) > 0 for t in FLAGS.seq_lens):
+        problems.append(f"--seq_lens: {','.join(FLAGS.seq_lens)}; give positive integers, e.g. 2048,4096")
+    for knob, least in (("iters", 1), ("warmup", 0), ("head_dim", 2), ("d_model", 1)):
+        if FLAGS[knob].value < least:
+            problems.append(f"--{knob}: {FLAGS[knob].value}; must be at least {least}")
+    for knob in ("tokens", "heads", "kv_heads", "norm_rows"):
+        if FLAGS[knob].value is not None and FLAGS[knob].value < 1:
+            problems.append(f"--{knob}: {FLAGS[knob].value}; must be a positive integer")
+    if FLAGS.heads and FLAGS.kv_heads and FLAGS.heads % FLAGS.kv_heads:
+        problems.append(f"--kv_heads: {FLAGS.kv_heads} must divide --heads {FLAGS.heads}")
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
         sys.exit(2)
     platform = jax.default_backend()
     header = {"device_kind": jax.devices()[0].device_kind, "platform": platform,

@@ -165,11 +165,8 @@ def main(argv):
 
 def verify(top: list[dict], runs: list[RunConfig], count: int) -> list[dict]:
     """Ahead-of-time compile the first ``count`` layouts on emulated CPU devices."""
-    import os
-
     from jaxlayouts import devices
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    devices.request_host_devices(FLAGS.gpus)
+    devices.emulate_cluster(FLAGS.gpus)
     from jaxlayouts.explore import explore
     by_text = {str(r.layout): r for r in runs}
     for r in top[:count]:
