@@ -72,17 +72,17 @@ def initialize(cluster: Cluster, *, cpu: bool, init_timeout_s: int = 120, heartb
                                heartbeat_timeout_seconds=heartbeat_timeout_s)
 
 
-def split_over_nodes(layout: Layout, num_nodes: int) -> tuple[dict, dict]:
-    """Per-axis (inside-node, across-node) degrees: node boundaries go to the axes of
-    ``ACROSS_NODES_PREFERENCE`` first. Raises if the mesh cannot be split evenly."""
+def split_over_nodes(mesh: dict, num_nodes: int) -> tuple[dict, dict]:
+    """Per-axis (inside-node, across-node) degrees of ``mesh`` (axis -> size): node boundaries go
+    to the axes of ``ACROSS_NODES_PREFERENCE`` first. Raises if it cannot be split evenly."""
     across = {axis: 1 for axis in MESH_AXES}
     remaining = num_nodes
     for axis in ACROSS_NODES_PREFERENCE:
-        share = math.gcd(layout.mesh[axis], remaining)
+        share = math.gcd(mesh[axis], remaining)
         across[axis], remaining = share, remaining // share
     if remaining != 1:
-        raise ValueError(f"cannot split {layout.mesh} over {num_nodes} processes evenly")
-    inside = {axis: layout.mesh[axis] // across[axis] for axis in MESH_AXES}
+        raise ValueError(f"cannot split {mesh} over {num_nodes} processes evenly")
+    inside = {axis: mesh[axis] // across[axis] for axis in MESH_AXES}
     return inside, across
 
 
@@ -92,14 +92,14 @@ def hybrid_devices(layout: Layout, devices) -> np.ndarray:
     from jax.experimental import mesh_utils
 
     processes = len({d.process_index for d in devices})
-    inside, across = split_over_nodes(layout, processes)
+    inside, across = split_over_nodes(layout.mesh, processes)
     return mesh_utils.create_hybrid_device_mesh(
         [inside[a] for a in MESH_AXES], [across[a] for a in MESH_AXES], devices, process_is_granule=True)
 
 
 def describe_topology(layout: Layout, num_nodes: int) -> str:
     """One line saying which axes stay inside a node and which cross nodes; warns when tp crosses."""
-    inside, across = split_over_nodes(layout, num_nodes)
+    inside, across = split_over_nodes(layout.mesh, num_nodes)
     parts = [f"{axis}={layout.mesh[axis]}" + (f" ({across[axis]} across x {inside[axis]} inside)"
                                               if across[axis] > 1 else "") for axis in MESH_AXES]
     text = f"mesh over {num_nodes} processes: " + ", ".join(parts)

@@ -55,6 +55,10 @@ def test_cost_model_moves_the_right_way():
              for g in (256, 1024)]
     assert one_f[0] == one_f[1] and gpipe[1] > 3 * gpipe[0]
     assert p(tp=2, pp=4, data_parallel=8).time_s["bubble"] > 0 == p().time_s["bubble"]
+    # Node placement: tp stays inside a node here; a ring with 8 GPUs on each node uses 8 NICs.
+    assert cost._per_node(workload(tp=8, pp=4, data_parallel=4), 8) == {"tp": 8, "data": 1, "pp": 1}
+    assert cost._per_node(workload(tp=1, data_parallel=64, framework="megatron"), 8)["data"] == 8
+    assert hw.link_bandwidth(64, 8) == 8 * hw.link_bandwidth(64, 1) < hw.link_bandwidth(8, 8)
 
 
 CROSS_CHECK = [("dp=2,tp=2", {}), ("fsdp=4", {"zero": 1}),
@@ -65,7 +69,8 @@ CROSS_CHECK = [("dp=2,tp=2", {}), ("fsdp=4", {"zero": 1}),
 @pytest.mark.parametrize("mesh, kwargs", CROSS_CHECK, ids=[f"{m} {k}" for m, k in CROSS_CHECK])
 def test_cost_model_agrees_with_the_compiled_step(devices, mesh, kwargs):
     """Collective bytes per step by axis family within 10% of the compiled HLO's; memory within
-    25% of XLA's memory analysis (see the README for the layouts outside these bounds)."""
+    25% of XLA's memory analysis. (ZeRO >= 1 comes out 11-17% under XLA:CPU's peak, which lowers
+    each reduce-scatter to a full-size all-reduce and a slice.)"""
     from jaxlayouts.analysis import hlo
     from jaxlayouts.mesh import build_mesh
     from jaxlayouts.train import Trainer
@@ -88,8 +93,7 @@ def test_cost_model_agrees_with_the_compiled_step(devices, mesh, kwargs):
     peak = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
             + analysis.temp_size_in_bytes)
     memory = cost.memory(w, load_hardware("a100-80gb"))
-    if run.layout.zero == 0:
-        assert memory["total"] - memory["overhead"] == pytest.approx(peak, rel=0.25)
+    assert memory["total"] - memory["overhead"] == pytest.approx(peak, rel=0.25)
 
 
 def test_validation_on_a_small_file(tmp_path):
@@ -117,7 +121,10 @@ def test_validation_against_the_study_meets_its_targets():
     assert result["rows"] == 639
     assert result["oom_accuracy"] >= 0.90
     assert result["mfu_mape"] <= 0.10
-    assert sum(s["spearman"] >= 0.75 for s in result["sweeps"].values()) == len(result["sweeps"])
+    sweeps = result["sweeps"].values()
+    assert all(s["spearman"] >= 0.8 for s in sweeps)
+    # the layout ranked first is within 5% of the best measured in 4 of the 6 sweeps (README)
+    assert sum((s["measured_mfu_of_top_ranked"] or 0) >= 0.95 * s["best_measured_mfu"] for s in sweeps) >= 4
 
 
 def test_plan_ranks_a_65b_grid_in_seconds():

@@ -97,8 +97,8 @@ def validate_command(path: str, hw, as_json: bool):
     if FLAGS.fit:
         hw = fit(rows, hw)
         saved = save_calibration(hw.name, hw.calibration, f"Fitted by: python -m jaxlayouts.plan validate "
-                                 f"{path} --hardware {hw.name} --fit\n({len(rows)} rows ok/oom; coordinate "
-                                 "descent, see jaxlayouts/plan/validate.py)")
+                                 f"{path} --hardware {hw.name} --fit\n({len(rows)} rows ok/oom; memory by grid "
+                                 "search, time by Powell's method: jaxlayouts/plan/validate.py)")
         print(f"saved {saved}")
     result = evaluate(rows, hw)
     result["calibration"] = dataclasses.asdict(hw.calibration)

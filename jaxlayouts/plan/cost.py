@@ -1,6 +1,7 @@
 """Analytic cost model: step time and memory per device for a layout on given hardware.
 
-Time per step = pipeline compute (bubble included) + exposed communication + optimizer update:
+Time per step = pipeline compute (bubble included) + exposed communication + gradient
+accumulation + optimizer update:
 
 * Compute per layer and micro-batch, for the busiest stage. Weight matmuls: 2 FLOPs per weight
   and token at ``matmul_efficiency * w / (w + matmul_half_width)`` of peak, ``w`` the per-device
@@ -10,7 +11,10 @@ Time per step = pipeline compute (bubble included) + exposed communication + opt
   other elementwise work are HBM passes over the activations (a fused RMSNorm makes 2 passes).
   Backward = 2x forward (flash attention: 2.5x); full recomputation adds a forward; this
   project's pipeline executor adds one more forward per stage (``framework="jaxlayouts"``).
-* Pipeline: (M + P - 1) / V stage-times per micro-batch for P > 1 (Narayanan et al. 2021).
+  The study's eager trainer also pays ``layer_launch_s`` per layer and micro-batch (host
+  launches, blocking collectives), which makes many thin micro-batches and high tp slow.
+* Pipeline: (M + P - 1) / V stage-times per micro-batch for P > 1 (Narayanan et al. 2021), the
+  (P - 1) / V fill and drain scaled by ``bubble_factor``.
 * Tensor-parallel collectives (Megatron, not overlapped): per layer two all-reduces forward and
   two backward of the b T d activation (SP: reduce-scatter + all-gather, same bytes); ring cost
   2 (t-1)/t V / W plus a latency floor (scaling book: all-reduce ~ 2V/W, all-gather ~ V/W).
@@ -19,16 +23,20 @@ Time per step = pipeline compute (bubble included) + exposed communication + opt
   reduce-scatter per micro-batch; ZeRO-3 also two weight all-gathers per micro-batch (forward
   and backward). ``dp_overlap`` of it is hidden behind compute.
   Pipeline point-to-point sends are counted in full. The link is NVLink when the group fits in a
-  node (tp innermost, then pp, then the data axes), else InfiniBand.
+  node, else InfiniBand through as many NICs as the group has GPUs per node (``_per_node``
+  places the ranks; ``Hardware.link_bandwidth``).
+* Gradient accumulation: per micro-batch one read-modify-write of the accumulator in HBM.
 
 Memory per device (the busiest stage): weights, gradients and AdamW state by ZeRO stage (Megatron:
 bf16 weights + bf16 gradients + 12 bytes of fp32 master/Adam state per parameter, the latter
-sharded under ZeRO-1 (with fp32 gradients the study's 13B tp=1, pp=1 runs would not fit 80 GB); this project: fp32 master + Adam, fp32 accumulator, bf16 compute copy);
-activations per layer following Korthikanti et al. 2022 for a LLaMA layer (no dropout, SwiGLU);
-with TP the tensor-parallel part is divided by t, with SP all of it; flash attention drops the
-T x T scores; full recomputation keeps the layer input only; 1F1B's first stage holds P
-micro-batches (GPipe: M); the last stage holds the float32 logits; then ``activation_factor`` for
-fragmentation and ``overhead_gib`` for the runtime.
+sharded under ZeRO-1 (with fp32 gradients the study's 13B tp=1, pp=1 runs would not fit 80 GB);
+this project: fp32 master + Adam, fp32 accumulator, bf16 compute copy); activations per layer
+following Korthikanti et al. 2022 for a LLaMA layer (no dropout, SwiGLU): with TP the
+tensor-parallel part is divided by t, with SP all of it; flash attention drops the T x T scores;
+an unfused RMSNorm also keeps its float32 input; full recomputation keeps the layer input only.
+The busiest stage is the larger of the first (1F1B: P micro-batches in flight; GPipe: M) and the
+last (one in flight, plus the LM head's logits); then ``activation_factor`` for fragmentation and
+``overhead_gib`` for the runtime.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxlayouts import flops
+from jaxlayouts.distributed import split_over_nodes
 from jaxlayouts.layout import ModelConfig, RunConfig
 from jaxlayouts.plan.hardware import Hardware
 
@@ -119,8 +128,12 @@ def layer_activation_bytes(w: Workload, per_layer_input_only: bool = False) -> f
     if per_layer_input_only:
         return e * s * b * h / (t if w.sequence_parallel else 1)
     replicated = e * s * b * h * 4                  # the two norms' inputs and outputs
+    if not w.fused_norm:                            # an unfused norm also keeps its float32 input
+        replicated += 4 * s * b * h * 2
     parallel = e * s * b * h * (2 + 2 * kv_share)   # q, k, v, attention output
-    parallel += e * s * b * f * 4                   # gate, up, silu(gate), their product
+    # gate, up, silu(gate), their product; Megatron's fused SwiGLU keeps gate and up only and
+    # recomputes silu in the backward
+    parallel += e * s * b * f * (3 if w.framework == "megatron" else 4)
     scores = 0.0
     if w.attention in ("unfused", "fused") and w.remat != "selective":  # selective recomputes them
         scores = 2 * e * b * m.num_heads * s * s    # scores and probabilities
@@ -128,7 +141,13 @@ def layer_activation_bytes(w: Workload, per_layer_input_only: bool = False) -> f
 
 
 def memory(w: Workload, hw: Hardware) -> dict:
-    """Bytes per device on the busiest pipeline stage."""
+    """Bytes per device on the busiest pipeline stage: the first (most micro-batches in flight)
+    or the last (one in flight, but the LM head's float32 logits)."""
+    first, last = _stage_memory(w, hw, first=True), _stage_memory(w, hw, first=False)
+    return max(first, last, key=lambda m: m["total"])
+
+
+def _stage_memory(w: Workload, hw: Hardware, first: bool) -> dict:
     m, c = w.model, hw.calibration
     stage_params = _stage_params(w)
     shard = w.data_parallel
@@ -142,16 +161,21 @@ def memory(w: Workload, hw: Hardware) -> dict:
         optimizer = 8 * stage_params / (shard if w.zero >= 1 else 1)
     layers_here = m.num_layers / w.pp
     in_flight = 1
-    if w.pp > 1:  # 1F1B: P micro-batches on the first stage; GPipe/circular: all M
-        in_flight = min(w.pp, w.microbatches) if w.schedule == "1f1b" else w.microbatches
+    if w.pp > 1:  # 1F1B: P micro-batches on the first stage, one on the last; GPipe/circular: all M
+        in_flight = w.microbatches if w.schedule != "1f1b" else (min(w.pp, w.microbatches) if first else 1)
     if w.remat == "full":
         kept = layers_here * in_flight * layer_activation_bytes(w, per_layer_input_only=True)
         kept += layer_activation_bytes(dataclasses.replace(w, remat="none"))  # one layer recomputed
     else:
         kept = layers_here * in_flight * layer_activation_bytes(w)
-    # fp32 logits, softmax and gradient. Split over tp here (vocab-parallel LM head); the study's
-    # trainer behaves as if each GPU held all of them (fitting its OOMs at 8k tokens: 93% vs 90%).
-    logits = 3 * 4 * w.micro_batch * w.seq_len * m.vocab_size / (1 if w.framework == "megatron" else w.tp)
+    logits = 0.0
+    if w.pp == 1 or not first:
+        # Here: float32 logits, softmax and gradient, split over tp (vocab-parallel LM head).
+        # The study's trainer behaves as if each GPU held the whole vocabulary's bf16 logits,
+        # their float32 copy, softmax and gradient, and the bf16 gradient (16 bytes; this fits
+        # its OOMs at 8k tokens).
+        per_token = 16 * m.vocab_size if w.framework == "megatron" else 12 * m.vocab_size / w.tp
+        logits = per_token * w.micro_batch * w.seq_len
     activations = (kept + logits) * c.activation_factor
     total = weights + grads + optimizer + activations + c.overhead_gib * GIB
     return {"weights": weights, "gradients": grads, "optimizer": optimizer,
@@ -196,7 +220,8 @@ def predict(w: Workload, hw: Hardware) -> Prediction:
     if w.framework == "jaxlayouts" and w.pp > 1:
         recompute += forward  # the executor re-runs a chunk's forward in its backward tick
     # tensor-parallel collectives: 2 forward + 2 backward per layer (+ recompute), not overlapped
-    tp_bandwidth = hw.link_bandwidth(t)
+    per_node = _per_node(w, hw.gpus_per_node)
+    tp_bandwidth = hw.link_bandwidth(t, per_node["tp"])
     tp_one = 2 * _ring(row_bytes, t, tp_bandwidth, hw.collective_latency_s)
     per_layer = 4 if w.framework == "megatron" else 7  # see collective_bytes
     tp_layer = tp_one * (per_layer + (2 if w.remat in ("full", "offload") else 0))
@@ -205,16 +230,19 @@ def predict(w: Workload, hw: Hardware) -> Prediction:
     head += 3 * 3 * 4 * tokens * m.vocab_size / t / hw.hbm_bandwidth
     # -- per step --------------------------------------------------------------------------
     layers_per_stage = m.num_layers / w.pp
-    stage = layers_per_stage * (forward + backward + recompute + tp_layer) + head
+    layer = forward + backward + recompute + tp_layer
+    # a fixed cost per layer and micro-batch that no kernel hides: host launches and the
+    # synchronisation of blocking collectives (eager trainer)
+    layer_fixed = c.layer_launch_s * (4 / 3 if w.remat in ("full", "offload") else 1) if w.framework == "megatron" else 0.0
+    stage = layers_per_stage * (layer + layer_fixed) + head
     mb = w.microbatches
     ticks = mb + (w.pp - 1) / w.virtual_stages if w.pp > 1 else mb
     compute_total = stage * mb
-    bubble = stage * (ticks - mb)
+    bubble = c.bubble_factor * stage * (ticks - mb)
     pp_bytes = row_bytes / (t if w.sequence_parallel else 1)
-    pp_time = 2 * ticks * (pp_bytes / hw.link_bandwidth(t * w.pp) + hw.collective_latency_s) if w.pp > 1 else 0.0
+    pp_time = 2 * ticks * (pp_bytes / hw.link_bandwidth(2, min(2, per_node["pp"])) + hw.collective_latency_s) if w.pp > 1 else 0.0
     stage_params = _stage_params(w)
-    dp_span = w.devices
-    dp_bw = hw.link_bandwidth(dp_span)
+    dp_bw = hw.link_bandwidth(w.data_parallel, per_node["data"])
     grad_bytes = 2 if w.framework == "megatron" else 4
     ring = lambda bytes_: _ring(bytes_, w.data_parallel, dp_bw, hw.collective_latency_s)
     if w.zero == 0:
@@ -227,11 +255,16 @@ def predict(w: Workload, hw: Hardware) -> Prediction:
             dp_time += mb * 2 * ring(2 * stage_params)
     dp_exposed = (1 - c.dp_overlap) * dp_time
     optimizer = 16 * 3 * stage_params / (w.data_parallel if w.zero >= 1 else 1) / hw.hbm_bandwidth
+    # each micro-batch adds its gradients into the accumulator: read and write it, read them
+    accumulated = stage_params / (w.data_parallel if w.zero >= 2 else 1)
+    accumulation = mb * (2 * grad_bytes + w.dtype_bytes) * accumulated / hw.hbm_bandwidth
     tp_total = layers_per_stage * tp_layer * mb
     recompute_total = layers_per_stage * recompute * mb
-    time_s = {"compute": compute_total - tp_total - recompute_total, "recompute": recompute_total,
+    launch_total = layers_per_stage * layer_fixed * mb
+    time_s = {"compute": compute_total - tp_total - recompute_total - launch_total, "recompute": recompute_total,
+              "host_launch": launch_total,
               "tensor_parallel": tp_total, "bubble": bubble, "pipeline_p2p": pp_time,
-              "data_parallel": dp_exposed, "optimizer": optimizer}
+              "data_parallel": dp_exposed, "grad_accumulation": accumulation, "optimizer": optimizer}
     step = sum(time_s.values())
     model_flops = flops.model_flops_per_token(m, w.seq_len) * w.global_batch * w.seq_len
     mem = memory(w, hw)
@@ -273,6 +306,22 @@ def collective_bytes(w: Workload) -> dict:
         ticks = 2 * (w.virtual_stages * w.microbatches + w.pp - 1)
         pp_bytes = 2 * ticks * rows / (t if w.sequence_parallel else 1) + 4 * _embedding_params(w)
     return {"tp": per_micro * w.microbatches, "data": data_bytes, "pp": pp_bytes}
+
+
+def _per_node(w: Workload, gpus_per_node: int) -> dict:
+    """How many GPUs of one tp, data or pp group share a node. Megatron orders ranks tp, data,
+    pp (pipeline outermost); this project puts node boundaries on dp, then pp, fsdp and tp
+    (``distributed.split_over_nodes``)."""
+    if w.framework == "megatron":
+        fill = lambda stride, size: min(size, max(1, gpus_per_node // stride))
+        return {"tp": fill(1, w.tp), "data": fill(w.tp, w.data_parallel), "pp": fill(w.tp * w.data_parallel, w.pp)}
+    data = {"dp": w.data_parallel, "fsdp": 1} if w.zero == 0 else {"dp": 1, "fsdp": w.data_parallel}
+    mesh = {**data, "tp": w.tp, "pp": w.pp}
+    try:
+        inside, _ = split_over_nodes(mesh, max(1, w.devices // gpus_per_node))
+    except ValueError:  # fewer GPUs than a node, or no even split: treat as one node
+        inside = mesh
+    return {"tp": inside["tp"], "data": inside["dp"] * inside["fsdp"], "pp": inside["pp"]}
 
 
 def _embedding_params(w: Workload) -> float:

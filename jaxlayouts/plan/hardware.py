@@ -27,6 +27,9 @@ class Calibration:
     elementwise_passes: float = 12.0       # other passes per layer over the d-wide activations
     dp_overlap: float = 0.5                # fraction of gradient reduction hidden behind backward
     network_efficiency: float = 0.8        # achieved fraction of the inter-node link bandwidth
+    nvlink_efficiency: float = 0.8         # achieved fraction of the intra-node link bandwidth
+    bubble_factor: float = 1.0             # measured pipeline fill/drain over (P-1) stage-times
+    layer_launch_s: float = 1e-3           # host time to launch one layer's kernels, fwd + bwd (eager)
     activation_factor: float = 1.0         # allocator fragmentation on activations
     overhead_gib: float = 4.0              # runtime context, communication buffers, workspace
 
@@ -48,11 +51,14 @@ class Hardware:
     calibration: Calibration = Calibration()
     calibration_source: str = "defaults (not fitted)"
 
-    def link_bandwidth(self, group_span: int) -> float:
-        """Per-GPU bandwidth of a collective whose group spans ``group_span`` consecutive GPUs."""
-        if group_span <= self.gpus_per_node:
-            return self.intra_node_bandwidth
-        return self.inter_node_bandwidth * self.calibration.network_efficiency
+    def link_bandwidth(self, group: int, per_node: int) -> float:
+        """Per-GPU bandwidth of a ring collective over ``group`` GPUs, ``per_node`` of them on
+        each node. Inside a node: NVLink. Across nodes, NCCL runs one ring per NIC, so the group
+        moves its data through ``per_node`` NICs per node (at most NVLink's bandwidth)."""
+        if per_node >= group:
+            return self.intra_node_bandwidth * self.calibration.nvlink_efficiency
+        return min(self.intra_node_bandwidth,
+                   per_node * self.inter_node_bandwidth) * self.calibration.network_efficiency
 
 
 def hardware_names() -> list[str]:
@@ -88,7 +94,7 @@ def load_hardware(name_or_path: str) -> Hardware:
 
 def save_calibration(name: str, calibration: Calibration, header: str) -> pathlib.Path:
     path = calibration_path(name)
-    body = yaml.safe_dump({k: round(float(v), 4) for k, v in dataclasses.asdict(calibration).items()},
+    body = yaml.safe_dump({k: float(f"{float(v):.4g}") for k, v in dataclasses.asdict(calibration).items()},
                           sort_keys=False)
     path.write_text("".join(f"# {line}\n" for line in header.splitlines()) + body)
     return path

@@ -7,17 +7,20 @@ measured ok, and per sweep the Spearman rank correlation of predicted vs measure
 measured MFU of the layout the planner ranks first (best predicted MFU among rows it predicts to
 fit) next to the best measured MFU.
 
-``--fit`` re-fits the calibration constants on the file by coordinate descent (each constant over
-a multiplicative grid, a few rounds): memory constants maximise OOM accuracy, time constants
-minimise MFU error; the result is written to ``configs/hardware/NAME.calibration.yaml``.
+``--fit`` re-fits the calibration constants on the file (see ``fit``): memory constants maximise
+OOM accuracy, time constants minimise MFU error; the result is written to
+``configs/hardware/NAME.calibration.yaml``.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
+import warnings
 import dataclasses
 
 import numpy as np
+import scipy.optimize
 
 from jaxlayouts.layout import InvalidLayout, load_model_config
 from jaxlayouts.plan.cost import Workload, predict
@@ -43,7 +46,7 @@ def read_rows(path: str) -> list[dict]:
 
 
 def workload(row: dict) -> Workload:
-    model = load_model_config(f"llama-{row['model'].lower()}")
+    model = _model_config(f"llama-{row['model'].lower()}")
     seq_len, world = int(row["seq_len"]), int(row["world_size"])
     tp, pp = int(row["tp"]), int(row["pp"])
     attention, fused_norm = KERNELS[row["kernel"]]
@@ -52,6 +55,9 @@ def workload(row: dict) -> Workload:
                     sequence_parallel=row["sequence_parallel"] == "True",
                     remat="full" if row["activation_checkpointing"] == "every_layer" else "none",
                     attention=attention, fused_norm=fused_norm, zero=1, schedule="1f1b", framework="megatron")
+
+
+_model_config = functools.lru_cache(load_model_config)
 
 
 def spearman(a, b) -> float:
@@ -91,32 +97,40 @@ def _describe(row: dict) -> str:
             f"ckpt={row['activation_checkpointing']} kernel={row['kernel']}")
 
 
-def _objective(rows, hw: Hardware, names) -> float:
-    result = evaluate(rows, hw)
-    if set(names) <= set(MEMORY_CONSTANTS):
-        return 1.0 - result["oom_accuracy"]
-    return result["mfu_mape"]
+FRACTIONS = ("matmul_efficiency", "flash2_efficiency", "flash1_efficiency", "dp_overlap", "network_efficiency",
+             "nvlink_efficiency")
 
 
 def fit(rows: list[dict], hw: Hardware, rounds: int = 3, log=print) -> Hardware:
-    """Coordinate descent over each constant on a multiplicative grid (x0.5 .. x2), memory
-    constants against OOM accuracy, time constants against MFU error."""
-    groups = (list(MEMORY_CONSTANTS), [n for n in Calibration.fields() if n not in MEMORY_CONSTANTS])
-    factors = (0.5, 0.7, 0.85, 0.93, 1.0, 1.07, 1.15, 1.3, 1.5, 2.0)
+    """Memory constants by a grid search against OOM accuracy (a step function of them); then
+    the time constants by Powell's method (``scipy.optimize``) on their logarithms against MFU
+    error, fractions kept in (0, 1]. Repeated ``rounds`` times from the previous result."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    time_names = [n for n in Calibration.fields() if n not in MEMORY_CONSTANTS]
     for round_ in range(rounds):
-        for names in groups:
-            for name in names:
-                current = getattr(hw.calibration, name)
-                candidates = sorted({current * f for f in factors})
-                if name in ("matmul_efficiency", "flash2_efficiency", "flash1_efficiency", "dp_overlap",
-                            "network_efficiency"):
-                    candidates = [c for c in candidates if c <= 1.0]
-                scored = [(_objective(rows, _with(hw, name, c), names), c) for c in candidates]
-                best_score, best = min(scored, key=lambda sc: (sc[0], abs(sc[1] - current)))
-                hw = _with(hw, name, best)
-            log(f"round {round_ + 1}: {', '.join(names)} -> objective {best_score:.4f}")
+        for name in MEMORY_CONSTANTS:
+            current = getattr(hw.calibration, name)
+            candidates = sorted({current * f for f in np.linspace(0.5, 2.0, 31)} | {current})
+            scored = [(1 - evaluate(rows, _with(hw, name, c))["oom_accuracy"], abs(c - current), c)
+                      for c in candidates]
+            hw = _with(hw, name, min(scored)[2])
+        x0 = np.log([max(getattr(hw.calibration, n), 1e-6) for n in time_names])
+        bounds = [(np.log(1e-3), 0.0) if n in FRACTIONS else (x - np.log(20), x + np.log(20))
+                  for n, x in zip(time_names, x0)]
+        x0 = np.clip(x0, *np.array(bounds).T)
+        at = lambda x: _with(hw, *zip(time_names, np.exp(x)))
+        with warnings.catch_warnings():  # Powell's bounded line search divides by zero at a bound
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = scipy.optimize.minimize(lambda x: evaluate(ok, at(x))["mfu_mape"], x0, method="Powell",
+                                             bounds=bounds, options={"xtol": 1e-3, "ftol": 1e-5})
+        hw = at(result.x)
+        log(f"round {round_ + 1}: OOM accuracy {evaluate(rows, hw)['oom_accuracy']:.4f}, "
+            f"MFU error {result.fun:.4f} ({result.nfev} evaluations)")
     return hw
 
 
-def _with(hw: Hardware, name: str, value: float) -> Hardware:
-    return dataclasses.replace(hw, calibration=dataclasses.replace(hw.calibration, **{name: value}))
+def _with(hw: Hardware, *pairs) -> Hardware:
+    """``hw`` with calibration constants replaced: ``_with(hw, name, value)`` or name-value pairs."""
+    if len(pairs) == 2 and isinstance(pairs[0], str):
+        pairs = (pairs,)
+    return dataclasses.replace(hw, calibration=dataclasses.replace(hw.calibration, **{n: float(v) for n, v in pairs}))
