@@ -1,5 +1,6 @@
 """Explore, the cost model and the planner: against the compiler, against the study, as CLIs."""
 
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -44,6 +45,7 @@ def test_cost_model_moves_the_right_way():
     assert p(remat="full").step_time_s > p().step_time_s                       # recomputation costs time
     assert p(remat="full").memory_bytes["activations"] < p().memory_bytes["activations"]
     assert p(fused_norm=True).step_time_s < p().step_time_s                    # fused RMSNorm saves time
+    assert p(fused_norm=True).memory_bytes["activations"] < p().memory_bytes["activations"]  # no fp32 copy
     assert p(attention="unfused").step_time_s > p().step_time_s
     assert p(attention="unfused").memory_bytes["activations"] > p().memory_bytes["activations"]
     assert p(tp=8, data_parallel=8).time_s["tensor_parallel"] > p().time_s["tensor_parallel"]
@@ -54,6 +56,11 @@ def test_cost_model_moves_the_right_way():
     gpipe = [p(tp=2, pp=4, data_parallel=8, global_batch=g, schedule="gpipe").memory_bytes["activations"]
              for g in (256, 1024)]
     assert one_f[0] == one_f[1] and gpipe[1] > 3 * gpipe[0]
+    # The logits sit on the last stage; at pp=4 the first stage (4 micro-batches in flight) peaks.
+    big_vocab = dataclasses.replace(load_model_config("llama-13b"), vocab_size=256_000)
+    deep = dict(tp=2, pp=4, data_parallel=8, global_batch=256)
+    assert p(model=big_vocab, **deep).memory_bytes["activations"] == p(**deep).memory_bytes["activations"]
+    assert p(model=big_vocab).memory_bytes["activations"] > p().memory_bytes["activations"]
     assert p(tp=2, pp=4, data_parallel=8).time_s["bubble"] > 0 == p().time_s["bubble"]
     # Node placement: tp stays inside a node here; a ring with 8 GPUs on each node uses 8 NICs.
     assert cost._per_node(workload(tp=8, pp=4, data_parallel=4), 8) == {"tp": 8, "data": 1, "pp": 1}
@@ -94,6 +101,18 @@ def test_cost_model_agrees_with_the_compiled_step(devices, mesh, kwargs):
             + analysis.temp_size_in_bytes)
     memory = cost.memory(w, load_hardware("a100-80gb"))
     assert memory["total"] - memory["overhead"] == pytest.approx(peak, rel=0.25)
+
+
+def test_fit_lowers_the_error_on_a_small_file(tmp_path):
+    from jaxlayouts.plan.validate import evaluate, fit, read_rows
+    path = tmp_path / "runs.csv"
+    path.write_text("sweep,model,seq_len,world_size,micro_batch_size,tp,pp,sequence_parallel,"
+                    "activation_checkpointing,kernel,status,step_time_s,mfu,tflops_megatron\n"
+                    + "".join(f"s,13B,2048,64,1,{tp},1,False,disabled,flash_attention2,ok,1,{mfu},1\n"
+                              for tp, mfu in ((1, 0.30), (2, 0.28), (4, 0.25))))
+    rows, hw = read_rows(str(path)), load_hardware("a100-80gb")
+    fitted = fit(rows, hw, rounds=1, log=lambda *_: None)
+    assert evaluate(rows, fitted)["mfu_mape"] < 0.5 * evaluate(rows, hw)["mfu_mape"]
 
 
 def test_validation_on_a_small_file(tmp_path):
@@ -155,6 +174,20 @@ def test_plan_explains_a_layout_and_rejects_bad_input():
     assert proc.returncode == 2 and "--hardware: unknown hardware 'v100'" in proc.stderr
     proc, _ = run_module("jaxlayouts.plan", "--model", "llama-65b", "--explain", "tp=3,pp=4")
     assert proc.returncode == 2 and "--mesh" in proc.stderr
+    proc, _ = run_module("jaxlayouts.plan", "--top", "0")
+    assert proc.returncode == 2 and "--top: 0: must be a positive integer" in proc.stderr
+    proc, _ = run_module("jaxlayouts.plan", "--fit")
+    assert proc.returncode == 2 and "--fit: re-fits the calibration" in proc.stderr
+
+
+def test_validation_names_a_bad_row():
+    from jaxlayouts.plan.validate import workload
+    row = {"sweep": "s", "model": "13B", "seq_len": "2048", "world_size": "64", "micro_batch_size": "1",
+           "tp": "1", "pp": "1", "sequence_parallel": "False", "activation_checkpointing": "disabled"}
+    with pytest.raises(InvalidLayout, match="kernel 'xformers' in sweep 's'"):
+        workload({**row, "kernel": "xformers"})
+    with pytest.raises(InvalidLayout, match="sweep 's': .*'2k'; sizes are integers"):
+        workload({**row, "kernel": "torch", "seq_len": "2k"})
 
 
 def test_explore_reports_shardings_memory_and_collectives():

@@ -81,8 +81,7 @@ def rank(runs, hw) -> list[dict]:
     return sorted(rows, key=lambda r: (not r["fits"], -r["mfu"]))
 
 
-def explain(run: RunConfig, hw) -> str:
-    p = cost.predict(cost.Workload.from_run(run), hw)
+def explain(run: RunConfig, hw, p: cost.Prediction) -> str:
     lines = [f"{run.layout} on {run.layout.num_devices} x {hw.name}: predicted MFU {p.mfu:.1%}, "
              f"step {p.step_time_s:.2f} s", "time per step:"]
     lines += [f"  {k:<16} {v:8.3f} s  {v / p.step_time_s:6.1%}" for k, v in sorted(p.time_s.items(), key=lambda kv: -kv[1])]
@@ -114,9 +113,24 @@ def validate_command(path: str, hw, as_json: bool):
     print(json.dumps(result))
 
 
+def check_flags(validating: bool) -> None:
+    """Reject nonsense in the planner's own numeric flags, naming the flag."""
+    if FLAGS.fit and not validating:
+        raise InvalidLayout("fit", "re-fits the calibration on measured runs: python -m jaxlayouts.plan "
+                            "validate FILE.csv --fit")
+    positive = {"gpus": FLAGS.gpus, "seq_len": FLAGS.seq_len, "global_batch": FLAGS.global_batch,
+                "top": FLAGS.top}
+    for name, value in positive.items():
+        if value < 1:
+            raise InvalidLayout(name, f"{value}: must be a positive integer, e.g. --{name} {FLAGS[name].default}")
+    if FLAGS.verify < 0:
+        raise InvalidLayout("verify", f"{FLAGS.verify}: compile the top N >= 0 layouts, e.g. --verify 2")
+
+
 def main(argv):
     try:
         hw = load_hardware(FLAGS.hardware)
+        check_flags(validating=len(argv) > 1)
         if len(argv) > 1:
             if argv[1] != "validate" or len(argv) != 3:
                 raise InvalidLayout("command", f"unknown arguments {argv[1:]}; the one subcommand is "
@@ -127,11 +141,8 @@ def main(argv):
             layout = Layout.parse(FLAGS.explain)
             run = RunConfig(model=model, layout=layout, seq_len=FLAGS.seq_len, global_batch=FLAGS.global_batch)
             validate(run, layout.num_devices, platform="gpu")
-            text = explain(run, hw)
-            if FLAGS.json:
-                print(json.dumps(row(run, cost.predict(cost.Workload.from_run(run), hw))))
-            else:
-                print(text)
+            prediction = cost.predict(cost.Workload.from_run(run), hw)
+            print(json.dumps(row(run, prediction)) if FLAGS.json else explain(run, hw, prediction))
             return
     except (InvalidLayout, FileNotFoundError) as error:
         print(f"invalid: {error}", file=sys.stderr)

@@ -98,7 +98,7 @@ class Prediction:
     step_time_s: float
     mfu: float
     memory_bytes: dict          # per device: weights, gradients, optimizer, activations, overhead, total
-    time_s: dict                # per step: compute, recompute, bubble, tp, dp, pp, optimizer
+    time_s: dict                # seconds per step by term (see predict)
     fits: bool
 
     @property
@@ -141,14 +141,10 @@ def layer_activation_bytes(w: Workload, per_layer_input_only: bool = False) -> f
 
 
 def memory(w: Workload, hw: Hardware) -> dict:
-    """Bytes per device on the busiest pipeline stage: the first (most micro-batches in flight)
-    or the last (one in flight, but the LM head's float32 logits)."""
-    first, last = _stage_memory(w, hw, first=True), _stage_memory(w, hw, first=False)
-    return max(first, last, key=lambda m: m["total"])
-
-
-def _stage_memory(w: Workload, hw: Hardware, first: bool) -> dict:
-    m, c = w.model, hw.calibration
+    """Bytes per device on the busiest pipeline stage. Every stage holds the same parameters;
+    activations peak on the first stage (most micro-batches in flight) or the last (one in
+    flight, plus the LM head's logits)."""
+    c = hw.calibration
     stage_params = _stage_params(w)
     shard = w.data_parallel
     if w.framework == "megatron":  # bf16 gradients: the study's 13B tp=1,pp=1 runs fit 80 GB only so
@@ -159,6 +155,16 @@ def _stage_memory(w: Workload, hw: Hardware, first: bool) -> dict:
                    + 4 * stage_params / (shard if w.zero >= 1 else 1))
         grads = 4 * stage_params / (shard if w.zero >= 2 else 1)
         optimizer = 8 * stage_params / (shard if w.zero >= 1 else 1)
+    kept = max(_stage_activation_bytes(w, first=True), _stage_activation_bytes(w, first=False))
+    activations = kept * c.activation_factor
+    overhead = c.overhead_gib * GIB
+    return {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations,
+            "overhead": overhead, "total": weights + grads + optimizer + activations + overhead}
+
+
+def _stage_activation_bytes(w: Workload, first: bool) -> float:
+    """Activations the first (or last) pipeline stage keeps, logits included (one stage at pp=1)."""
+    m = w.model
     layers_here = m.num_layers / w.pp
     in_flight = 1
     if w.pp > 1:  # 1F1B: P micro-batches on the first stage, one on the last; GPipe/circular: all M
@@ -168,18 +174,14 @@ def _stage_memory(w: Workload, hw: Hardware, first: bool) -> dict:
         kept += layer_activation_bytes(dataclasses.replace(w, remat="none"))  # one layer recomputed
     else:
         kept = layers_here * in_flight * layer_activation_bytes(w)
-    logits = 0.0
     if w.pp == 1 or not first:
         # Here: float32 logits, softmax and gradient, split over tp (vocab-parallel LM head).
         # The study's trainer behaves as if each GPU held the whole vocabulary's bf16 logits,
         # their float32 copy, softmax and gradient, and the bf16 gradient (16 bytes; this fits
         # its OOMs at 8k tokens).
         per_token = 16 * m.vocab_size if w.framework == "megatron" else 12 * m.vocab_size / w.tp
-        logits = per_token * w.micro_batch * w.seq_len
-    activations = (kept + logits) * c.activation_factor
-    total = weights + grads + optimizer + activations + c.overhead_gib * GIB
-    return {"weights": weights, "gradients": grads, "optimizer": optimizer,
-            "activations": activations, "overhead": c.overhead_gib * GIB, "total": total}
+        kept += per_token * w.micro_batch * w.seq_len
+    return kept
 
 
 def _matmul_time(params: float, width: float, tokens: float, hw: Hardware) -> float:

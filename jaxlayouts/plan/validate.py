@@ -47,11 +47,17 @@ def read_rows(path: str) -> list[dict]:
 
 def workload(row: dict) -> Workload:
     model = _model_config(f"llama-{row['model'].lower()}")
-    seq_len, world = int(row["seq_len"]), int(row["world_size"])
-    tp, pp = int(row["tp"]), int(row["pp"])
+    try:
+        seq_len, world, tp, pp, micro_batch = (int(row[c]) for c in ("seq_len", "world_size", "tp", "pp",
+                                                                       "micro_batch_size"))
+    except ValueError as error:
+        raise InvalidLayout("file", f"sweep {row['sweep']!r}: {error}; sizes are integers") from None
+    if row["kernel"] not in KERNELS:
+        raise InvalidLayout("file", f"kernel {row['kernel']!r} in sweep {row['sweep']!r}; the study's names "
+                            f"are {', '.join(KERNELS)}")
     attention, fused_norm = KERNELS[row["kernel"]]
     return Workload(model=model, seq_len=seq_len, global_batch=TOKENS_PER_STEP // seq_len,
-                    data_parallel=world // (tp * pp), tp=tp, pp=pp, micro_batch=int(row["micro_batch_size"]),
+                    data_parallel=world // (tp * pp), tp=tp, pp=pp, micro_batch=micro_batch,
                     sequence_parallel=row["sequence_parallel"] == "True",
                     remat="full" if row["activation_checkpointing"] == "every_layer" else "none",
                     attention=attention, fused_norm=fused_norm, zero=1, schedule="1f1b", framework="megatron")
@@ -111,14 +117,14 @@ def fit(rows: list[dict], hw: Hardware, rounds: int = 3, log=print) -> Hardware:
         for name in MEMORY_CONSTANTS:
             current = getattr(hw.calibration, name)
             candidates = sorted({current * f for f in np.linspace(0.5, 2.0, 31)} | {current})
-            scored = [(1 - evaluate(rows, _with(hw, name, c))["oom_accuracy"], abs(c - current), c)
+            scored = [(1 - evaluate(rows, _with(hw, **{name: c}))["oom_accuracy"], abs(c - current), c)
                       for c in candidates]
-            hw = _with(hw, name, min(scored)[2])
+            hw = _with(hw, **{name: min(scored)[2]})
         x0 = np.log([max(getattr(hw.calibration, n), 1e-6) for n in time_names])
         bounds = [(np.log(1e-3), 0.0) if n in FRACTIONS else (x - np.log(20), x + np.log(20))
                   for n, x in zip(time_names, x0)]
         x0 = np.clip(x0, *np.array(bounds).T)
-        at = lambda x: _with(hw, *zip(time_names, np.exp(x)))
+        at = lambda x: _with(hw, **dict(zip(time_names, np.exp(x))))
         with warnings.catch_warnings():  # Powell's bounded line search divides by zero at a bound
             warnings.simplefilter("ignore", RuntimeWarning)
             result = scipy.optimize.minimize(lambda x: evaluate(ok, at(x))["mfu_mape"], x0, method="Powell",
@@ -129,8 +135,7 @@ def fit(rows: list[dict], hw: Hardware, rounds: int = 3, log=print) -> Hardware:
     return hw
 
 
-def _with(hw: Hardware, *pairs) -> Hardware:
-    """``hw`` with calibration constants replaced: ``_with(hw, name, value)`` or name-value pairs."""
-    if len(pairs) == 2 and isinstance(pairs[0], str):
-        pairs = (pairs,)
-    return dataclasses.replace(hw, calibration=dataclasses.replace(hw.calibration, **{n: float(v) for n, v in pairs}))
+def _with(hw: Hardware, **constants) -> Hardware:
+    """``hw`` with some calibration constants replaced."""
+    constants = {name: float(value) for name, value in constants.items()}
+    return dataclasses.replace(hw, calibration=dataclasses.replace(hw.calibration, **constants))
