@@ -64,7 +64,7 @@ def test_cost_model_moves_the_right_way():
     assert p(tp=2, pp=4, data_parallel=8).time_s["bubble"] > 0 == p().time_s["bubble"]
     # Node placement: tp stays inside a node here; a ring with 8 GPUs on each node uses 8 NICs.
     assert cost._per_node(workload(tp=8, pp=4, data_parallel=4), 8) == {"tp": 8, "data": 1, "pp": 1}
-    assert cost._per_node(workload(tp=1, data_parallel=64, framework="megatron"), 8)["data"] == 8
+    assert cost._per_node(workload(tp=1, data_parallel=64, framework="study"), 8)["data"] == 8
     assert hw.link_bandwidth(64, 8) == 8 * hw.link_bandwidth(64, 1) < hw.link_bandwidth(8, 8)
 
 
@@ -109,10 +109,24 @@ def test_fit_lowers_the_error_on_a_small_file(tmp_path):
     path.write_text("sweep,model,seq_len,world_size,micro_batch_size,tp,pp,sequence_parallel,"
                     "activation_checkpointing,kernel,status,step_time_s,mfu,tflops_megatron\n"
                     + "".join(f"s,13B,2048,64,1,{tp},1,False,disabled,flash_attention2,ok,1,{mfu},1\n"
-                              for tp, mfu in ((1, 0.30), (2, 0.28), (4, 0.25))))
+                              for tp, mfu in ((1, 0.30), (2, 0.28), (4, 0.25)))
+                    + "s,13B,2048,64,4,2,1,False,disabled,flash_attention2,oom,,,\n")
     rows, hw = read_rows(str(path)), load_hardware("a100-80gb")
+    assert evaluate(rows, hw)["oom_accuracy"] == 0.75   # tp=1 is predicted not to fit
     fitted = fit(rows, hw, rounds=1, log=lambda *_: None)
+    assert evaluate(rows, fitted)["oom_accuracy"] == 1.0
     assert evaluate(rows, fitted)["mfu_mape"] < 0.5 * evaluate(rows, hw)["mfu_mape"]
+
+
+def test_the_study_trainer_balances_stages_by_parameters():
+    # 13B with a 128k vocabulary: embedding and head weigh about two layers each, so the first
+    # and last of four stages get two layers fewer; 1F1B keeps 4, 3, 2, 1 micro-batches in flight.
+    w = workload(tp=1, pp=4, data_parallel=16, framework="study")
+    assert [(s.layers, s.embedding, s.head, s.in_flight) for s in cost.stages(w)] == [
+        (9, True, False, 4), (11, False, False, 3), (11, False, False, 2), (9, False, True, 1)]
+    assert [s.layers for s in cost.stages(workload(tp=1, pp=4, data_parallel=16))] == [10] * 4
+    assert cost._balanced_partition([5, 1, 1, 1, 5], 2) == [3, 2]
+    assert cost._balanced_partition([1, 1, 1], 3) == [1, 1, 1]
 
 
 def test_validation_on_a_small_file(tmp_path):

@@ -13,35 +13,39 @@ accumulation + optimizer update:
   project's pipeline executor adds one more forward per stage (``framework="jaxlayouts"``).
   The study's eager trainer also pays ``layer_launch_s`` per layer and micro-batch (host
   launches, blocking collectives), which makes many thin micro-batches and high tp slow.
-* Pipeline: (M + P - 1) / V stage-times per micro-batch for P > 1 (Narayanan et al. 2021), the
-  (P - 1) / V fill and drain scaled by ``bubble_factor``.
+* Pipeline: (M + P - 1) / V times of the slowest stage for P > 1 (Narayanan et al. 2021), the
+  (P - 1) / V fill and drain scaled by ``bubble_factor``. Stages follow ``stages``: the study's
+  trainer cuts embedding, layers and head into equal runs by count, so stages differ.
 * Tensor-parallel collectives (Megatron, not overlapped): per layer two all-reduces forward and
   two backward of the b T d activation (SP: reduce-scatter + all-gather, same bytes); ring cost
   2 (t-1)/t V / W plus a latency floor (scaling book: all-reduce ~ 2V/W, all-gather ~ V/W).
 * Data-parallel communication (ring formulas): ZeRO-0 one gradient all-reduce per step; ZeRO-1
   one reduce-scatter of gradients and one all-gather of bf16 weights per step; ZeRO-2 a
   reduce-scatter per micro-batch; ZeRO-3 also two weight all-gathers per micro-batch (forward
-  and backward). ``dp_overlap`` of it is hidden behind compute.
+  and backward). The study's trainer all-reduces float32 gradients before its ZeRO-1 step
+  (Aleph-Alpha/scaling, ``allreduce_tensor_in_float32``). ``dp_overlap`` of it is hidden.
   Pipeline point-to-point sends are counted in full. The link is NVLink when the group fits in a
   node, else InfiniBand through as many NICs as the group has GPUs per node (``_per_node``
   places the ranks; ``Hardware.link_bandwidth``).
 * Gradient accumulation: per micro-batch one read-modify-write of the accumulator in HBM.
 
-Memory per device (the busiest stage): weights, gradients and AdamW state by ZeRO stage (Megatron:
-bf16 weights + bf16 gradients + 12 bytes of fp32 master/Adam state per parameter, the latter
-sharded under ZeRO-1 (with fp32 gradients the study's 13B tp=1, pp=1 runs would not fit 80 GB);
-this project: fp32 master + Adam, fp32 accumulator, bf16 compute copy); activations per layer
-following Korthikanti et al. 2022 for a LLaMA layer (no dropout, SwiGLU): with TP the
-tensor-parallel part is divided by t, with SP all of it; flash attention drops the T x T scores;
-an unfused RMSNorm also keeps its float32 input; full recomputation keeps the layer input only.
-The busiest stage is the larger of the first (1F1B: P micro-batches in flight; GPipe: M) and the
-last (one in flight, plus the LM head's logits); then ``activation_factor`` for fragmentation and
-``overhead_gib`` for the runtime.
+Memory per device (the busiest stage): weights, gradients and AdamW state by ZeRO stage (the
+study's trainer: bf16 weights + bf16 gradients + 12 bytes of fp32 master/Adam state per
+parameter, the latter sharded under ZeRO-1; this project: fp32 master + Adam, fp32 accumulator,
+bf16 compute copy); activations per layer following Korthikanti et al. 2022 for a LLaMA layer
+(no dropout, SwiGLU): with TP the tensor-parallel part is divided by t, with SP all of it except,
+in the study's trainer, the all-gathered norm outputs the next linears keep; flash attention
+drops the T x T scores; an unfused RMSNorm also keeps its float32 input; full recomputation keeps
+the layer input only.
+Every stage is costed with its own parameters and in-flight micro-batches (1F1B: P - s on stage
+s; GPipe: M), the last with the LM head's logits, and the largest total counts; activations are
+scaled by ``activation_factor`` for fragmentation, and ``overhead_gib`` covers the runtime.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from jaxlayouts import flops
 from jaxlayouts.distributed import split_over_nodes
@@ -71,7 +75,7 @@ class Workload:
     zero: int = 1
     schedule: str = "1f1b"
     virtual_stages: int = 1
-    framework: str = "jaxlayouts"       # or "megatron" (the reference study's trainer)
+    framework: str = "jaxlayouts"       # or "study": the reference study's Megatron-style trainer
     dtype_bytes: int = 2                # compute dtype: bf16 (float32 in CPU tests)
 
     @property
@@ -130,56 +134,110 @@ def layer_activation_bytes(w: Workload, per_layer_input_only: bool = False) -> f
     replicated = e * s * b * h * 4                  # the two norms' inputs and outputs
     if not w.fused_norm:                            # an unfused norm also keeps its float32 input
         replicated += 4 * s * b * h * 2
+    whole = 0.0
+    if w.sequence_parallel and w.framework == "study":
+        # its norms all-gather their outputs and the next linear keeps them whole
+        replicated -= 2 * e * s * b * h
+        whole = 2 * e * s * b * h
     parallel = e * s * b * h * (2 + 2 * kv_share)   # q, k, v, attention output
-    # gate, up, silu(gate), their product; Megatron's fused SwiGLU keeps gate and up only and
-    # recomputes silu in the backward
-    parallel += e * s * b * f * (3 if w.framework == "megatron" else 4)
+    parallel += e * s * b * f * 4                   # gate, up, silu(gate), their product
     scores = 0.0
     if w.attention in ("unfused", "fused") and w.remat != "selective":  # selective recomputes them
         scores = 2 * e * b * m.num_heads * s * s    # scores and probabilities
-    return replicated / (t if w.sequence_parallel else 1) + (parallel + scores) / t
+    return replicated / (t if w.sequence_parallel else 1) + whole + (parallel + scores) / t
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """What one pipeline stage holds and runs (one stage at pp=1)."""
+
+    layers: float        # transformer layers
+    embedding: bool      # the input embedding
+    head: bool           # final norm, LM head and loss: the logits are computed here
+    in_flight: int       # micro-batches whose activations it keeps at its peak
+
+
+@functools.lru_cache(maxsize=4096)
+def stages(w: Workload) -> tuple[Stage, ...]:
+    """The pipeline stages. The study's trainer (its authors' framework, published as
+    Aleph-Alpha/scaling) cuts the list [embedding, layer 1..L, final norm, LM head] into P
+    contiguous runs with the most parameters on any stage as small as it can be (its
+    ``pipe_partition_balanced``, DeepSpeed's "parameters" method): with a large vocabulary the
+    first and last stages get fewer layers. This project splits the layers evenly and replicates
+    embedding and head on every stage; the logits live on the last. 1F1B keeps P - s micro-batches
+    in flight on stage s (Narayanan et al. 2021); GPipe and circular keep all M."""
+    P, L, M = w.pp, w.model.num_layers, w.microbatches
+    in_flight = [1 if P == 1 else (min(P - s, M) if w.schedule == "1f1b" else M) for s in range(P)]
+    if w.framework != "study":
+        return tuple(Stage(L / P, True, s == P - 1, in_flight[s]) for s in range(P))
+    m = w.model
+    items = [m.vocab_size * m.d_model] + [sum(_layer_params(m).values())] * L + [m.d_model, m.vocab_size * m.d_model]
+    result, start = [], 0
+    for s, size in enumerate(_balanced_partition(items, P)):
+        end = start + size
+        layers = len(range(max(start, 1), min(end, L + 1)))
+        result.append(Stage(layers, start == 0, end == len(items), in_flight[s]))
+        start = end
+    return tuple(result)
+
+
+def _balanced_partition(weights: list[float], parts: int) -> list[int]:
+    """Sizes of ``parts`` contiguous, non-empty runs of ``weights`` whose largest sum is smallest
+    (bisection on that sum, greedy packing)."""
+    def pack(limit):
+        sizes, total, count = [], 0.0, 0
+        for i, weight in enumerate(weights):
+            if count and (total + weight > limit or len(weights) - i <= parts - len(sizes) - 1):
+                sizes.append(count)
+                total, count = 0.0, 0
+            total, count = total + weight, count + 1
+        sizes.append(count)
+        return sizes if len(sizes) == parts and total <= limit else None
+    low, high = max(weights), sum(weights)
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (low, middle) if pack(middle) else (middle, high)
+    return pack(high)
 
 
 def memory(w: Workload, hw: Hardware) -> dict:
-    """Bytes per device on the busiest pipeline stage. Every stage holds the same parameters;
-    activations peak on the first stage (most micro-batches in flight) or the last (one in
-    flight, plus the LM head's logits)."""
+    """Bytes per device on the pipeline stage that needs the most."""
+    return max((stage_memory(w, hw, stage) for stage in stages(w)), key=lambda m: m["total"])
+
+
+def stage_memory(w: Workload, hw: Hardware, stage: Stage) -> dict:
     c = hw.calibration
-    stage_params = _stage_params(w)
+    params = _stage_params(w, stage)
     shard = w.data_parallel
-    if w.framework == "megatron":  # bf16 gradients: the study's 13B tp=1,pp=1 runs fit 80 GB only so
-        weights, grads = 2 * stage_params, 2 * stage_params
-        optimizer = 12 * stage_params / (shard if w.zero >= 1 else 1)
+    if w.framework == "study":  # bf16 gradients: the study's 13B tp=1,pp=1 runs fit 80 GB only so
+        weights, grads = 2 * params, 2 * params
+        optimizer = 12 * params / (shard if w.zero >= 1 else 1)
     else:
-        weights = (w.dtype_bytes * stage_params / (shard if w.zero >= 3 else 1)
-                   + 4 * stage_params / (shard if w.zero >= 1 else 1))
-        grads = 4 * stage_params / (shard if w.zero >= 2 else 1)
-        optimizer = 8 * stage_params / (shard if w.zero >= 1 else 1)
-    kept = max(_stage_activation_bytes(w, first=True), _stage_activation_bytes(w, first=False))
-    activations = kept * c.activation_factor
+        weights = (w.dtype_bytes * params / (shard if w.zero >= 3 else 1)
+                   + 4 * params / (shard if w.zero >= 1 else 1))
+        grads = 4 * params / (shard if w.zero >= 2 else 1)
+        optimizer = 8 * params / (shard if w.zero >= 1 else 1)
+    activations = _stage_activation_bytes(w, stage) * c.activation_factor
     overhead = c.overhead_gib * GIB
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations,
             "overhead": overhead, "total": weights + grads + optimizer + activations + overhead}
 
 
-def _stage_activation_bytes(w: Workload, first: bool) -> float:
-    """Activations the first (or last) pipeline stage keeps, logits included (one stage at pp=1)."""
+def _stage_activation_bytes(w: Workload, stage: Stage) -> float:
+    """Activations a stage keeps at its peak, logits included."""
     m = w.model
-    layers_here = m.num_layers / w.pp
-    in_flight = 1
-    if w.pp > 1:  # 1F1B: P micro-batches on the first stage, one on the last; GPipe/circular: all M
-        in_flight = w.microbatches if w.schedule != "1f1b" else (min(w.pp, w.microbatches) if first else 1)
     if w.remat == "full":
-        kept = layers_here * in_flight * layer_activation_bytes(w, per_layer_input_only=True)
-        kept += layer_activation_bytes(dataclasses.replace(w, remat="none"))  # one layer recomputed
+        kept = stage.layers * stage.in_flight * layer_activation_bytes(w, per_layer_input_only=True)
+        if stage.layers:
+            kept += layer_activation_bytes(dataclasses.replace(w, remat="none"))  # one layer recomputed
     else:
-        kept = layers_here * in_flight * layer_activation_bytes(w)
-    if w.pp == 1 or not first:
+        kept = stage.layers * stage.in_flight * layer_activation_bytes(w)
+    if stage.head:
         # Here: float32 logits, softmax and gradient, split over tp (vocab-parallel LM head).
-        # The study's trainer behaves as if each GPU held the whole vocabulary's bf16 logits,
-        # their float32 copy, softmax and gradient, and the bf16 gradient (16 bytes; this fits
-        # its OOMs at 8k tokens).
-        per_token = 16 * m.vocab_size if w.framework == "megatron" else 12 * m.vocab_size / w.tp
+        # The study's trainer gathers the whole vocabulary's logits on every tp rank before the
+        # loss (ColumnParallelLinear, parallel_output=False); it behaves as if each GPU held
+        # 16 bytes per token and vocabulary entry (this fits its OOMs at 8k tokens).
+        per_token = 16 * m.vocab_size if w.framework == "study" else 12 * m.vocab_size / w.tp
         kept += per_token * w.micro_batch * w.seq_len
     return kept
 
@@ -225,18 +283,17 @@ def predict(w: Workload, hw: Hardware) -> Prediction:
     per_node = _per_node(w, hw.gpus_per_node)
     tp_bandwidth = hw.link_bandwidth(t, per_node["tp"])
     tp_one = 2 * _ring(row_bytes, t, tp_bandwidth, hw.collective_latency_s)
-    per_layer = 4 if w.framework == "megatron" else 7  # see collective_bytes
+    per_layer = 4 if w.framework == "study" else 7  # see collective_bytes
     tp_layer = tp_one * (per_layer + (2 if w.remat in ("full", "offload") else 0))
     # -- head (last stage) -----------------------------------------------------------------
     head = 3 * _matmul_time(h * m.vocab_size / t, m.vocab_size / t, tokens, hw)
     head += 3 * 3 * 4 * tokens * m.vocab_size / t / hw.hbm_bandwidth
-    # -- per step --------------------------------------------------------------------------
-    layers_per_stage = m.num_layers / w.pp
+    # -- per step: the slowest stage paces the pipeline ------------------------------------
     layer = forward + backward + recompute + tp_layer
     # a fixed cost per layer and micro-batch that no kernel hides: host launches and the
     # synchronisation of blocking collectives (eager trainer)
-    layer_fixed = c.layer_launch_s * (4 / 3 if w.remat in ("full", "offload") else 1) if w.framework == "megatron" else 0.0
-    stage = layers_per_stage * (layer + layer_fixed) + head
+    layer_fixed = c.layer_launch_s * (4 / 3 if w.remat in ("full", "offload") else 1) if w.framework == "study" else 0.0
+    stage, layers_per_stage = max((s.layers * (layer + layer_fixed) + s.head * head, s.layers) for s in stages(w))
     mb = w.microbatches
     ticks = mb + (w.pp - 1) / w.virtual_stages if w.pp > 1 else mb
     compute_total = stage * mb
@@ -245,9 +302,11 @@ def predict(w: Workload, hw: Hardware) -> Prediction:
     pp_time = 2 * ticks * (pp_bytes / hw.link_bandwidth(2, min(2, per_node["pp"])) + hw.collective_latency_s) if w.pp > 1 else 0.0
     stage_params = _stage_params(w)
     dp_bw = hw.link_bandwidth(w.data_parallel, per_node["data"])
-    grad_bytes = 2 if w.framework == "megatron" else 4
+    grad_bytes = 2 if w.framework == "study" else 4
     ring = lambda bytes_: _ring(bytes_, w.data_parallel, dp_bw, hw.collective_latency_s)
-    if w.zero == 0:
+    if w.framework == "study":  # float32 gradient all-reduce, then ZeRO-1's bf16 weight all-gather
+        dp_time = 2 * ring(4 * stage_params) + (ring(2 * stage_params) if w.zero >= 1 else 0.0)
+    elif w.zero == 0:
         dp_time = 2 * ring(grad_bytes * stage_params)                    # one all-reduce per step
     elif w.zero == 1 or (w.zero == 2 and w.pp > 1):
         dp_time = ring(grad_bytes * stage_params) + ring(2 * stage_params)  # RS grads + AG weights
@@ -314,7 +373,7 @@ def _per_node(w: Workload, gpus_per_node: int) -> dict:
     """How many GPUs of one tp, data or pp group share a node. Megatron orders ranks tp, data,
     pp (pipeline outermost); this project puts node boundaries on dp, then pp, fsdp and tp
     (``distributed.split_over_nodes``)."""
-    if w.framework == "megatron":
+    if w.framework == "study":
         fill = lambda stride, size: min(size, max(1, gpus_per_node // stride))
         return {"tp": fill(1, w.tp), "data": fill(w.tp, w.data_parallel), "pp": fill(w.tp * w.data_parallel, w.pp)}
     data = {"dp": w.data_parallel, "fsdp": 1} if w.zero == 0 else {"dp": 1, "fsdp": w.data_parallel}
@@ -332,12 +391,12 @@ def _embedding_params(w: Workload) -> float:
     return 2 * m.vocab_size * m.d_model / w.tp + m.d_model
 
 
-def _stage_params(w: Workload) -> float:
-    """Parameters per device on the busiest stage. This project replicates embedding, final norm
-    and LM head on every pipeline stage; Megatron puts the embedding on the first, the head on
-    the last."""
+def _stage_params(w: Workload, stage: Stage | None = None) -> float:
+    """Parameters per device on a stage (default: the stage with the most)."""
+    if stage is None:
+        return max(_stage_params(w, s) for s in stages(w))
     m = w.model
-    layers = m.num_layers * (sum(_layer_params(m).values()) + 2 * m.d_model) / (w.tp * w.pp)
-    if w.framework == "megatron" and w.pp > 1:
-        return layers + m.vocab_size * m.d_model / w.tp
-    return layers + _embedding_params(w)
+    layers = stage.layers * (sum(_layer_params(m).values()) + 2 * m.d_model) / w.tp
+    if w.framework != "study":
+        return layers + _embedding_params(w)
+    return layers + (stage.embedding + stage.head) * m.vocab_size * m.d_model / w.tp + stage.head * m.d_model
