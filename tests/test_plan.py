@@ -130,6 +130,8 @@ def test_the_study_trainer_balances_stages_by_parameters():
 
 
 def test_validation_on_a_small_file(tmp_path):
+    from jaxlayouts.plan.validate import spearman
+    assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(0.8660, abs=1e-4)  # ties share a rank
     rows = ["sweep,model,seq_len,world_size,micro_batch_size,tp,pp,sequence_parallel,"
             "activation_checkpointing,kernel,status,step_time_s,mfu,tflops_megatron"]
     rows += [f"s,13B,2048,64,1,{tp},1,False,disabled,flash_attention2+rms_kernel,ok,1,{mfu},1"
@@ -202,6 +204,9 @@ def test_validation_names_a_bad_row():
         workload({**row, "kernel": "xformers"})
     with pytest.raises(InvalidLayout, match="sweep 's': .*'2k'; sizes are integers"):
         workload({**row, "kernel": "torch", "seq_len": "2k"})
+    for bad in ({"pp": "64"}, {"tp": "3"}, {"world_size": "0"}):
+        with pytest.raises(InvalidLayout, match="sweep 's': .*tp x pp divides world_size"):
+            workload({**row, "kernel": "torch", **bad})
 
 
 def test_explore_reports_shardings_memory_and_collectives():

@@ -15,7 +15,7 @@ accumulation + optimizer update:
   launches, blocking collectives), which makes many thin micro-batches and high tp slow.
 * Pipeline: (M + P - 1) / V times of the slowest stage for P > 1 (Narayanan et al. 2021), the
   (P - 1) / V fill and drain scaled by ``bubble_factor``. Stages follow ``stages``: the study's
-  trainer cuts embedding, layers and head into equal runs by count, so stages differ.
+  trainer balances embedding, layers and head by parameter count, so its stages differ.
 * Tensor-parallel collectives (Megatron, not overlapped): per layer two all-reduces forward and
   two backward of the b T d activation (SP: reduce-scatter + all-gather, same bytes); ring cost
   2 (t-1)/t V / W plus a latency floor (scaling book: all-reduce ~ 2V/W, all-gather ~ V/W).
@@ -370,9 +370,9 @@ def collective_bytes(w: Workload) -> dict:
 
 
 def _per_node(w: Workload, gpus_per_node: int) -> dict:
-    """How many GPUs of one tp, data or pp group share a node. Megatron orders ranks tp, data,
-    pp (pipeline outermost); this project puts node boundaries on dp, then pp, fsdp and tp
-    (``distributed.split_over_nodes``)."""
+    """How many GPUs of one tp, data or pp group share a node. The study's trainer orders ranks
+    as Megatron does, tp, data, pp (pipeline outermost); this project puts node boundaries on dp,
+    then pp, fsdp and tp (``distributed.split_over_nodes``)."""
     if w.framework == "study":
         fill = lambda stride, size: min(size, max(1, gpus_per_node // stride))
         return {"tp": fill(1, w.tp), "data": fill(w.tp, w.data_parallel), "pp": fill(w.tp * w.data_parallel, w.pp)}

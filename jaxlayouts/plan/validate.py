@@ -22,6 +22,7 @@ import dataclasses
 
 import numpy as np
 import scipy.optimize
+import scipy.stats
 
 from jaxlayouts.layout import InvalidLayout, load_model_config
 from jaxlayouts.plan.cost import GIB, Workload, predict, stage_memory, stages
@@ -53,6 +54,10 @@ def workload(row: dict) -> Workload:
                                                                        "micro_batch_size"))
     except ValueError as error:
         raise InvalidLayout("file", f"sweep {row['sweep']!r}: {error}; sizes are integers") from None
+    if min(seq_len, world, tp, pp, micro_batch) < 1 or world % (tp * pp) or pp > model.num_layers:
+        raise InvalidLayout("file", f"sweep {row['sweep']!r}: tp={tp}, pp={pp} on {world} GPUs with "
+                            f"micro-batch {micro_batch} at {seq_len} tokens; sizes are positive, tp x pp "
+                            f"divides world_size and pp is at most the {model.num_layers} layers")
     if row["kernel"] not in KERNELS:
         raise InvalidLayout("file", f"kernel {row['kernel']!r} in sweep {row['sweep']!r}; the study's names "
                             f"are {', '.join(KERNELS)}")
@@ -68,11 +73,13 @@ _model_config = functools.lru_cache(load_model_config)
 
 
 def spearman(a, b) -> float:
-    rank = lambda x: np.argsort(np.argsort(x)).astype(float)
-    ra, rb = rank(np.asarray(a)), rank(np.asarray(b))
-    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+    """Spearman rank correlation (ties share their mean rank); NaN for fewer than two runs or a
+    constant side."""
+    if len(a) < 2:
         return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.stats.ConstantInputWarning)
+        return float(scipy.stats.spearmanr(a, b).statistic)
 
 
 def evaluate(rows: list[dict], hw: Hardware) -> dict:
