@@ -118,6 +118,24 @@ def test_fit_lowers_the_error_on_a_small_file(tmp_path):
     assert evaluate(rows, fitted)["mfu_mape"] < 0.5 * evaluate(rows, hw)["mfu_mape"]
 
 
+def test_memory_fit_gives_tensor_parallel_activations_their_own_factor(tmp_path):
+    # The study's 13B tp=1, pp=1 run fits 80 GB with little room for activations; its 30B tp=2,
+    # pp=4 run, with more activations and fewer weights, ran out of memory. No single activation
+    # factor (with any overhead >= 0) classifies both; a separate factor for tp > 1 does.
+    from jaxlayouts.plan.validate import _with, evaluate, fit_memory, read_rows
+    path = tmp_path / "runs.csv"
+    path.write_text("sweep,model,seq_len,world_size,micro_batch_size,tp,pp,sequence_parallel,"
+                    "activation_checkpointing,kernel,status,step_time_s,mfu,tflops_megatron\n"
+                    "a,13B,2048,64,1,1,1,False,disabled,flash_attention2+rms_kernel,ok,26.5,0.706,1\n"
+                    "b,30B,2048,256,2,2,4,False,disabled,flash_attention2,oom,,,\n")
+    rows, hw = read_rows(str(path)), load_hardware("a100-80gb")
+    fitted = fit_memory(rows, hw)
+    assert evaluate(rows, fitted)["oom_accuracy"] == 1.0 and fitted.calibration.tp_activation_factor > 1.0
+    for factor in (1.0, 1.2, 1.4, 1.6, 1.8, 2.0):
+        one = _with(hw, activation_factor=factor, tp_activation_factor=1.0, overhead_gib=0.0)
+        assert evaluate(rows, one)["oom_accuracy"] < 1.0
+
+
 def test_the_study_trainer_balances_stages_by_parameters():
     # 13B with a 128k vocabulary: embedding and head weigh about two layers each, so the first
     # and last of four stages get two layers fewer; 1F1B keeps 4, 3, 2, 1 micro-batches in flight.

@@ -31,6 +31,7 @@ class Calibration:
     bubble_factor: float = 1.0             # measured pipeline fill/drain over (P-1) stage-times
     layer_launch_s: float = 1e-3           # host time to launch one layer's kernels, fwd + bwd (eager)
     activation_factor: float = 1.0         # allocator fragmentation on activations
+    tp_activation_factor: float = 1.0      # more of it under tp > 1 in the study's eager trainer
     overhead_gib: float = 4.0              # runtime context, communication buffers, workspace
 
     @classmethod

@@ -35,7 +35,7 @@ KERNELS = {"torch": ("unfused", False), "fused": ("fused", False), "flash_attent
 TOKENS_PER_STEP = 4 * 2 ** 20
 REQUIRED = ("sweep", "model", "seq_len", "world_size", "micro_batch_size", "tp", "pp", "sequence_parallel",
             "activation_checkpointing", "kernel", "status", "mfu")
-MEMORY_CONSTANTS = ("activation_factor", "overhead_gib")
+MEMORY_CONSTANTS = ("activation_factor", "tp_activation_factor", "overhead_gib")
 
 
 def read_rows(path: str) -> list[dict]:
@@ -139,28 +139,35 @@ def fit(rows: list[dict], hw: Hardware, rounds: int = 3, log=print) -> Hardware:
 
 
 def fit_memory(rows: list[dict], hw: Hardware) -> Hardware:
-    """``activation_factor`` and ``overhead_gib`` together, on a dense grid: a stage's memory is
-    linear in them, so each row is costed once. Among the settings with the best OOM accuracy the
-    one whose misclassified rows miss the limit by the fewest GiB in all wins."""
-    base = _with(hw, activation_factor=1.0, overhead_gib=0.0)
-    costed = [[stage_memory(w, base, stage) for stage in stages(w)] for w in map(workload, rows)]
+    """``activation_factor``, ``tp_activation_factor`` and ``overhead_gib`` together, on a dense
+    grid: a stage's memory is linear in them, so each row is costed once. Among the settings with
+    the best OOM accuracy the one whose misclassified rows miss the limit by the fewest GiB in all
+    wins."""
+    base = _with(hw, activation_factor=1.0, tp_activation_factor=1.0, overhead_gib=0.0)
+    loads = list(map(workload, rows))
+    costed = [[stage_memory(w, base, stage) for stage in stages(w)] for w in loads]
     fixed = np.full((len(rows), max(map(len, costed))), -np.inf)   # rows x stages
     activations = np.zeros_like(fixed)
     for i, row in enumerate(costed):
         for j, m in enumerate(row):
             fixed[i, j], activations[i, j] = m["total"] - m["activations"], m["activations"]
-    ok = np.array([r["status"] == "ok" for r in rows])
-    factors, overheads = np.arange(1.0, 2.5, 0.005), np.arange(0.0, 4.0, 0.05)
+    tensor_parallel = np.array([w.tp > 1 and w.framework == "study" for w in loads])[:, None]
+    ok = np.array([r["status"] == "ok" for r in rows])[:, None]
+    overheads = np.arange(0.0, 4.0, 0.05)
     best = None
-    for factor in factors:
-        peak = (fixed + factor * activations).max(axis=1)
-        for overhead in overheads:
-            excess = (peak + overhead * GIB - hw.hbm_bytes) / GIB
+    for factor in np.arange(1.0, 2.5, 0.005):
+        for tp_factor in np.arange(1.0, 1.6, 0.01):
+            scale = factor * np.where(tensor_parallel, tp_factor, 1.0)
+            peak = (fixed + scale * activations).max(axis=1)[:, None]
+            excess = (peak + overheads * GIB - hw.hbm_bytes) / GIB        # rows x overheads
             wrong = np.where(ok, np.maximum(excess, 0.0), np.maximum(-excess, 0.0))
-            score = ((wrong > 0).sum(), wrong.sum())
+            counts, missed = (wrong > 0).sum(axis=0), wrong.sum(axis=0)
+            k = np.lexsort((missed, counts))[0]
+            score = (counts[k], missed[k])
             if best is None or score < best[0]:
-                best = (score, factor, overhead)
-    return _with(hw, activation_factor=round(best[1], 3), overhead_gib=round(best[2], 2))
+                best = (score, factor, tp_factor, overheads[k])
+    return _with(hw, activation_factor=round(best[1], 3), tp_activation_factor=round(best[2], 3),
+                 overhead_gib=round(best[3], 2))
 
 
 def _with(hw: Hardware, **constants) -> Hardware:
