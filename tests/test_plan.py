@@ -1,5 +1,6 @@
 """Explore, the cost model and the planner: against the compiler, against the study, as CLIs."""
 
+import csv
 import dataclasses
 import json
 import pathlib
@@ -23,7 +24,7 @@ def run_module(*args, timeout=300):
     return proc, json.loads(last) if last.startswith("{") else None
 
 
-def test_hardware_descriptions_load_with_numbers():
+def test_hardware_descriptions_load_with_numbers(tmp_path, monkeypatch):
     assert {"a100-80gb", "h100-80gb", "h200"} <= set(hardware_names())
     a100, h200 = load_hardware("a100-80gb"), load_hardware("h200")
     assert a100.peak_tflops == 312 and a100.gpus_per_node == 8 and isinstance(a100.inter_node_bandwidth, float)
@@ -31,6 +32,22 @@ def test_hardware_descriptions_load_with_numbers():
     assert a100.calibration_source == "a100-80gb.calibration.yaml"
     with pytest.raises(InvalidLayout, match="--hardware: unknown hardware 'tpu'"):
         load_hardware("tpu")
+    from jaxlayouts.plan import hardware
+    own = tmp_path / "own.yaml"
+    own.write_text((hardware.HARDWARE_DIR / "a100-80gb.yaml").read_text().replace("name: a100-80gb", "name: own"))
+    monkeypatch.setattr(hardware, "HARDWARE_DIR", tmp_path)
+    calibration = tmp_path / "own.calibration.yaml"
+    calibration.write_text("activation_factr: 1.2\n")
+    with pytest.raises(InvalidLayout, match="own.calibration.yaml: calibration constants are a subset of"):
+        load_hardware(str(own))
+    calibration.write_text("activation_factor: high\n")
+    with pytest.raises(InvalidLayout, match="activation_factor is 'high'; it must be a number"):
+        load_hardware(str(own))
+    calibration.write_text("activation_factor: 1.3\n")
+    assert load_hardware(str(own)).calibration.activation_factor == 1.3
+    own.write_text(own.read_text().replace("peak_tflops: 312", "peak_tflops: fast"))
+    with pytest.raises(InvalidLayout, match="peak_tflops is 'fast'; it must be a number"):
+        load_hardware(str(own))
 
 
 def workload(**changes):
@@ -157,8 +174,14 @@ def test_validation_on_a_small_file(tmp_path):
     rows += ["s,13B,2048,64,8,1,1,False,disabled,torch,oom,,,"]
     path = tmp_path / "runs.csv"
     path.write_text("\n".join(rows) + "\n")
-    proc, result = run_module("jaxlayouts.plan", "validate", str(path), "--json")
+    predictions = tmp_path / "predictions.csv"
+    proc, result = run_module("jaxlayouts.plan", "validate", str(path), "--json", "--predictions", str(predictions))
     assert proc.returncode == 0, proc.stderr[-2000:]
+    written = list(csv.DictReader(predictions.open()))
+    assert [r["mfu"] for r in written] == ["0.7", "0.62", "0.55", "0.4", ""]
+    top = max((r for r in written if r["predicted_fits"] == "True"), key=lambda r: float(r["predicted_mfu"]))
+    assert float(top["predicted_mfu"]) == pytest.approx(result["sweeps"]["s"]["top_ranked_predicted_mfu"], abs=1e-4)
+    assert written[-1]["predicted_fits"] == "False" and float(written[-1]["predicted_memory_gib"]) > 80
     assert result["rows"] == 5 and 0 <= result["oom_accuracy"] <= 1 and result["mfu_mape"] >= 0
     sweep = result["sweeps"]["s"]
     assert sweep["best_measured_mfu"] == 0.70
@@ -212,6 +235,8 @@ def test_plan_explains_a_layout_and_rejects_bad_input():
     assert proc.returncode == 2 and "--top: 0: must be a positive integer" in proc.stderr
     proc, _ = run_module("jaxlayouts.plan", "--fit")
     assert proc.returncode == 2 and "--fit: re-fits the calibration" in proc.stderr
+    proc, _ = run_module("jaxlayouts.plan", "validate", "runs.csv", "--predictions", "/no/such/folder/out.csv")
+    assert proc.returncode == 2 and "--predictions: /no/such/folder/out.csv: its folder does not exist" in proc.stderr
 
 
 def test_validation_names_a_bad_row():

@@ -3,7 +3,7 @@
     python -m jaxlayouts.plan --model llama-65b --gpus 128 --seq_len 2048 --global_batch 2048 --hardware a100-80gb
     python -m jaxlayouts.plan ... --explain "dp=4,tp=8,pp=4 mbs=1 remat=none attn=pallas norm=pallas"
     python -m jaxlayouts.plan ... --verify 3      # ahead-of-time compile of the top 3 (explore)
-    python -m jaxlayouts.plan validate ../shared/paper-data/calibration_runs.csv --hardware a100-80gb [--fit]
+    python -m jaxlayouts.plan validate ../shared/paper-data/calibration_runs.csv --hardware a100-80gb [--fit] [--predictions OUT.csv]
 
 The layout space: tp (inside a node) x pp x data axis (dp with ZeRO-0, or fsdp with ZeRO-1/2/3),
 micro-batch, sequence parallelism, remat, attention and norm kernels, pipeline schedule. Every
@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import pathlib
 import sys
 import time
 
@@ -36,6 +37,7 @@ flags.DEFINE_string("explain", None, "Explain one layout (its text form) instead
 flags.DEFINE_integer("verify", 0, "Ahead-of-time compile the top N layouts on emulated devices (explore).")
 flags.DEFINE_bool("json", False, "Print one JSON object (last stdout line).")
 flags.DEFINE_bool("fit", False, "validate: re-fit the calibration constants on the file and save them.")
+flags.DEFINE_string("predictions", None, "validate: also write every row with its predictions to this CSV.")
 
 MICRO_BATCHES = (1, 2, 4, 8)
 REMATS = ("none", "selective", "full")
@@ -91,7 +93,7 @@ def explain(run: RunConfig, hw, p: cost.Prediction) -> str:
 
 
 def validate_command(path: str, hw, as_json: bool):
-    from jaxlayouts.plan.validate import evaluate, fit, read_rows
+    from jaxlayouts.plan.validate import evaluate, fit, predict_rows, read_rows, write_predictions
     rows = read_rows(path)
     if FLAGS.fit:
         hw = fit(rows, hw)
@@ -99,7 +101,11 @@ def validate_command(path: str, hw, as_json: bool):
                                  f"{path} --hardware {hw.name} --fit\n({len(rows)} rows ok/oom; memory by grid "
                                  "search, time by Powell's method: jaxlayouts/plan/validate.py)")
         print(f"saved {saved}")
-    result = evaluate(rows, hw)
+    predictions = predict_rows(rows, hw)
+    result = evaluate(rows, hw, predictions)
+    if FLAGS.predictions:
+        write_predictions(FLAGS.predictions, rows, predictions)
+        print(f"wrote {len(rows)} rows with their predictions to {FLAGS.predictions}")
     result["calibration"] = dataclasses.asdict(hw.calibration)
     result["calibration_source"] = hw.calibration_source
     if not as_json:
@@ -118,6 +124,12 @@ def check_flags(validating: bool) -> None:
     if FLAGS.fit and not validating:
         raise InvalidLayout("fit", "re-fits the calibration on measured runs: python -m jaxlayouts.plan "
                             "validate FILE.csv --fit")
+    if FLAGS.predictions and not validating:
+        raise InvalidLayout("predictions", "writes a validated file's rows with their predictions: "
+                            "python -m jaxlayouts.plan validate FILE.csv --predictions OUT.csv")
+    if FLAGS.predictions and not pathlib.Path(FLAGS.predictions).resolve().parent.is_dir():
+        raise InvalidLayout("predictions", f"{FLAGS.predictions}: its folder does not exist; give a path "
+                            "in an existing folder, e.g. --predictions predictions.csv")
     positive = {"gpus": FLAGS.gpus, "seq_len": FLAGS.seq_len, "global_batch": FLAGS.global_batch,
                 "top": FLAGS.top}
     for name, value in positive.items():

@@ -223,11 +223,16 @@ def stage_memory(w: Workload, hw: Hardware, stage: Stage) -> dict:
         grads = 4 * params / (shard if w.zero >= 2 else 1)
         optimizer = 8 * params / (shard if w.zero >= 1 else 1)
     activations = _stage_activation_bytes(w, stage) * c.activation_factor
-    if w.tp > 1 and w.framework == "study":
+    if tp_activation_surcharge(w):
         activations *= c.tp_activation_factor
     overhead = c.overhead_gib * GIB
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations,
             "overhead": overhead, "total": weights + grads + optimizer + activations + overhead}
+
+
+def tp_activation_surcharge(w: Workload) -> bool:
+    """Whether ``tp_activation_factor`` applies: tp > 1 in the study's eager trainer."""
+    return w.tp > 1 and w.framework == "study"
 
 
 def _stage_activation_bytes(w: Workload, stage: Stage) -> float:

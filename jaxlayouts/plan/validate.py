@@ -16,16 +16,16 @@ OOM accuracy (``fit_memory``), time constants minimise MFU error; the result is 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import warnings
-import dataclasses
 
 import numpy as np
 import scipy.optimize
 import scipy.stats
 
 from jaxlayouts.layout import InvalidLayout, load_model_config
-from jaxlayouts.plan.cost import GIB, Workload, predict, stage_memory, stages
+from jaxlayouts.plan.cost import GIB, Prediction, Workload, predict, stage_memory, stages, tp_activation_surcharge
 from jaxlayouts.plan.hardware import Calibration, Hardware
 
 KERNELS = {"torch": ("unfused", False), "fused": ("fused", False), "flash_attention": ("flash1", False),
@@ -82,8 +82,13 @@ def spearman(a, b) -> float:
         return float(scipy.stats.spearmanr(a, b).statistic)
 
 
-def evaluate(rows: list[dict], hw: Hardware) -> dict:
-    predictions = [predict(workload(r), hw) for r in rows]
+def predict_rows(rows: list[dict], hw: Hardware) -> list[Prediction]:
+    return [predict(workload(r), hw) for r in rows]
+
+
+def evaluate(rows: list[dict], hw: Hardware, predictions: list[Prediction] | None = None) -> dict:
+    """The report above; ``predictions`` are ``predict_rows(rows, hw)`` if already made."""
+    predictions = predictions or predict_rows(rows, hw)
     oom_hits = [p.fits == (r["status"] == "ok") for r, p in zip(rows, predictions)]
     ok = [(r, p) for r, p in zip(rows, predictions) if r["status"] == "ok"]
     errors = [abs(p.mfu - float(r["mfu"])) / float(r["mfu"]) for r, p in ok]
@@ -104,6 +109,20 @@ def evaluate(rows: list[dict], hw: Hardware) -> dict:
         }
     return {"rows": len(rows), "oom_accuracy": float(np.mean(oom_hits)),
             "mfu_mape": float(np.mean(errors)) if errors else None, "sweeps": sweeps}
+
+
+PREDICTED = ("predicted_mfu", "predicted_step_time_s", "predicted_memory_gib", "predicted_fits")
+
+
+def write_predictions(path: str, rows: list[dict], predictions: list[Prediction]) -> None:
+    """Each row as read, followed by its predicted MFU, step time, memory per GPU and fit."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*rows[0], *PREDICTED])
+        writer.writeheader()
+        for r, p in zip(rows, predictions):
+            writer.writerow({**r, "predicted_mfu": f"{p.mfu:.4f}", "predicted_step_time_s": f"{p.step_time_s:.3f}",
+                             "predicted_memory_gib": f"{p.memory_bytes['total'] / GIB:.2f}",
+                             "predicted_fits": p.fits})
 
 
 def _describe(row: dict) -> str:
@@ -151,7 +170,7 @@ def fit_memory(rows: list[dict], hw: Hardware) -> Hardware:
     for i, row in enumerate(costed):
         for j, m in enumerate(row):
             fixed[i, j], activations[i, j] = m["total"] - m["activations"], m["activations"]
-    tensor_parallel = np.array([w.tp > 1 and w.framework == "study" for w in loads])[:, None]
+    tensor_parallel = np.array([tp_activation_surcharge(w) for w in loads])[:, None]
     ok = np.array([r["status"] == "ok" for r in rows])[:, None]
     overheads = np.arange(0.0, 4.0, 0.05)
     best = None
