@@ -112,7 +112,7 @@ def test_triton_without_its_packages_names_the_extra(monkeypatch):
 def test_kernel_benchmark_reports_every_implementation(tmp_path):
     markdown = tmp_path / "kernels.md"
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxlayouts.kernels.bench", "--seq_lens", "64", "--head_dim", "64",
+        [sys.executable, "-m", "jaxlayouts.kernel_bench", "--seq_lens", "64", "--head_dim", "64",
          "--d_model", "128", "--norm_rows", "16", "--iters", "2", "--warmup", "1",
          "--markdown", str(markdown)],
         capture_output=True, text=True, timeout=300, env=clean_env())
@@ -139,7 +139,7 @@ def test_kernel_benchmark_reports_every_implementation(tmp_path):
     (["--heads", "6", "--kv_heads", "4"], "--kv_heads: 4 must divide --heads 6"),
 ])
 def test_kernel_benchmark_rejects_bad_input(args, message):
-    proc = subprocess.run([sys.executable, "-m", "jaxlayouts.kernels.bench", *args],
+    proc = subprocess.run([sys.executable, "-m", "jaxlayouts.kernel_bench", *args],
                           capture_output=True, text=True, timeout=120, env=clean_env())
     assert proc.returncode == 2
     assert message in proc.stderr

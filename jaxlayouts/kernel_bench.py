@@ -1,7 +1,7 @@
 """Kernel benchmark: attention forward and forward+backward per implementation, RMSNorm bandwidth.
 
-    python -m jaxlayouts.kernels.bench                       # GPU: T = 2k/4k/8k, d = 128, bf16
-    python -m jaxlayouts.kernels.bench --markdown docs/results/kernels-h100.md
+    python -m jaxlayouts.kernel_bench                       # GPU: T = 2k/4k/8k, d = 128, bf16
+    python -m jaxlayouts.kernel_bench --markdown docs/results/kernels-h100.md
 
 Attention TFLOP/s count the causal FLOPs as FlashAttention's benchmarks do (the two matmuls,
 halved by the mask; backward = 2.5 x forward; softmax not counted), see
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import statistics
-import time
 
 from absl import app, flags
+
+from jaxlayouts.timing import timed
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("seq_lens", None, "Sequence lengths (default: 2048,4096,8192 on GPU, 128,256 on CPU).")
@@ -37,22 +37,6 @@ flags.DEFINE_integer("d_model", 8192, "RMSNorm row width.")
 flags.DEFINE_integer("warmup", 3, "Untimed runs after the compile.")
 flags.DEFINE_integer("iters", 10, "Timed runs (the median is reported).")
 flags.DEFINE_string("markdown", None, "Also write the tables as Markdown to this file.")
-
-
-def timed(fn, *args, warmup: int, iters: int) -> dict:
-    """Compile time and the median of ``iters`` synchronised runs after ``warmup`` runs."""
-    import jax
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - start
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return {"compile_s": compile_s, "time_s": statistics.median(times)}
 
 
 def _unavailable(implementation: str, kind: str, platform: str) -> str | None:
@@ -215,7 +199,7 @@ def main(argv):
     header = {"device_kind": jax.devices()[0].device_kind, "platform": platform,
               "jax_version": jax.__version__, "interpret": interpret_mode(None),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python -m jaxlayouts.kernels.bench " + " ".join(argv[1:])}
+              "command": "python -m jaxlayouts.kernel_bench " + " ".join(argv[1:])}
     if header["interpret"]:
         print("note: no GPU; Pallas kernels run in interpret mode on tiny shapes (harness check only)")
     attention, norm = attention_rows(platform), norm_rows(platform)
