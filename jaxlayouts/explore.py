@@ -22,8 +22,10 @@ import sys
 
 from absl import app, flags
 
-from jaxlayouts import devices
-from jaxlayouts.layout import InvalidLayout, RunConfig, parse_mesh, validate
+from jaxlayouts import config, devices
+from jaxlayouts.layout import RunConfig, parse_mesh, validate
+from jaxlayouts.plan.hardware import load_hardware
+from jaxlayouts.schema import InvalidInput
 
 FLAGS = flags.FLAGS
 
@@ -57,7 +59,6 @@ def explore(run: RunConfig, hardware: str = "a100-80gb", devices_=None) -> dict:
     from jaxlayouts.analysis import hlo
     from jaxlayouts.mesh import build_mesh
     from jaxlayouts.plan import cost
-    from jaxlayouts.plan.hardware import load_hardware
     from jaxlayouts.train import Trainer
 
     count = run.layout.num_devices
@@ -123,17 +124,19 @@ def print_report(report: dict) -> None:
 
 
 def main(argv):
-    from jaxlayouts import bench
-    values = {name: FLAGS[name].value for name in bench.FLAG_NAMES}
     try:
+        if len(argv) > 1:
+            raise InvalidInput("flags", f"unexpected arguments {argv[1:]}; all options are --flags")
+        values = config.values_from_flags(FLAGS)
         count = values["num_devices"] or math.prod(parse_mesh(values["mesh"]).values())
         if count < 1:
-            raise InvalidLayout("mesh", f"{values['mesh']}: -1 needs --num_devices (the cluster size)")
-        devices.emulate_cluster(count)
-        run, _ = bench.run_config(values, count)
+            raise InvalidInput("mesh", f"{values['mesh']}: -1 needs --num_devices (the cluster size)")
+        run = config.run_config(values, count)
         validate(run, count)
-    except InvalidLayout as error:
-        print(f"invalid: {error}", file=sys.stderr)
+        load_hardware(FLAGS.hardware)
+        devices.emulate_cluster(count)
+    except InvalidInput as error:
+        config.print_invalid(error)
         sys.exit(2)
     report = explore(run, FLAGS.hardware)
     if not FLAGS.json:
@@ -142,9 +145,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    # The CLI takes the bench's flags plus its own; importing this module as a library (as the
-    # planner's --verify does) defines none.
-    from jaxlayouts import bench  # noqa: F401  (defines the bench's flags)
+    # The CLI takes the run's knobs plus its own; importing this module as a library (as the
+    # planner's --verify does) defines no flag.
+    config.define_flags(FLAGS, [n for n in config.KNOB_NAMES if n not in config.NOT_A_RUN_KNOB or n == "num_devices"])
     flags.DEFINE_bool("json", False, "Print only the report as one JSON object (last stdout line).")
     flags.DEFINE_string("hardware", "a100-80gb", "Hardware for the analytic memory model (configs/hardware/).")
-    app.run(main)
+    app.run(main, flags_parser=config.flags_parser(config.print_invalid))

@@ -5,7 +5,9 @@
 For testing the multi-process path without a cluster (``launch/local.sh`` wraps it). Each
 process gets ``JAXLAYOUTS_COORDINATOR_ADDRESS``, ``JAXLAYOUTS_NUM_PROCESSES`` and
 ``JAXLAYOUTS_PROCESS_ID``; the bench reads them. When any process fails, the others are stopped
-and the launcher exits with that process's code, so a failure is never a hang.
+and the launcher exits with that process's code, so a failure is never a hang. When the launcher
+itself dies, even by ``kill -9``, Linux kills the workers (``die_with_parent``, which the bench
+calls first thing; a command of your own should call it too).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def launch(num_processes: int, command: list[str], grace_s: float = 10.0) -> int
     for index in range(num_processes):
         env = dict(os.environ, **{f"{ENV_PREFIX}COORDINATOR_ADDRESS": address,
                                   f"{ENV_PREFIX}NUM_PROCESSES": str(num_processes),
-                                  f"{ENV_PREFIX}PROCESS_ID": str(index)})
+                                  f"{ENV_PREFIX}PROCESS_ID": str(index),
+                                  PARENT_PID_VARIABLE: str(os.getpid())})  # killed with the launcher
         env.pop("XLA_FLAGS", None)  # each process asks for its own share of the devices
         procs.append(subprocess.Popen(command, env=env))
     try:

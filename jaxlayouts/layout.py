@@ -16,7 +16,7 @@ import importlib.util
 import math
 import pathlib
 
-import yaml
+from jaxlayouts.schema import InvalidInput, check_instance, checked, from_mapping, knob, knobs, load_yaml
 
 MESH_AXES = ("dp", "fsdp", "tp", "pp")
 """Mesh axes in mesh order: data replicas, ZeRO/FSDP shards, tensor parallel, pipeline stages.
@@ -24,6 +24,10 @@ MESH_AXES = ("dp", "fsdp", "tp", "pp")
 
 DATA_AXES = ("dp", "fsdp")
 """The axes the batch is split over."""
+
+PARAM_AXES = ("layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp")
+ACTIVATION_AXES = ("batch", "act_seq", "seq", "act_embed", "act_heads", "act_mlp", "act_vocab")
+"""Logical axis names of parameters and activations (``mesh.py`` maps them to mesh axes)."""
 
 REMAT_CHOICES = ("none", "full", "selective", "dots", "save_all_but_ffn", "offload")
 ATTENTION_CHOICES = ("xla", "cudnn", "pallas", "pallas_jax")
@@ -36,15 +40,11 @@ DTYPE_CHOICES = ("bfloat16", "float32")
 PIPELINE_SCHEDULES = ("gpipe", "circular", "1f1b")
 ZERO_CHOICES = (0, 1, 2, 3)
 
+REQUIRED = dataclasses.MISSING
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
-
-
-class InvalidLayout(ValueError):
-    """A run or layout that cannot work; ``knob`` names the flag to change."""
-
-    def __init__(self, knob: str, message: str):
-        super().__init__(f"--{knob}: {message}")
-        self.knob = knob
+MAX_EMULATED_DEVICES = 8192
+"""The most CPU devices one process emulates: XLA's CPU client builds every device up front, and
+above this a mesh costs gigabytes before it is checked."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,15 +56,16 @@ class ModelConfig:
     """LLaMA shapes (Touvron et al. 2023): pre-norm RMSNorm, SwiGLU FFN, rotary embeddings,
     grouped-query attention when ``num_kv_heads < num_heads``, untied input/output embeddings."""
 
-    name: str
-    num_layers: int
-    d_model: int
-    num_heads: int
-    num_kv_heads: int
-    d_ff: int
-    vocab_size: int
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    name: str = knob(REQUIRED, "The model's name, as result rows show it.", example="llama-1b")
+    num_layers: int = knob(REQUIRED, "Transformer layers.", low=1)
+    d_model: int = knob(REQUIRED, "Residual stream width.", low=1)
+    num_heads: int = knob(REQUIRED, "Query heads.", low=1)
+    num_kv_heads: int = knob(REQUIRED, "Key/value heads (grouped-query attention when fewer than num_heads).",
+                              low=1)
+    d_ff: int = knob(REQUIRED, "SwiGLU hidden width.", low=1)
+    vocab_size: int = knob(REQUIRED, "Vocabulary size.", low=1)
+    rope_theta: float = knob(10000.0, "Rotary embedding base.", above=0)
+    norm_eps: float = knob(1e-5, "RMSNorm epsilon.", above=0, high=1.0)
 
     @property
     def head_dim(self) -> int:
@@ -91,16 +92,12 @@ def load_model_config(name_or_path: str, **overrides) -> ModelConfig:
     if not path.suffix:
         path = CONFIG_DIR / "models" / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise InvalidLayout(
+        raise InvalidInput(
             "model", f"unknown model {name_or_path!r}; choose one of {', '.join(model_names())} "
             "or give the path of a YAML file with the same fields")
-    fields = yaml.safe_load(path.read_text())
+    fields = load_yaml(path, "model")
     fields.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = set(fields) - known
-    if unknown:
-        raise InvalidLayout("model", f"{path}: unknown fields {sorted(unknown)}; known: {sorted(known)}")
-    return ModelConfig(**fields)
+    return from_mapping(ModelConfig, fields, path, "model")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,28 +114,28 @@ def parse_mesh(text: str, num_devices: int | None = None) -> dict[str, int]:
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, value = item.partition("=")
         if not sep or name not in MESH_AXES:
-            raise InvalidLayout(
+            raise InvalidInput(
                 "mesh", f"cannot read {item!r}; write AXIS=SIZE pairs over {'/'.join(MESH_AXES)}, "
                 "e.g. --mesh dp=8,tp=4,pp=1")
         try:
             size = int(value)
         except ValueError:
-            raise InvalidLayout("mesh", f"{name}={value!r} is not an integer, e.g. {name}=2") from None
+            raise InvalidInput("mesh", f"{name}={value!r} is not an integer, e.g. {name}=2") from None
         if size == -1:
             if rest is not None:
-                raise InvalidLayout("mesh", f"only one axis may be -1 (both {rest} and {name} are)")
+                raise InvalidInput("mesh", f"only one axis may be -1 (both {rest} and {name} are)")
             rest = name
         elif size < 1:
-            raise InvalidLayout("mesh", f"{name}={size}: sizes are positive integers (or -1 for the rest)")
+            raise InvalidInput("mesh", f"{name}={size}: sizes are positive integers (or -1 for the rest)")
         mesh[name] = size
     if rest is not None:
         others = math.prod(size for axis, size in mesh.items() if axis != rest)
         if num_devices is None:
-            raise InvalidLayout("mesh", f"{rest}=-1 needs a known device count; give --num_devices "
-                                "or write the size explicitly")
+            raise InvalidInput("mesh", f"{rest}=-1 needs a known device count; give --num_devices "
+                                 "or write the size explicitly")
         if num_devices % others:
-            raise InvalidLayout("mesh", f"{rest}=-1: {num_devices} devices are not divisible by the "
-                                f"other axes' product {others}")
+            raise InvalidInput("mesh", f"{rest}=-1: {num_devices} devices are not divisible by the "
+                                 f"other axes' product {others}")
         mesh[rest] = num_devices // others
     return mesh
 
@@ -156,16 +153,25 @@ class Layout:
     """How one step is parallelised. ``zero`` shards over the ``fsdp`` axis: 1 = optimizer state
     and fp32 master weights, 2 = + gradients, 3 = + parameters (gathered per layer)."""
 
-    mesh: dict
-    micro_batch: int = 1
-    zero: int | None = None  # None: 3 when fsdp > 1, else 0
-    sequence_parallel: bool = False
-    remat: str = "none"
-    attention: str = "xla"
-    norm: str = "xla"
-    pipeline_schedule: str = "1f1b"
-    virtual_stages: int = 1
-    pipeline_microbatches: int | None = None  # None: every micro-batch of the step in one flush
+    mesh: dict = knob({"dp": 1}, "Mesh degrees over dp,fsdp,tp,pp, e.g. dp=8,tp=4,pp=1; -1 = the rest.",
+                      example="dp=8,tp=4,pp=1")
+    micro_batch: int = knob(1, "Sequences per data shard per accumulation step.", key="mbs", low=1)
+    zero: int | None = knob(None, "ZeRO stage over the fsdp axis (0-3); default 3 if fsdp>1 else 0.",
+                           key="zero", choices=ZERO_CHOICES, noun="ZeRO stage", example=1)
+    sequence_parallel: bool = knob(False, "Megatron sequence parallelism inside the tp group.", key="sp")
+    remat: str = knob("none", f"Activation checkpointing policy: {', '.join(REMAT_CHOICES)}.", key="remat",
+                      choices=REMAT_CHOICES, noun="policy")
+    attention: str = knob("xla", f"Attention implementation: {', '.join(ATTENTION_CHOICES)}.", key="attn",
+                          choices=ATTENTION_CHOICES, noun="implementation")
+    norm: str = knob("xla", f"RMSNorm implementation: {', '.join(NORM_CHOICES)}.", key="norm",
+                     choices=NORM_CHOICES, noun="implementation")
+    pipeline_schedule: str = knob("1f1b", f"Pipeline schedule for pp>1: {', '.join(PIPELINE_SCHEDULES)}.",
+                                   key="pipe", choices=PIPELINE_SCHEDULES, noun="schedule", pipeline=True)
+    virtual_stages: int = knob(1, "Layer chunks per pipeline stage (circular schedule).", key="vstages",
+                                low=1, pipeline=True)
+    pipeline_microbatches: int | None = knob(None, "Micro-batches per pipeline flush (default: all of the "
+                                              "step's; fewer means several flushes per step).", key="pmb",
+                                              low=1, example=8, pipeline=True)
 
     def __post_init__(self):
         if self.zero is None:
@@ -182,31 +188,31 @@ class Layout:
         return self.mesh["dp"] * self.mesh["fsdp"]
 
     def __str__(self) -> str:
-        text = (f"{mesh_text(self.mesh)} mbs={self.micro_batch} zero={self.zero} "
-                f"sp={int(self.sequence_parallel)} remat={self.remat} attn={self.attention} norm={self.norm}")
-        if self.mesh["pp"] > 1:
-            text += f" pipe={self.pipeline_schedule} vstages={self.virtual_stages}"
-            if self.pipeline_microbatches:
-                text += f" pmb={self.pipeline_microbatches}"
-        return text
+        """The text form: the mesh, then ``key=value`` for every keyed field (pipeline fields only
+        when pp > 1, an unset one never)."""
+        items = [mesh_text(self.mesh)]
+        for field in knobs(Layout):
+            key, value = field.metadata["key"], getattr(self, field.name)
+            if key is None or value is None or (field.metadata["pipeline"] and self.mesh["pp"] == 1):
+                continue
+            items.append(f"{key}={int(value) if isinstance(value, bool) else value}")
+        return " ".join(items)
 
     @classmethod
     def parse(cls, text: str) -> "Layout":
         """Inverse of ``str(layout)``: ``"dp=8,tp=4 mbs=1 zero=0 sp=0 remat=none attn=xla norm=xla"``."""
-        mesh_part, *rest = text.split()
+        by_key = {f.metadata["key"]: f for f in knobs(cls) if f.metadata["key"]}
+        mesh_part, *rest = text.split() or [""]
         fields: dict = {"mesh": parse_mesh(mesh_part)}
-        names = {"mbs": ("micro_batch", int), "zero": ("zero", int),
-                 "sp": ("sequence_parallel", lambda v: bool(int(v))),
-                 "remat": ("remat", str), "attn": ("attention", str), "norm": ("norm", str),
-                 "pipe": ("pipeline_schedule", str), "vstages": ("virtual_stages", int),
-                 "pmb": ("pipeline_microbatches", int)}
         for item in rest:
             key, _, value = item.partition("=")
-            if key not in names:
-                raise InvalidLayout("layout", f"unknown field {key!r} in {text!r}; known: {sorted(names)}")
-            field, convert = names[key]
-            fields[field] = convert(value)
-        return cls(**fields)
+            if key not in by_key:
+                raise InvalidInput("layout", f"unknown field {key!r} in {text!r}; known: {sorted(by_key)}")
+            fields[by_key[key].name] = value
+        try:
+            return cls(**checked(cls, fields))
+        except InvalidInput as error:
+            raise InvalidInput("layout", f"{text!r}: {error}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,11 +221,12 @@ class RunConfig:
 
     model: ModelConfig
     layout: Layout
-    seq_len: int = 256
-    global_batch: int = 32
-    dtype: str = "bfloat16"
-    learning_rate: float = 1e-3
-    seed: int = 0
+    seq_len: int = knob(256, "Tokens per sequence.", low=2, example=128)
+    global_batch: int = knob(32, "Sequences per optimizer step (all data shards, all micro-batches).", low=1)
+    dtype: str = knob("bfloat16", f"Compute dtype: {', '.join(DTYPE_CHOICES)} (master weights are float32).",
+                      choices=DTYPE_CHOICES, noun="dtype")
+    learning_rate: float = knob(1e-3, "AdamW learning rate.", above=0, high=10.0)
+    seed: int = knob(0, "Seed for parameters and synthetic data.", low=0)
 
     @property
     def grad_accum_steps(self) -> int:
@@ -232,101 +239,78 @@ class RunConfig:
 
 
 def validate(run: RunConfig, num_devices: int, platform: str | None = None) -> None:
-    """Raise :class:`InvalidLayout` for the first thing that cannot work, before any compile."""
+    """Raise :class:`InvalidInput` for the first thing that cannot work, before any compile."""
     m, lay = run.model, run.layout
     dp, fsdp, tp, pp = (lay.mesh[a] for a in MESH_AXES)
     if lay.num_devices != num_devices:
-        raise InvalidLayout("mesh", f"{mesh_text(lay.mesh)} uses {lay.num_devices} devices but "
-                            f"{num_devices} are present; make the product {num_devices} "
-                            "(or use -1 on one axis for the rest)")
-    sizes = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.type == "int"}
-    bad = [f"{name}={value}" for name, value in sizes.items() if value < 1]
-    if bad:
-        raise InvalidLayout("model", f"{m.name}: {', '.join(bad)}; every size must be a positive integer")
+        raise InvalidInput("mesh", f"{mesh_text(lay.mesh)} uses {lay.num_devices} devices but "
+                           f"{num_devices} are present; make the product {num_devices} "
+                           "(or use -1 on one axis for the rest)")
+    check_instance(m, "model", where=f"{m.name}: ")
+    check_instance(lay)
+    check_instance(run)
     if m.d_model % m.num_heads or m.head_dim % 2:
-        raise InvalidLayout("model", f"{m.name}: d_model={m.d_model} must be num_heads={m.num_heads} times "
-                            "an even head dimension (rotary embeddings rotate pairs)")
-    if run.seed < 0:
-        raise InvalidLayout("seed", f"{run.seed}: seeds are non-negative integers, e.g. --seed 0")
-    if lay.remat not in REMAT_CHOICES:
-        raise InvalidLayout("remat", f"unknown policy {lay.remat!r}; choose one of {', '.join(REMAT_CHOICES)}")
-    if lay.attention not in ATTENTION_CHOICES:
-        raise InvalidLayout("attention", f"unknown implementation {lay.attention!r}; "
-                            f"choose one of {', '.join(ATTENTION_CHOICES)}")
-    if lay.norm not in NORM_CHOICES:
-        raise InvalidLayout("norm", f"unknown implementation {lay.norm!r}; choose one of {', '.join(NORM_CHOICES)}")
-    for (knob, choice), alternative in GPU_ONLY.items():
-        if getattr(lay, knob) == choice and platform not in (None, "gpu", "cuda"):
-            raise InvalidLayout(knob, f"{choice} needs an NVIDIA GPU (platform is {platform}); {alternative}")
+        raise InvalidInput("model", f"{m.name}: d_model={m.d_model} must be num_heads={m.num_heads} times "
+                           "an even head dimension (rotary embeddings rotate pairs)")
+    for (name, choice), alternative in GPU_ONLY.items():
+        if getattr(lay, name) == choice and platform not in (None, "gpu", "cuda"):
+            raise InvalidInput(name, f"{choice} needs an NVIDIA GPU (platform is {platform}); {alternative}")
     if lay.norm == "triton" and not all(importlib.util.find_spec(m) for m in ("jax_triton", "triton")):
-        raise InvalidLayout("norm", "triton needs the optional packages jax-triton and triton: "
-                            "pip install 'jaxlayouts[gpu]' (or use --norm pallas)")
-    if run.dtype not in DTYPE_CHOICES:
-        raise InvalidLayout("dtype", f"unknown dtype {run.dtype!r}; choose one of {', '.join(DTYPE_CHOICES)}")
-    if lay.zero not in ZERO_CHOICES:
-        raise InvalidLayout("zero", f"stage {lay.zero} does not exist; choose 0, 1, 2 or 3")
+        raise InvalidInput("norm", "triton needs the optional packages jax-triton and triton: "
+                           "pip install 'jaxlayouts[gpu]' (or use --norm pallas)")
     if lay.zero > 0 and fsdp == 1:
-        raise InvalidLayout("zero", f"zero={lay.zero} shards over the fsdp mesh axis, which has size 1; "
-                            "put the data-parallel degree on fsdp (e.g. --mesh fsdp=8 instead of dp=8) "
-                            "or use --zero 0")
+        raise InvalidInput("zero", f"zero={lay.zero} shards over the fsdp mesh axis, which has size 1; "
+                           "put the data-parallel degree on fsdp (e.g. --mesh fsdp=8 instead of dp=8) "
+                           "or use --zero 0")
     if lay.zero > 0 and m.d_model % fsdp:
-        raise InvalidLayout("mesh", f"fsdp={fsdp} does not divide d_model={m.d_model} (ZeRO shards "
-                            "that dimension); choose an fsdp degree that divides it")
-    if lay.micro_batch < 1:
-        raise InvalidLayout("micro_batch", f"{lay.micro_batch} is not a positive integer; e.g. --micro_batch 1")
+        raise InvalidInput("mesh", f"fsdp={fsdp} does not divide d_model={m.d_model} (ZeRO shards "
+                           "that dimension); choose an fsdp degree that divides it")
     for what, size in (("num_heads", m.num_heads), ("num_kv_heads", m.num_kv_heads),
                        ("d_ff", m.d_ff), ("vocab_size", m.vocab_size)):
         if size % tp:
-            raise InvalidLayout("mesh", f"tp={tp} does not divide {what}={size} of {m.name}; "
-                                f"choose a tp that divides it, e.g. tp={math.gcd(size, tp)}")
+            raise InvalidInput("mesh", f"tp={tp} does not divide {what}={size} of {m.name}; "
+                                 f"choose a tp that divides it, e.g. tp={math.gcd(size, tp)}")
     if m.num_heads % m.num_kv_heads:
-        raise InvalidLayout("model", f"num_kv_heads={m.num_kv_heads} must divide num_heads={m.num_heads}")
+        raise InvalidInput("model", f"num_kv_heads={m.num_kv_heads} must divide num_heads={m.num_heads}")
     if lay.sequence_parallel and run.seq_len % tp:
-        raise InvalidLayout("seq_len", f"sequence parallelism splits the sequence over tp={tp}, "
-                            f"but seq_len={run.seq_len} is not divisible by it; "
-                            f"e.g. --seq_len {run.seq_len // tp * tp or tp}")
+        raise InvalidInput("seq_len", f"sequence parallelism splits the sequence over tp={tp}, "
+                           f"but seq_len={run.seq_len} is not divisible by it; "
+                           f"e.g. --seq_len {run.seq_len // tp * tp or tp}")
     if lay.sequence_parallel and tp == 1:
-        raise InvalidLayout("sequence_parallel", "sequence parallelism works inside the tp group, "
-                            "which has size 1; add tp>1 to --mesh or drop --sequence_parallel")
+        raise InvalidInput("sequence_parallel", "sequence parallelism works inside the tp group, "
+                           "which has size 1; add tp>1 to --mesh or drop --sequence_parallel")
     shards = lay.data_parallel * lay.micro_batch
-    if run.global_batch < 1 or run.global_batch % shards:
-        raise InvalidLayout("global_batch", f"{run.global_batch} is not divisible by dp*fsdp*micro_batch="
-                            f"{dp}*{fsdp}*{lay.micro_batch}={shards}; e.g. --global_batch "
-                            f"{max(1, run.global_batch // shards) * shards}")
+    if run.global_batch % shards:
+        raise InvalidInput("global_batch", f"{run.global_batch} is not divisible by dp*fsdp*micro_batch="
+                           f"{dp}*{fsdp}*{lay.micro_batch}={shards}; e.g. --global_batch "
+                           f"{max(1, run.global_batch // shards) * shards}")
     _validate_pipeline(run)
-    if run.seq_len < 2:
-        raise InvalidLayout("seq_len", f"{run.seq_len} is too short to train on; e.g. --seq_len 128")
 
 
 def _validate_pipeline(run: RunConfig) -> None:
     lay, layers = run.layout, run.model.num_layers
     pp, v, schedule = lay.mesh["pp"], lay.virtual_stages, lay.pipeline_schedule
-    if schedule not in PIPELINE_SCHEDULES:
-        raise InvalidLayout("pipeline_schedule", f"unknown schedule {schedule!r}; choose one of "
-                            f"{', '.join(PIPELINE_SCHEDULES)}")
-    if v < 1:
-        raise InvalidLayout("virtual_stages", f"{v} is not a positive integer; e.g. --virtual_stages 2")
     if v > 1 and schedule != "circular":
-        raise InvalidLayout("virtual_stages", f"{v} virtual stages need --pipeline_schedule circular "
-                            f"({schedule} runs one chunk per stage; interleaved 1F1B is not implemented)")
+        raise InvalidInput("virtual_stages", f"{v} virtual stages need --pipeline_schedule circular "
+                           f"({schedule} runs one chunk per stage; interleaved 1F1B is not implemented)")
     if v > 1 and pp == 1:
-        raise InvalidLayout("virtual_stages", "virtual stages split a pipeline, but pp=1; add pp>1 to --mesh")
+        raise InvalidInput("virtual_stages", "virtual stages split a pipeline, but pp=1; add pp>1 to --mesh")
     if layers % (pp * v):
-        raise InvalidLayout("mesh", f"pp={pp} x virtual_stages={v} = {pp * v} stages do not divide "
-                            f"num_layers={layers} of {run.model.name}; choose degrees whose product divides it")
+        raise InvalidInput("mesh", f"pp={pp} x virtual_stages={v} = {pp * v} stages do not divide "
+                           f"num_layers={layers} of {run.model.name}; choose degrees whose product divides it")
     if pp == 1:
         if lay.pipeline_microbatches is not None:
-            raise InvalidLayout("pipeline_microbatches", "applies to pipelines only (pp=1); drop it or add pp>1")
+            raise InvalidInput("pipeline_microbatches", "applies to pipelines only (pp=1); drop it or add pp>1")
         return
     accum = run.grad_accum_steps
     m = lay.pipeline_microbatches or accum
     if m < 1 or accum % m:
-        raise InvalidLayout("pipeline_microbatches", f"{m} must divide the step's {accum} micro-batches "
-                            f"(global_batch / (dp*fsdp*micro_batch)); e.g. --pipeline_microbatches {accum}")
+        raise InvalidInput("pipeline_microbatches", f"{m} must divide the step's {accum} micro-batches "
+                           f"(global_batch / (dp*fsdp*micro_batch)); e.g. --pipeline_microbatches {accum}")
     if m < pp:
-        raise InvalidLayout("pipeline_microbatches", f"{m} micro-batches cannot fill {pp} stages (the "
-                            f"pipeline would mostly idle); use at least {pp}: raise --global_batch or "
-                            "lower --micro_batch")
+        raise InvalidInput("pipeline_microbatches", f"{m} micro-batches cannot fill {pp} stages (the "
+                           f"pipeline would mostly idle); use at least {pp}: raise --global_batch or "
+                           "lower --micro_batch")
     if schedule == "circular" and m % pp:
-        raise InvalidLayout("pipeline_microbatches", f"the circular schedule feeds micro-batches in groups "
-                            f"of pp={pp}; {m} is not a multiple, e.g. {m // pp * pp or pp}")
+        raise InvalidInput("pipeline_microbatches", f"the circular schedule feeds micro-batches in groups "
+                           f"of pp={pp}; {m} is not a multiple, e.g. {m // pp * pp or pp}")

@@ -23,13 +23,10 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlayouts import distributed
-from jaxlayouts.layout import DATA_AXES, MESH_AXES, InvalidLayout, Layout
+from jaxlayouts.layout import DATA_AXES, MESH_AXES, InvalidInput, Layout
 
 Rules = tuple[tuple[str, object], ...]
 """(logical name, mesh axis | tuple of mesh axes | None) pairs."""
-
-PARAM_AXES = ("layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp")
-ACTIVATION_AXES = ("batch", "act_seq", "seq", "act_embed", "act_heads", "act_mlp", "act_vocab")
 
 
 def build_mesh(layout: Layout, devices=None) -> Mesh:
@@ -39,7 +36,7 @@ def build_mesh(layout: Layout, devices=None) -> Mesh:
     shape = tuple(layout.mesh[a] for a in MESH_AXES)
     devices = list(devices) if devices is not None else jax.devices()
     if len(devices) != layout.num_devices:
-        raise InvalidLayout("mesh", f"the layout needs {layout.num_devices} devices, {len(devices)} given")
+        raise InvalidInput("mesh", f"the layout needs {layout.num_devices} devices, {len(devices)} given")
     axis_types = (AxisType.Auto,) * len(MESH_AXES)
     if len({d.process_index for d in devices}) > 1:
         return Mesh(distributed.hybrid_devices(layout, devices), MESH_AXES, axis_types=axis_types)

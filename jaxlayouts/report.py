@@ -16,6 +16,7 @@ import argparse
 import collections
 import csv
 import json
+import math
 import pathlib
 import sys
 
@@ -46,21 +47,41 @@ def load(path: str | pathlib.Path) -> list[Row]:
         raise FileNotFoundError(f"no results file {path}")
     if path.suffix == ".csv":
         with open(path, newline="") as f:
-            try:
-                return [_from_study(r) for r in csv.DictReader(f)]
-            except KeyError as missing:
-                raise ValueError(f"{path}: no column {missing}; expected the reference study's columns "
-                                 "(see ../shared/paper-data/README.md)") from None
-    rows = []
+            return [_line(path, n, lambda: _checked(_from_study(r))) for n, r in enumerate(csv.DictReader(f), 2)]
+    rows = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a torn last line of a sweep that was killed
+            continue  # a line torn by a kill during a write
         if not isinstance(row, dict) or "status" not in row:
             raise ValueError(f"{path}:{number} is not a bench or sweep result (no 'status' field)")
-        rows.append(_from_bench(row))
-    return rows
+        rows[row.get("key", number)] = _line(path, number, lambda: _checked(_from_bench(row)))  # a retry replaces
+    return list(rows.values())
+
+
+def _line(path: pathlib.Path, number: int, read):
+    """``read()``, with a bad value reported as a ValueError that names the file and line."""
+    try:
+        return read()
+    except KeyError as missing:
+        raise ValueError(f"{path}: no column {missing}; expected the reference study's columns "
+                         "(see ../shared/paper-data/README.md)") from None
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path}:{number}: {error}") from None
+
+
+def _checked(row: Row) -> Row:
+    """``row`` if its measured fields are numbers (or null) and its sizes non-negative, else
+    ValueError naming the field."""
+    for field in ("step_time_s", "mfu", "tflops_per_device", "memory_bytes", "tp", "pp", "num_devices",
+                  "micro_batch", "seq_len"):
+        value = row[field]
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{field} is {value!r}; a result gives a non-negative number or null")
+    return row
 
 
 def _from_bench(r: dict) -> Row:
@@ -90,6 +111,8 @@ def _point_text(point: dict) -> str:
 def _from_study(r: dict) -> Row:
     number = lambda v: float(v) if v not in ("", None) else None
     tp, pp, world = int(r["tp"]), int(r["pp"]), int(r["world_size"])
+    if min(tp, pp, world) < 1 or world % (tp * pp):
+        raise ValueError(f"tp={tp}, pp={pp}, world_size={world}: sizes are positive and tp x pp divides world_size")
     remat = "full" if r["activation_checkpointing"] == "every_layer" else "none"
     sp = r["sequence_parallel"] == "True"
     return {
@@ -118,7 +141,7 @@ def markdown(rows: list[Row], source: str, figures: list[str]) -> str:
     key, label = metric_of(rows)
     fmt = lambda v: "" if v is None else (f"{100 * v:.1f}%" if key == "mfu" else f"{v:.4g}")
     groups = _groups(rows)
-    lines = [f"# Sweep report", "", f"Source: `{source}` ({len(rows)} rows, "
+    lines = ["# Sweep report", "", f"Source: `{source}` ({len(rows)} rows, "
              f"{sum(r['status'] == 'ok' for r in rows)} ok). Metric: {label}.", ""]
     lines += ["## Outcomes by status", "", "| group | " + " | ".join(_statuses(rows)) + " |",
               "| --- |" + " --- |" * len(_statuses(rows))]
@@ -320,7 +343,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         made = write_report(args.results, args.out)
-    except (FileNotFoundError, ValueError) as error:
+    except (OSError, ValueError) as error:  # a missing or unreadable file, or not results
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {pathlib.Path(args.out) / 'report.md'} and {len(made)} figures: {', '.join(made)}")

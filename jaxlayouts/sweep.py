@@ -18,94 +18,109 @@ and never duplicates one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import os
 import pathlib
 import subprocess
 import sys
 import time
 
-import yaml
-
+from jaxlayouts import config, distributed
 from jaxlayouts.launch import PARENT_PID_VARIABLE
+from jaxlayouts.layout import MAX_EMULATED_DEVICES, MESH_AXES, validate
+from jaxlayouts.schema import InvalidInput, from_mapping, knob, load_yaml
 
-MESH_DEGREES = ("dp", "fsdp", "tp", "pp")
-SWEEP_KEYS = ("name", "devices", "data_axis", "timeout_s", "base", "grid", "skip", "description")
 NOT_FROM_SWEEP = ("output", "num_devices", "coordinator_address", "num_processes", "process_id")
-"""Bench flags a sweep file may not set: the sweep and the launcher own them."""
+"""Bench knobs a sweep file may not set: the sweep and the launcher own them."""
 STATUSES = ("ok", "oom", "invalid", "compile_error", "timeout", "error")
 
 
-class SweepError(ValueError):
-    """A sweep file that cannot be run; the message names the key to change."""
+@dataclasses.dataclass(frozen=True)
+class SweepFile:
+    """The fields of a sweep file (see the module docstring)."""
+
+    name: str = knob("sweep", "The sweep's name in result rows and reports.")
+    description: str = knob("", "What the sweep is for.")
+    devices: int | None = knob(None, "Device count; the data axis takes what the other degrees leave.", low=1,
+                               high=MAX_EMULATED_DEVICES, example=8)
+    data_axis: str = knob("dp", "The axis that takes the remaining devices.", choices=("dp", "fsdp"),
+                          noun="data axis")
+    timeout_s: float = knob(1800.0, "Seconds one point may take.", above=0, example=600)
+    base: dict = knob({}, "Bench knobs shared by every point.", example="{model: tiny}")
+    grid: dict = knob({}, "A non-empty list of values per bench knob or mesh degree.", example="{tp: [1, 2]}")
+    skip: list = knob([], "Partial points to leave out.", example="[{sequence_parallel: true, tp: 1}]")
 
 
 # ---------------------------------------------------------------------------------------------
 # Sweep files and points
 
 
-def load_sweep(path: str | pathlib.Path) -> dict:
+def load_sweep(path: str | pathlib.Path) -> SweepFile:
+    """A sweep file, every field checked; :class:`InvalidInput` names the field."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise SweepError(f"no sweep file {path}; see configs/sweeps/ for examples")
-    sweep = yaml.safe_load(path.read_text()) or {}
-    unknown = set(sweep) - set(SWEEP_KEYS)
-    if unknown:
-        raise SweepError(f"{path}: unknown keys {sorted(unknown)}; a sweep file has {', '.join(SWEEP_KEYS)}")
-    sweep.setdefault("name", path.stem)
-    sweep.setdefault("base", {})
-    sweep.setdefault("grid", {})
-    sweep.setdefault("skip", [])
-    sweep.setdefault("data_axis", "dp")
-    sweep.setdefault("timeout_s", 1800)
-    if sweep["data_axis"] not in ("dp", "fsdp"):
-        raise SweepError(f"data_axis: {sweep['data_axis']!r}; choose dp or fsdp")
-    if not isinstance(sweep["skip"], list) or not all(isinstance(rule, dict) for rule in sweep["skip"]):
-        raise SweepError("skip: give a list of partial points, e.g. skip: [{sequence_parallel: true, tp: 1}]")
-    for knob, values in sweep["grid"].items():
+        raise InvalidInput("sweep_file", f"no sweep file {path}; see configs/sweeps/ for examples")
+    sweep = from_mapping(SweepFile, {"name": path.stem, **load_yaml(path, "sweep_file")}, path, "sweep_file",
+                         required=False)
+    if not all(isinstance(rule, dict) for rule in sweep.skip):
+        raise InvalidInput("sweep_file", f"{path}: skip: give a list of partial points, e.g. "
+                           "skip: [{sequence_parallel: true, tp: 1}]")
+    allowed = set(config.KNOB_NAMES) - set(NOT_FROM_SWEEP) | set(MESH_AXES)
+    for where, knobs in (("base", sweep.base), ("grid", sweep.grid)):
+        unknown = sorted(map(str, set(knobs) - allowed))
+        if unknown:
+            raise InvalidInput("sweep_file", f"{path}: {where}: unknown knobs {unknown}; use bench knobs "
+                               f"({', '.join(sorted(allowed))})")
+    for name, values in sweep.grid.items():
         if not isinstance(values, list) or not values:
-            raise SweepError(f"grid.{knob}: give a non-empty list of values, e.g. {knob}: [1, 2]")
+            raise InvalidInput("sweep_file", f"{path}: grid.{name}: give a non-empty list of values, "
+                               f"e.g. {name}: [1, 2]")
     return sweep
 
 
-def points(sweep: dict, bench_flags: tuple) -> list[dict]:
-    """Every grid point as resolved bench flag values (base, then grid, then the derived mesh)."""
-    allowed = set(bench_flags) - set(NOT_FROM_SWEEP) | set(MESH_DEGREES)
-    for where, knobs in (("base", sweep["base"]), ("grid", sweep["grid"])):
-        unknown = sorted(set(knobs) - allowed)
-        if unknown:
-            raise SweepError(f"{where}: unknown knobs {unknown}; use bench flags "
-                             f"({', '.join(sorted(allowed))})")
-    names = list(sweep["grid"])
-    out = []
-    for values in itertools.product(*(sweep["grid"][n] for n in names)):
-        point = {**sweep["base"], **dict(zip(names, values))}
-        if any(all(point.get(k) == v for k, v in rule.items()) for rule in sweep["skip"]):
+def points(sweep: SweepFile) -> list[dict]:
+    """Every grid point as bench knob values (base, then grid, then the derived mesh), each once.
+    A point whose mesh cannot be derived keeps its degrees and fails validation as a row."""
+    names = list(sweep.grid)
+    unique = [list(dict.fromkeys(map(_hashable, sweep.grid[n]))) for n in names]
+    out, seen = [], set()
+    for values in itertools.product(*unique):
+        point = {**sweep.base, **dict(zip(names, values))}
+        if any(all(point.get(k) == v for k, v in rule.items()) for rule in sweep.skip):
             continue
         point = resolve_mesh(point, sweep)
-        if "-1" in point["mesh"] and not sweep.get("devices"):
-            raise SweepError(f"devices: the mesh {point['mesh']} derives an axis from the device "
-                             "count; set devices: N in the sweep file")
-        out.append(point)
+        if "-1" in point.get("mesh", "") and not sweep.devices:
+            raise InvalidInput("sweep_file", f"devices: the mesh {point['mesh']} derives an axis from the "
+                               "device count; set devices: N in the sweep file")
+        key = point_key(point, sweep)
+        if key not in seen:
+            seen.add(key)
+            out.append(point)
     return out
 
 
-def resolve_mesh(point: dict, sweep: dict) -> dict:
+def _hashable(value):
+    return json.dumps(value, sort_keys=True, default=str) if isinstance(value, (dict, list)) else value
+
+
+def resolve_mesh(point: dict, sweep: SweepFile) -> dict:
     """Turn mesh degrees into ``mesh``; the data axis takes the devices the others leave."""
-    degrees = {axis: point.pop(axis) for axis in MESH_DEGREES if axis in point}
+    degrees = {axis: point.pop(axis) for axis in MESH_AXES if axis in point}
     if "mesh" in point and degrees:
-        raise SweepError(f"give either mesh or degrees ({', '.join(degrees)}), not both")
-    if "mesh" not in point:
-        degrees.setdefault(sweep["data_axis"], -1)
-        point["mesh"] = ",".join(f"{axis}={degrees.get(axis, 1)}" for axis in MESH_DEGREES)
+        point["mesh_error"] = f"give either mesh or degrees ({', '.join(degrees)}), not both"
+    elif "mesh" not in point:
+        degrees.setdefault(sweep.data_axis, -1)
+        point["mesh"] = ",".join(f"{axis}={degrees.get(axis, 1)}" for axis in MESH_AXES)
     return point
 
 
-def point_key(point: dict, sweep: dict) -> str:
-    """Stable identity of a point: a hash of its resolved flags and the sweep's device count."""
-    text = json.dumps({"point": point, "devices": sweep.get("devices")}, sort_keys=True)
+def point_key(point: dict, sweep: SweepFile) -> str:
+    """Stable identity of a point: a hash of its resolved knobs and the sweep's device count."""
+    text = json.dumps({"point": point, "devices": sweep.devices}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -126,49 +141,49 @@ def bench_args(point: dict) -> list[str]:
 
 
 class Results:
-    """Append-only JSONL of result rows, one per point key."""
+    """An append-only JSONL of result rows; the last row of a key is its result.
+
+    The file is never rewritten: a retried point appends its new row, and a line torn by a kill
+    during a write stays where it is (a newline is appended before the next row, so it stands
+    alone and is skipped when read). A file that is not such a JSONL is refused."""
 
     def __init__(self, path: str | pathlib.Path):
         self.path = pathlib.Path(path)
         self.rows: dict[str, dict] = {}
+        self._needs_newline = False
+        if self.path.is_dir():
+            raise InvalidInput("out", f"{self.path} is a directory; give a results file, e.g. --out results/sweep.jsonl")
         if self.path.exists():
             self._load()
 
     def _load(self):
         raw = self.path.read_bytes()
-        good, lines = [], raw.split(b"\n")
-        for line in lines[:-1]:  # complete lines end with a newline
+        for number, line in enumerate(raw.split(b"\n"), 1):
+            if not line.strip():
+                continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            good.append(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                if line.lstrip().startswith(b"{"):
+                    continue  # torn by a kill during a write
+                row = None
+            if not (isinstance(row, dict) and isinstance(row.get("key"), str) and "status" in row):
+                raise InvalidInput("out", f"{self.path}:{number} is not a sweep result row; give a new "
+                                   "file or one this sweep wrote")
             self.rows[row["key"]] = row
-        if lines[-1] or len(good) != len(lines) - 1:  # a torn or broken line: rewrite without it
-            self._rewrite(good)
-
-    def _rewrite(self, lines: list[bytes]):
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(b"".join(line + b"\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-
-    def forget(self, keys: set[str]):
-        """Drop rows (e.g. failed ones before a retry), atomically."""
-        self.rows = {k: v for k, v in self.rows.items() if k not in keys}
-        self._rewrite([json.dumps(row).encode() for row in self.rows.values()])
+        self._needs_newline = bool(raw) and not raw.endswith(b"\n")
 
     def append(self, row: dict):
-        line = (json.dumps(row) + "\n").encode()
+        """Append ``row`` as one line in one write, synced to disk."""
+        line = ("\n" if self._needs_newline else "") + json.dumps(row, default=str) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
+            os.write(fd, line.encode())
             os.fsync(fd)
         finally:
             os.close(fd)
+        self._needs_newline = False
         self.rows[row["key"]] = row
 
 
@@ -176,11 +191,11 @@ class Results:
 # Running points
 
 
-def run_point(point: dict, sweep: dict, timeout_s: float) -> dict:
+def run_point(point: dict, sweep: SweepFile, timeout_s: float) -> dict:
     """Run one point in its own process and return its result row (never raises)."""
     args = [sys.executable, "-m", "jaxlayouts.bench", *bench_args(point)]
-    if sweep.get("devices"):
-        args.append(f"--num_devices={sweep['devices']}")
+    if sweep.devices:
+        args.append(f"--num_devices={sweep.devices}")
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the bench asks for the devices each point needs
     env[PARENT_PID_VARIABLE] = str(os.getpid())  # the point's process dies with the sweep
@@ -202,20 +217,20 @@ def run_point(point: dict, sweep: dict, timeout_s: float) -> dict:
     return row
 
 
-def prevalidate(point: dict, sweep: dict) -> dict | None:
+def prevalidate(point: dict, sweep: SweepFile) -> dict | None:
     """None if the point can run, else its ``invalid`` row (found in-process, nothing launched)."""
-    from jaxlayouts import bench
-    from jaxlayouts.layout import InvalidLayout, validate
-
-    values = {**bench.flag_defaults(), **point}
     try:
-        run, _ = bench.run_config(values, sweep.get("devices"))
-    except InvalidLayout as error:
+        if "mesh_error" in point:
+            raise InvalidInput("mesh", point["mesh_error"])
+        values = config.check_values(config.values_with("knob", **point))
+        config.options(values)
+        run = config.run_config(values, sweep.devices)
+    except InvalidInput as error:
         return {"status": "invalid", "error": str(error)}
     try:
-        validate(run, sweep.get("devices") or run.layout.num_devices)
-    except InvalidLayout as error:
-        return {"status": "invalid", "error": str(error), **bench.describe(run)}
+        validate(run, sweep.devices or run.layout.num_devices)
+    except InvalidInput as error:
+        return {"status": "invalid", "error": str(error), **config.describe(run)}
     return None
 
 
@@ -228,52 +243,57 @@ def progress(done: int, total: int, failed: int, elapsed: list[float], message: 
             f"ETA {eta_text}  {message}")
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m jaxlayouts.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_file")
     parser.add_argument("--out", required=True, help="results JSONL (appended to; re-runs resume)")
-    parser.add_argument("--retry-failed", action="store_true", help="run again the points that did not end ok")
+    parser.add_argument("--retry-failed", "--retry_failed", action="store_true",
+                        help="run again the points that did not end ok (their new rows are appended)")
     parser.add_argument("--timeout", type=float, default=None, help="per-point timeout in seconds (overrides timeout_s)")
-    parser.add_argument("--dry-run", action="store_true", help="list the points and their status, run nothing")
+    parser.add_argument("--dry-run", "--dry_run", action="store_true",
+                        help="list the points and their status; run and write nothing")
     parser.add_argument("--index", type=int, default=None,
                         help="run only the point with this index in grid order (for job arrays)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    from jaxlayouts import bench, distributed
 
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
+        if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+            raise InvalidInput("timeout", f"{args.timeout}: give seconds > 0, e.g. --timeout 600")
         sweep = load_sweep(args.sweep_file)
-        todo = points(sweep, bench.FLAG_NAMES)
-    except SweepError as error:
-        print(f"error: {args.sweep_file}: {error}", file=sys.stderr)
-        return 2
-    keyed = [(point_key(p, sweep), p) for p in todo]
-    if args.timeout is not None and args.timeout <= 0:
-        print(f"error: --timeout {args.timeout}: give seconds > 0, e.g. --timeout 600", file=sys.stderr)
+        keyed = [(point_key(p, sweep), p) for p in points(sweep)]
+        if args.index is not None and not 0 <= args.index < len(keyed):
+            raise InvalidInput("index", f"{args.index}: the sweep has points 0 to {len(keyed) - 1}")
+        # In a multi-node point every node runs the sweep (each bench process joins the run); only
+        # process 0 records results and reports progress.
+        writer = distributed.detect().process_id == 0
+        results = Results(args.out if writer else os.devnull)
+    except InvalidInput as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     if args.index is not None:
-        if not 0 <= args.index < len(keyed):
-            print(f"error: --index {args.index}: the sweep has points 0 to {len(keyed) - 1}", file=sys.stderr)
-            return 2
         keyed = keyed[args.index:args.index + 1]
-    # In a multi-node point every node runs the sweep (each bench process joins the run); only
-    # process 0 records results and reports progress.
-    writer = distributed.detect().process_id == 0
-    results = Results(args.out) if writer else Results(os.devnull)
-    if args.retry_failed:
-        results.forget({k for k, _ in keyed if k in results.rows and results.rows[k]["status"] != "ok"})
-    pending = [(k, p) for k, p in keyed if k not in results.rows]
+    retry = {k for k, _ in keyed if args.retry_failed and results.rows.get(k, {}).get("status", "ok") != "ok"}
+    pending = [(k, p) for k, p in keyed if k not in results.rows or k in retry]
     log = lambda message: print(message, file=sys.stderr, flush=True) if writer else None
-    log(f"sweep {sweep['name']}: {len(keyed)} points, {len(keyed) - len(pending)} already in {args.out}, "
+    log(f"sweep {sweep.name}: {len(keyed)} points, {len(keyed) - len(pending)} already in {args.out}, "
         f"{len(pending)} to run")
     if args.dry_run:
         for k, p in keyed:
             print(k, results.rows.get(k, {}).get("status", "pending"), " ".join(bench_args(p)))
         return 0
+    run_pending(pending, keyed, sweep, results, args.timeout or sweep.timeout_s, writer, log)
+    counts = {s: sum(1 for k, _ in keyed if results.rows[k]["status"] == s) for s in STATUSES}
+    log("done: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    return 0
 
-    timeout_s = args.timeout or sweep["timeout_s"]
+
+def run_pending(pending, keyed, sweep: SweepFile, results: Results, timeout_s: float, writer: bool, log):
+    """Run each pending point (invalid ones become rows without a launch) and record its row."""
     done = len(keyed) - len(pending)
-    failed = sum(1 for k, _ in keyed if results.rows.get(k, {}).get("status", "ok") != "ok")
+    failed = sum(1 for k, _ in keyed if k not in dict(pending) and results.rows[k]["status"] != "ok")
     elapsed: list[float] = []
     for key, point in pending:
         row = prevalidate(point, sweep)
@@ -281,7 +301,7 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             row = run_point(point, sweep, timeout_s)
             elapsed.append(time.perf_counter() - start)
-        row.update(key=key, sweep=sweep["name"], point=point, num_devices=row.get("num_devices") or sweep.get("devices"))
+        row.update(key=key, sweep=sweep.name, point=point, num_devices=row.get("num_devices") or sweep.devices)
         if writer:
             results.append(row)
         else:
@@ -289,10 +309,7 @@ def main(argv=None) -> int:
         done += 1
         failed += row["status"] != "ok"
         what = f"{row['status']}" + (f" {row['step_time_s']:.3f} s/step" if row["status"] == "ok" else "")
-        log(progress(done, len(keyed), failed, elapsed, f"{row.get('layout') or point['mesh']}: {what}"))
-    counts = {s: sum(1 for k, _ in keyed if results.rows[k]["status"] == s) for s in STATUSES}
-    log("done: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
-    return 0
+        log(progress(done, len(keyed), failed, elapsed, f"{row.get('layout') or point.get('mesh')}: {what}"))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def test_peak_flag_gives_mfu_and_profile_dir_gets_a_trace(tmp_path):
     (["--mesh", "dp=2", "--device_memory_gb", "-1"], "--device_memory_gb"),
     (["--mesh", "dp=2", "--heartbeat_timeout_s", "0"], "--heartbeat_timeout_s"),
     (["--mesh", "dp=2", "--peak_tflops", "0"], "--peak_tflops"),
-    (["--mesh", "dp=2", "--vocab_size", "0"], "--model"),
+    (["--mesh", "dp=2", "--vocab_size", "0"], "--vocab_size"),
 ])
 def test_bad_input_is_invalid_before_compiling(args, knob):
     code, result, proc = run_bench(*args)

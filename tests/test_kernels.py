@@ -12,7 +12,7 @@ from conftest import clean_env
 
 from jaxlayouts.kernels.flash_attention import BlockSizes, attention_flops, flash_attention
 from jaxlayouts.kernels.rms_norm import rms_norm_pallas, rms_norm_reference
-from jaxlayouts.layout import InvalidLayout, validate
+from jaxlayouts.layout import InvalidInput, validate
 from jaxlayouts.model.attention import IMPLEMENTATIONS, xla_attention
 
 SMALL_BLOCKS = BlockSizes(block_q=32, block_k=16, block_q_backward=16, block_k_backward=32)
@@ -94,7 +94,7 @@ def test_causal_flops_count():
 ])
 def test_gpu_only_and_unknown_kernels_are_clear_errors(knob, value, fragment):
     from conftest import make_run
-    with pytest.raises(InvalidLayout) as error:
+    with pytest.raises(InvalidInput) as error:
         validate(make_run("dp=1", **{knob: value}), 1, platform="cpu")
     assert fragment in str(error.value)
 
@@ -104,7 +104,7 @@ def test_triton_without_its_packages_names_the_extra(monkeypatch):
 
     from conftest import make_run
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(InvalidLayout) as error:
+    with pytest.raises(InvalidInput) as error:
         validate(make_run("dp=1", norm="triton"), 1, platform="gpu")
     assert "pip install 'jaxlayouts[gpu]'" in str(error.value)
 

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 from conftest import make_run
 
-from jaxlayouts.layout import InvalidLayout, Layout, load_model_config, parse_mesh, validate
+from jaxlayouts.layout import InvalidInput, Layout, load_model_config, parse_mesh, validate
 
 
 def test_parse_mesh_fills_missing_axes_and_the_rest():
@@ -21,7 +21,7 @@ def test_parse_mesh_fills_missing_axes_and_the_rest():
     ("dp=-1", "needs a known device count"),
 ])
 def test_parse_mesh_errors(text, message):
-    with pytest.raises(InvalidLayout, match=message) as error:
+    with pytest.raises(InvalidInput, match=message) as error:
         parse_mesh(text)
     assert error.value.knob == "mesh"
 
@@ -71,14 +71,14 @@ def test_tiny_accepts_tp_and_pp_up_to_4():
     ("dp=8", {"attention": "magic"}, "attention", "unknown implementation 'magic'"),
     ("dp=8", {"attention": "cudnn"}, "attention", "needs an NVIDIA GPU"),
     ("dp=8", {"zero": 2}, "zero", "put the data-parallel degree on fsdp"),
-    ("fsdp=8", {"zero": 5}, "zero", "stage 5 does not exist"),
+    ("fsdp=8", {"zero": 5}, "zero", "unknown ZeRO stage 5; choose one of 0, 1, 2, 3"),
     ("dp=8", {"dtype": "float8"}, "dtype", "choose one of bfloat16, float32"),
     ("dp=8", {"sequence_parallel": True}, "sequence_parallel", "tp group, which has size 1"),
 ])
 def test_validation_names_the_knob(mesh, kwargs, knob, message):
     run_kwargs = {k: kwargs.pop(k) for k in ("seq_len", "global_batch", "dtype") if k in kwargs}
     run = make_run(mesh, **run_kwargs, **kwargs)
-    with pytest.raises(InvalidLayout, match=message) as error:
+    with pytest.raises(InvalidInput, match=message) as error:
         validate(run, 8, platform="cpu")
     assert error.value.knob == knob
     assert str(error.value).startswith(f"--{knob}: ")
@@ -92,30 +92,30 @@ def test_validation_names_the_knob(mesh, kwargs, knob, message):
 def test_tp_must_divide_heads_ffn_and_vocabulary(changes, field, value):
     model = dataclasses.replace(load_model_config("tiny"), **changes)
     run = dataclasses.replace(make_run("dp=2,tp=4"), model=model)
-    with pytest.raises(InvalidLayout, match=f"tp=4 does not divide {field}={value}"):
+    with pytest.raises(InvalidInput, match=f"tp=4 does not divide {field}={value}"):
         validate(run, 8, platform="cpu")
 
 
 @pytest.mark.parametrize("changes, knob, message", [
-    ({"vocab_size": 0}, "model", "vocab_size=0; every size must be a positive integer"),
+    ({"vocab_size": 0}, "model", "tiny: vocab_size 0 is below the least allowed value 1"),
     ({"d_model": 100, "num_heads": 3, "num_kv_heads": 3}, "model", "must be num_heads=3 times an even head dimension"),
     ({"d_model": 120}, "model", "an even head dimension"),  # 120 / 8 heads = 15
 ])
 def test_model_shapes_are_checked(changes, knob, message):
     model = dataclasses.replace(load_model_config("tiny"), **changes)
     run = dataclasses.replace(make_run("dp=1"), model=model)
-    with pytest.raises(InvalidLayout, match=message) as error:
+    with pytest.raises(InvalidInput, match=message) as error:
         validate(run, 1, platform="cpu")
     assert error.value.knob == knob
 
 
 def test_negative_seed_is_invalid():
-    with pytest.raises(InvalidLayout, match="--seed: -1: seeds are non-negative"):
+    with pytest.raises(InvalidInput, match="--seed: -1 is below the least allowed value 0; e.g. 0"):
         validate(dataclasses.replace(make_run("dp=1"), seed=-1), 1, platform="cpu")
 
 
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(InvalidLayout, match="unknown model 'llama-3b'; choose one of .*llama-13b") as error:
+    with pytest.raises(InvalidInput, match="unknown model 'llama-3b'; choose one of .*llama-13b") as error:
         load_model_config("llama-3b")
     assert error.value.knob == "model"
 

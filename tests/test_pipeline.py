@@ -5,7 +5,7 @@ import pytest
 from conftest import make_run, step_gradients as gradients, train_losses as losses
 
 from jaxlayouts.bench import benchmark
-from jaxlayouts.layout import InvalidLayout, validate
+from jaxlayouts.layout import InvalidInput, validate
 from jaxlayouts.parallel.schedule import BACKWARD, FORWARD, bubble_fraction, build
 
 
@@ -144,6 +144,6 @@ def test_checkpoint_restores_across_pipeline_layer_orders(devices, tmp_path):
 ])
 def test_bad_pipelines_name_the_knob(mesh, kwargs, message):
     run = make_run(mesh, global_batch=kwargs.pop("global_batch", 8), **kwargs)
-    with pytest.raises(InvalidLayout) as error:
+    with pytest.raises(InvalidInput) as error:
         validate(run, run.layout.num_devices)
     assert message in str(error.value)

@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import clean_env, make_run
 
-from jaxlayouts.layout import InvalidLayout, load_model_config
+from jaxlayouts.layout import InvalidInput, load_model_config
 from jaxlayouts.plan import cost
 from jaxlayouts.plan.hardware import hardware_names, load_hardware
 
@@ -30,7 +30,7 @@ def test_hardware_descriptions_load_with_numbers(tmp_path, monkeypatch):
     assert a100.peak_tflops == 312 and a100.gpus_per_node == 8 and isinstance(a100.inter_node_bandwidth, float)
     assert h200.hbm_bytes > a100.hbm_bytes and h200.peak_tflops > a100.peak_tflops
     assert a100.calibration_source == "a100-80gb.calibration.yaml"
-    with pytest.raises(InvalidLayout, match="--hardware: unknown hardware 'tpu'"):
+    with pytest.raises(InvalidInput, match="--hardware: unknown hardware 'tpu'"):
         load_hardware("tpu")
     from jaxlayouts.plan import hardware
     own = tmp_path / "own.yaml"
@@ -38,15 +38,15 @@ def test_hardware_descriptions_load_with_numbers(tmp_path, monkeypatch):
     monkeypatch.setattr(hardware, "HARDWARE_DIR", tmp_path)
     calibration = tmp_path / "own.calibration.yaml"
     calibration.write_text("activation_factr: 1.2\n")
-    with pytest.raises(InvalidLayout, match="own.calibration.yaml: calibration constants are a subset of"):
+    with pytest.raises(InvalidInput, match="own.calibration.yaml: calibration constants are a subset of"):
         load_hardware(str(own))
     calibration.write_text("activation_factor: high\n")
-    with pytest.raises(InvalidLayout, match="activation_factor is 'high'; it must be a number"):
+    with pytest.raises(InvalidInput, match="activation_factor is 'high'; it must be a number"):
         load_hardware(str(own))
     calibration.write_text("activation_factor: 1.3\n")
     assert load_hardware(str(own)).calibration.activation_factor == 1.3
     own.write_text(own.read_text().replace("peak_tflops: 312", "peak_tflops: fast"))
-    with pytest.raises(InvalidLayout, match="peak_tflops is 'fast'; it must be a number"):
+    with pytest.raises(InvalidInput, match="peak_tflops is 'fast'; it must be a number"):
         load_hardware(str(own))
 
 
@@ -243,12 +243,12 @@ def test_validation_names_a_bad_row():
     from jaxlayouts.plan.validate import workload
     row = {"sweep": "s", "model": "13B", "seq_len": "2048", "world_size": "64", "micro_batch_size": "1",
            "tp": "1", "pp": "1", "sequence_parallel": "False", "activation_checkpointing": "disabled"}
-    with pytest.raises(InvalidLayout, match="kernel 'xformers' in sweep 's'"):
+    with pytest.raises(InvalidInput, match="kernel 'xformers' in sweep 's'"):
         workload({**row, "kernel": "xformers"})
-    with pytest.raises(InvalidLayout, match="sweep 's': .*'2k'; sizes are integers"):
+    with pytest.raises(InvalidInput, match="sweep 's': .*'2k'; sizes are integers"):
         workload({**row, "kernel": "torch", "seq_len": "2k"})
     for bad in ({"pp": "64"}, {"tp": "3"}, {"world_size": "0"}):
-        with pytest.raises(InvalidLayout, match="sweep 's': .*tp x pp divides world_size"):
+        with pytest.raises(InvalidInput, match="sweep 's': .*tp x pp divides world_size"):
             workload({**row, "kernel": "torch", **bad})
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from jaxlayouts import report, sweep
-from jaxlayouts.bench import FLAG_NAMES
+from jaxlayouts.schema import InvalidInput
 
 CPU_SMOKE = "configs/sweeps/cpu_smoke.yaml"
 
@@ -30,7 +30,7 @@ base: {model: tiny, zero: 1}
 grid: {tp: [1, 2], pp: [1, 2], sequence_parallel: [false, true]}
 skip: [{sequence_parallel: true, tp: 1}]
 """)
-    pts = sweep.points(s, FLAG_NAMES)
+    pts = sweep.points(s)
     assert len(pts) == 6
     assert {p["mesh"] for p in pts} == {f"dp=1,fsdp=-1,tp={tp},pp={pp}" for tp in (1, 2) for pp in (1, 2)}
     assert all(p["zero"] == 1 and p["model"] == "tiny" for p in pts)
@@ -38,8 +38,8 @@ skip: [{sequence_parallel: true, tp: 1}]
 
 def test_point_keys_are_stable_and_distinct(tmp_path):
     s = write_sweep(tmp_path, "devices: 8\ngrid: {tp: [1, 2], micro_batch: [1, 2]}\n")
-    keys = [sweep.point_key(p, s) for p in sweep.points(s, FLAG_NAMES)]
-    again = [sweep.point_key(p, s) for p in sweep.points(s, FLAG_NAMES)]
+    keys = [sweep.point_key(p, s) for p in sweep.points(s)]
+    again = [sweep.point_key(p, s) for p in sweep.points(s)]
     assert keys == again and len(set(keys)) == 4
 
 
@@ -47,13 +47,13 @@ def test_point_keys_are_stable_and_distinct(tmp_path):
     ("grid: {tp: [1]}\nbase: {colour: red}\n", "base: unknown knobs \\['colour'\\]"),
     ("grid: {tp: 2}\n", "grid.tp: give a non-empty list"),
     ("grid: {tp: [2]}\n", "devices: the mesh dp=-1"),
-    ("grid: {tp: [2]}\nwhatever: 1\n", "unknown keys \\['whatever'\\]"),
-    ("devices: 8\ndata_axis: tp\ngrid: {tp: [2]}\n", "data_axis: 'tp'; choose dp or fsdp"),
+    ("grid: {tp: [2]}\nwhatever: 1\n", "unknown fields \\['whatever'\\]"),
+    ("devices: 8\ndata_axis: tp\ngrid: {tp: [2]}\n", "data_axis: unknown data axis 'tp'; choose one of dp, fsdp"),
     ("devices: 8\ngrid: {tp: [2]}\nskip: [tp]\n", "skip: give a list of partial points"),
 ])
 def test_bad_sweep_files_name_the_key(tmp_path, text, message):
-    with pytest.raises(sweep.SweepError, match=message):
-        sweep.points(write_sweep(tmp_path, text), FLAG_NAMES)
+    with pytest.raises(InvalidInput, match=message):
+        sweep.points(write_sweep(tmp_path, text))
 
 
 def test_bad_sweep_file_exits_2(tmp_path):
@@ -63,24 +63,72 @@ def test_bad_sweep_file_exits_2(tmp_path):
 
 def test_invalid_points_are_found_without_launching(tmp_path):
     s = write_sweep(tmp_path, "devices: 8\nbase: {model: tiny}\ngrid: {tp: [8]}\n")
-    (point,) = sweep.points(s, FLAG_NAMES)
+    (point,) = sweep.points(s)
     row = sweep.prevalidate(point, s)
     assert row["status"] == "invalid" and "tp=8 does not divide num_kv_heads=4" in row["error"]
     assert row["layout"].startswith("dp=1,fsdp=1,tp=8")
 
 
-def test_a_torn_line_is_dropped_and_retry_forgets_failures(tmp_path):
+def test_results_are_only_appended_torn_lines_stay_and_retries_append(tmp_path):
     path = tmp_path / "r.jsonl"
     results = sweep.Results(path)
     results.append({"key": "a", "status": "ok"})
     results.append({"key": "b", "status": "oom"})
     with open(path, "a") as f:
         f.write('{"key": "c", "sta')  # killed in the middle of a write
+    written = path.read_text()
     reloaded = sweep.Results(path)
-    assert set(reloaded.rows) == {"a", "b"}
-    assert path.read_text().count("\n") == 2 and path.read_text().endswith("\n")
-    reloaded.forget({"b"})
-    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a"]
+    assert set(reloaded.rows) == {"a", "b"} and path.read_text() == written  # loading changes nothing
+    reloaded.append({"key": "b", "status": "ok"})  # a retry appends; the last row of a key counts
+    lines = path.read_text().splitlines()
+    assert path.read_text().startswith(written) and lines[2] == '{"key": "c", "sta'
+    assert sweep.Results(path).rows["b"]["status"] == "ok" and len(lines) == 4
+
+
+def test_a_complete_last_row_without_newline_is_kept(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"key": "a", "status": "ok"}\n{"key": "b", "status": "ok"}')
+    results = sweep.Results(path)
+    assert set(results.rows) == {"a", "b"}
+    results.append({"key": "c", "status": "ok"})
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("text", ["# my notes\nkeep me\n", '{"foo": 1}\n', "[1, 2]\n"])
+def test_a_file_that_is_not_a_results_file_is_refused_untouched(tmp_path, text):
+    notes = tmp_path / "notes.md"
+    notes.write_text(text)
+    (tmp_path / "s.yaml").write_text("devices: 1\nbase: {model: tiny}\ngrid: {micro_batch: [1]}\n")
+    for extra in ([], ["--dry-run"]):
+        assert sweep.main([str(tmp_path / "s.yaml"), "--out", str(notes), *extra]) == 2
+    assert notes.read_text() == text
+
+
+def test_dry_run_writes_nothing(tmp_path):
+    (tmp_path / "s.yaml").write_text("devices: 1\nbase: {model: tiny}\ngrid: {micro_batch: [1, 1, 2]}\n")
+    out = tmp_path / "r.jsonl"
+    out.write_text('{"key": "x", "status": "ok"}')  # a complete row without its newline
+    assert sweep.main([str(tmp_path / "s.yaml"), "--out", str(out), "--dry-run"]) == 0
+    assert out.read_text() == '{"key": "x", "status": "ok"}'
+    assert len(sweep.points(sweep.load_sweep(tmp_path / "s.yaml"))) == 2  # duplicate values: one point
+
+
+def test_bad_points_become_invalid_rows_and_the_rest_runs(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: broken\nnum_layers: [4\n")
+    (tmp_path / "s.yaml").write_text(
+        f"devices: 1\nbase: {{seq_len: 16, global_batch: 2, steps: 1, warmup: 0, dtype: float32}}\n"
+        f"grid: {{model: [{broken}, tiny], micro_batch: [1, x]}}\n")
+    out = tmp_path / "r.jsonl"
+    assert sweep.main([str(tmp_path / "s.yaml"), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    by_status = {}
+    for row in rows:
+        by_status.setdefault(row["status"], []).append(row)
+    assert len(rows) == 4 and len(by_status["ok"]) == 1 and len(by_status["invalid"]) == 3
+    errors = " ".join(r["error"] for r in by_status["invalid"])
+    assert "--model: " in errors and "cannot read it as YAML" in errors
+    assert "--micro_batch: 'x' is not an integer" in errors
 
 
 def _bench_processes():
@@ -91,7 +139,7 @@ def _bench_processes():
 
 def test_cpu_smoke_survives_kill_9_and_reports(tmp_path):
     out = tmp_path / "cpu_smoke.jsonl"
-    total = len(sweep.points(sweep.load_sweep(CPU_SMOKE), FLAG_NAMES))
+    total = len(sweep.points(sweep.load_sweep(CPU_SMOKE)))
     command = [sys.executable, "-m", "jaxlayouts.sweep", CPU_SMOKE, "--out", str(out)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 400
@@ -149,7 +197,7 @@ def test_report_of_a_missing_file_exits_2(tmp_path):
 
 def test_index_runs_one_point_for_a_job_array(tmp_path):
     out = tmp_path / "point.jsonl"
-    total = len(sweep.points(sweep.load_sweep(CPU_SMOKE), FLAG_NAMES))
+    total = len(sweep.points(sweep.load_sweep(CPU_SMOKE)))
     assert sweep.main([CPU_SMOKE, "--out", str(out), "--index", str(total - 1)]) == 0  # a tp=8 point
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["status"] == "invalid" and row["point"]["mesh"] == "dp=-1,fsdp=1,tp=8,pp=1"
@@ -168,7 +216,7 @@ def test_a_point_past_its_timeout_is_recorded_as_timeout(tmp_path):
 @pytest.mark.parametrize("path", sorted(str(p) for p in pathlib.Path("configs/sweeps").glob("*.yaml")))
 def test_every_shipped_sweep_file_resolves(path):
     s = sweep.load_sweep(path)
-    points = sweep.points(s, FLAG_NAMES)
+    points = sweep.points(s)
     assert points and len({sweep.point_key(p, s) for p in points}) == len(points)
 
 

@@ -15,7 +15,6 @@ the tensor-parallel all-reduces into all-gather (before the projections) and red
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 

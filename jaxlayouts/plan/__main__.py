@@ -16,13 +16,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import pathlib
 import sys
 import time
 
 from absl import app, flags
 
-from jaxlayouts.layout import InvalidLayout, Layout, RunConfig, load_model_config, validate
+from jaxlayouts import config
+from jaxlayouts.layout import InvalidInput, Layout, RunConfig, load_model_config, validate
 from jaxlayouts.plan import cost
 from jaxlayouts.plan.hardware import load_hardware, save_calibration
 
@@ -44,16 +46,21 @@ REMATS = ("none", "selective", "full")
 KERNELS = (("xla", "xla"), ("pallas", "xla"), ("pallas", "pallas"))
 
 
+MAX_GPUS = 2**20
+"""The largest cluster the planner enumerates (a million GPUs: far past any cluster built)."""
+
+
 def _divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
+    small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0]
+    return sorted(set(small + [n // k for k in small]))
 
 
 def candidates(model, gpus: int, seq_len: int, global_batch: int, gpus_per_node: int):
     """Every valid layout of the space (see the module docstring) as RunConfigs."""
     for tp, pp in itertools.product(_divisors(min(gpus, gpus_per_node)), _divisors(gpus)):
         data = gpus // (tp * pp) if gpus % (tp * pp) == 0 else 0
-        if not data:
-            continue
+        if not data or global_batch % data or model.num_layers % pp:
+            continue  # validation would reject every layout of this (tp, pp): skip them unbuilt
         meshes = [({"dp": data, "tp": tp, "pp": pp}, 0)]
         if data > 1:
             meshes += [({"fsdp": data, "tp": tp, "pp": pp}, zero) for zero in (1, 2, 3)]
@@ -65,7 +72,7 @@ def candidates(model, gpus: int, seq_len: int, global_batch: int, gpus_per_node:
             run = RunConfig(model=model, layout=layout, seq_len=seq_len, global_batch=global_batch)
             try:
                 validate(run, gpus, platform="gpu")
-            except InvalidLayout:
+            except InvalidInput:
                 continue
             yield run
 
@@ -122,21 +129,24 @@ def validate_command(path: str, hw, as_json: bool):
 def check_flags(validating: bool) -> None:
     """Reject nonsense in the planner's own numeric flags, naming the flag."""
     if FLAGS.fit and not validating:
-        raise InvalidLayout("fit", "re-fits the calibration on measured runs: python -m jaxlayouts.plan "
-                            "validate FILE.csv --fit")
+        raise InvalidInput("fit", "re-fits the calibration on measured runs: python -m jaxlayouts.plan "
+                           "validate FILE.csv --fit")
     if FLAGS.predictions and not validating:
-        raise InvalidLayout("predictions", "writes a validated file's rows with their predictions: "
-                            "python -m jaxlayouts.plan validate FILE.csv --predictions OUT.csv")
+        raise InvalidInput("predictions", "writes a validated file's rows with their predictions: "
+                           "python -m jaxlayouts.plan validate FILE.csv --predictions OUT.csv")
     if FLAGS.predictions and not pathlib.Path(FLAGS.predictions).resolve().parent.is_dir():
-        raise InvalidLayout("predictions", f"{FLAGS.predictions}: its folder does not exist; give a path "
-                            "in an existing folder, e.g. --predictions predictions.csv")
+        raise InvalidInput("predictions", f"{FLAGS.predictions}: its folder does not exist; give a path "
+                           "in an existing folder, e.g. --predictions predictions.csv")
     positive = {"gpus": FLAGS.gpus, "seq_len": FLAGS.seq_len, "global_batch": FLAGS.global_batch,
                 "top": FLAGS.top}
     for name, value in positive.items():
         if value < 1:
-            raise InvalidLayout(name, f"{value}: must be a positive integer, e.g. --{name} {FLAGS[name].default}")
+            raise InvalidInput(name, f"{value}: must be a positive integer, e.g. --{name} {FLAGS[name].default}")
+    if FLAGS.gpus > MAX_GPUS:
+        raise InvalidInput("gpus", f"{FLAGS.gpus}: the planner enumerates at most {MAX_GPUS} GPUs; "
+                           "e.g. --gpus 4096")
     if FLAGS.verify < 0:
-        raise InvalidLayout("verify", f"{FLAGS.verify}: compile the top N >= 0 layouts, e.g. --verify 2")
+        raise InvalidInput("verify", f"{FLAGS.verify}: compile the top N >= 0 layouts, e.g. --verify 2")
 
 
 def main(argv):
@@ -145,8 +155,8 @@ def main(argv):
         check_flags(validating=len(argv) > 1)
         if len(argv) > 1:
             if argv[1] != "validate" or len(argv) != 3:
-                raise InvalidLayout("command", f"unknown arguments {argv[1:]}; the one subcommand is "
-                                    "'validate FILE.csv'")
+                raise InvalidInput("command", f"unknown arguments {argv[1:]}; the one subcommand is "
+                                   "'validate FILE.csv'")
             return validate_command(argv[2], hw, FLAGS.json)
         model = load_model_config(FLAGS.model)
         if FLAGS.explain:
@@ -156,7 +166,7 @@ def main(argv):
             prediction = cost.predict(cost.Workload.from_run(run), hw)
             print(json.dumps(row(run, prediction)) if FLAGS.json else explain(run, hw, prediction))
             return
-    except (InvalidLayout, FileNotFoundError) as error:
+    except (InvalidInput, FileNotFoundError) as error:
         print(f"invalid: {error}", file=sys.stderr)
         sys.exit(2)
     start = time.perf_counter()
@@ -202,4 +212,4 @@ def verify(top: list[dict], runs: list[RunConfig], count: int) -> list[dict]:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config.flags_parser(config.print_invalid))

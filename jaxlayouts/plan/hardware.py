@@ -8,7 +8,7 @@ import pathlib
 
 import yaml
 
-from jaxlayouts.layout import CONFIG_DIR, InvalidLayout
+from jaxlayouts.layout import CONFIG_DIR, InvalidInput
 
 HARDWARE_DIR = CONFIG_DIR / "hardware"
 
@@ -77,12 +77,12 @@ def load_hardware(name_or_path: str) -> Hardware:
     if not path.suffix:
         path = HARDWARE_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise InvalidLayout("hardware", f"unknown hardware {name_or_path!r}; choose one of "
-                            f"{', '.join(hardware_names())} or give a YAML path with the same fields")
+        raise InvalidInput("hardware", f"unknown hardware {name_or_path!r}; choose one of "
+                           f"{', '.join(hardware_names())} or give a YAML path with the same fields")
     fields = yaml.safe_load(path.read_text())
     known = {f.name for f in dataclasses.fields(Hardware)} - {"calibration", "calibration_source"}
     if not isinstance(fields, dict) or set(fields) - known or known - set(fields):
-        raise InvalidLayout("hardware", f"{path}: fields must be exactly {sorted(known)}")
+        raise InvalidInput("hardware", f"{path}: fields must be exactly {sorted(known)}")
     # YAML 1.1 reads 2.5e10 (no dot, no exponent sign) as a string: convert by the field's type.
     fields = {k: v if k == "name" else _number(path, k, v, int if k == "gpus_per_node" else float)
               for k, v in fields.items()}
@@ -90,8 +90,8 @@ def load_hardware(name_or_path: str) -> Hardware:
         if candidate.is_file():
             constants = yaml.safe_load(candidate.read_text())
             if not isinstance(constants, dict) or set(constants) - set(Calibration.fields()):
-                raise InvalidLayout("hardware", f"{candidate}: calibration constants are a subset of "
-                                    f"{Calibration.fields()}")
+                raise InvalidInput("hardware", f"{candidate}: calibration constants are a subset of "
+                                   f"{Calibration.fields()}")
             constants = {k: _number(candidate, k, v, float) for k, v in constants.items()}
             return Hardware(**fields, calibration=Calibration(**constants),
                             calibration_source=candidate.name)
@@ -102,7 +102,7 @@ def _number(path: pathlib.Path, field: str, value, kind: type):
     try:
         return kind(value)
     except (TypeError, ValueError):
-        raise InvalidLayout("hardware", f"{path}: {field} is {value!r}; it must be a number") from None
+        raise InvalidInput("hardware", f"{path}: {field} is {value!r}; it must be a number") from None
 
 
 def save_calibration(name: str, calibration: Calibration, header: str) -> pathlib.Path:

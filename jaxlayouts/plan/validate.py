@@ -24,7 +24,7 @@ import numpy as np
 import scipy.optimize
 import scipy.stats
 
-from jaxlayouts.layout import InvalidLayout, load_model_config
+from jaxlayouts.layout import InvalidInput, load_model_config
 from jaxlayouts.plan.cost import GIB, Prediction, Workload, predict, stage_memory, stages, tp_activation_surcharge
 from jaxlayouts.plan.hardware import Calibration, Hardware
 
@@ -43,7 +43,7 @@ def read_rows(path: str) -> list[dict]:
         rows = list(csv.DictReader(f))
     missing = [c for c in REQUIRED if rows and c not in rows[0]]
     if not rows or missing:
-        raise InvalidLayout("file", f"{path}: expected the study's CSV columns; missing {missing or 'rows'}")
+        raise InvalidInput("file", f"{path}: expected the study's CSV columns; missing {missing or 'rows'}")
     return [r for r in rows if r["status"] in ("ok", "oom")]
 
 
@@ -53,14 +53,14 @@ def workload(row: dict) -> Workload:
         seq_len, world, tp, pp, micro_batch = (int(row[c]) for c in ("seq_len", "world_size", "tp", "pp",
                                                                        "micro_batch_size"))
     except ValueError as error:
-        raise InvalidLayout("file", f"sweep {row['sweep']!r}: {error}; sizes are integers") from None
+        raise InvalidInput("file", f"sweep {row['sweep']!r}: {error}; sizes are integers") from None
     if min(seq_len, world, tp, pp, micro_batch) < 1 or world % (tp * pp) or pp > model.num_layers:
-        raise InvalidLayout("file", f"sweep {row['sweep']!r}: tp={tp}, pp={pp} on {world} GPUs with "
-                            f"micro-batch {micro_batch} at {seq_len} tokens; sizes are positive, tp x pp "
-                            f"divides world_size and pp is at most the {model.num_layers} layers")
+        raise InvalidInput("file", f"sweep {row['sweep']!r}: tp={tp}, pp={pp} on {world} GPUs with "
+                           f"micro-batch {micro_batch} at {seq_len} tokens; sizes are positive, tp x pp "
+                           f"divides world_size and pp is at most the {model.num_layers} layers")
     if row["kernel"] not in KERNELS:
-        raise InvalidLayout("file", f"kernel {row['kernel']!r} in sweep {row['sweep']!r}; the study's names "
-                            f"are {', '.join(KERNELS)}")
+        raise InvalidInput("file", f"kernel {row['kernel']!r} in sweep {row['sweep']!r}; the study's names "
+                           f"are {', '.join(KERNELS)}")
     attention, fused_norm = KERNELS[row["kernel"]]
     return Workload(model=model, seq_len=seq_len, global_batch=TOKENS_PER_STEP // seq_len,
                     data_parallel=world // (tp * pp), tp=tp, pp=pp, micro_batch=micro_batch,
