@@ -216,7 +216,7 @@ def flags_parser(report_invalid):
     def parse(argv: list[str]) -> list[str]:
         try:
             return flags.FLAGS(argv)
-        except flags.Error as error:
+        except (flags.Error, ValueError) as error:  # absl raises ValueError for '--noflag=1'
             report_invalid(InvalidInput("flags", str(error)))
             sys.exit(2)
     return parse

@@ -158,15 +158,16 @@ def load_yaml(path: pathlib.Path, knob_name: str) -> dict:
     return data
 
 
-def from_mapping(cls, data: dict, path: pathlib.Path, knob_name: str, required: bool = True, **fixed):
-    """Build ``cls`` from a file's mapping: unknown fields, missing fields (when ``required``) and
-    bad values are :class:`InvalidInput` for ``knob_name``, naming the file and the field."""
+def from_mapping(cls, data: dict, path: pathlib.Path, knob_name: str, **fixed):
+    """Build ``cls`` from a file's mapping: unknown fields, missing required fields (those without
+    a default) and bad values are :class:`InvalidInput` for ``knob_name``, naming the file and field."""
     declared = [f.name for f in knobs(cls)]
     unknown = sorted(set(map(str, data)) - set(declared))
     if unknown:
         raise InvalidInput(knob_name, f"{path}: unknown fields {unknown}; the fields are {declared}")
-    missing = [name for name in declared if name not in data and name not in fixed]
-    if required and missing:
+    missing = [f.name for f in knobs(cls) if f.name not in data and f.name not in fixed
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
         raise InvalidInput(knob_name, f"{path}: missing fields {missing}; the fields are {declared}")
     try:
         values = checked(cls, data, where=f"{path}: ")

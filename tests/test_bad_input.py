@@ -1,0 +1,262 @@
+"""Bad input, by class: every entry point answers with a documented exit code and a message naming
+the knob, never a traceback or a hang, and never changes an input file. Ends with a bounded fuzz."""
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from absl import flags
+
+from conftest import clean_env
+
+from jaxlayouts import config
+from jaxlayouts.layout import Layout, load_model_config
+from jaxlayouts.schema import InvalidInput, knobs
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXIT = {"ok": 0, "error": 1, "invalid": 2, "oom": 3, "compile_error": 4}
+QUICK = ["--seq_len", "16", "--global_batch", "2", "--steps", "1", "--warmup", "0", "--dtype", "float32"]
+
+
+def cli(*args, timeout=120):
+    """Run ``python -m ARGS`` from the project root; returns the finished process."""
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+                          env=clean_env(), cwd=ROOT)
+
+
+def assert_clean(proc, codes=(0, 2)):
+    """A documented exit code, and no Python traceback on either stream."""
+    assert proc.returncode in codes, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Every flag and file field is checked at the boundary, by type, range, finiteness, existence
+
+
+@pytest.mark.parametrize("args, knob", [
+    (["--seq_len", "abc"], "--seq_len: 'abc' is not an integer"),
+    (["--learning_rate", "nan"], "--learning_rate: nan is not a finite number"),
+    (["--learning_rate", "-0.1"], "--learning_rate: -0.1 must be greater than 0"),
+    (["--peak_tflops", "inf"], "--peak_tflops: inf is not a finite number"),
+    (["--micro_batch", "1.5"], "--micro_batch: '1.5' is not an integer"),
+    (["--warmup", "-1"], "--warmup: -1 is below the least allowed value 0"),
+    (["--mesh", "dp=100000"], "--mesh: dp=100000 needs 100000 devices; CPU emulation builds at most 8192"),
+    (["--num_devices", "100000"], "--num_devices: 100000 is above the largest allowed value 8192"),
+    (["--checkpoint_dir", "README.md"], "--checkpoint_dir: README.md is a file"),
+    (["--output", "jaxlayouts"], "--output: jaxlayouts is a directory"),
+    (["--profile_dir", "README.md/traces"], "--profile_dir: README.md/traces cannot be created"),
+    (["--norestore=1"], "--flags: "),
+    (["--colour", "red"], "--flags: Unknown command line flag 'colour'"),
+    (["extra"], "--flags: unexpected arguments ['extra']"),
+    (["--seq_len", "100000000000", "--global_batch", "4096"], "--global_batch: 7 steps of 4096 x 100000000001"),
+])
+def test_bench_flags_are_checked_before_any_device(args, knob):
+    proc = cli("jaxlayouts.bench", *args, timeout=60)
+    assert_clean(proc, codes=(2,))
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["status"] == "invalid" and result["error"].startswith(knob), result["error"]
+    assert "compiling" not in proc.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: m\nnum_layers: [4\n", "cannot read it as YAML"),
+    ("- 1\n- 2\n", "expected a mapping of field: value, found list"),
+    ("name: m\nnum_layers: 4\n", "missing fields ['d_model'"),
+    ("name: m\nnum_layers: 4\nd_model: 128\nnum_heads: 8\nnum_kv_heads: 4\nd_ff: 384\nvocab_size: 512\n"
+     "norm_eps: -1.0e-5\n", "norm_eps -1e-05 must be greater than 0"),
+    ("name: m\nnum_layers: four\nd_model: 128\nnum_heads: 8\nnum_kv_heads: 4\nd_ff: 384\nvocab_size: 512\n",
+     "num_layers 'four' is not an integer"),
+    ("name: m\nnum_layers: 4\nd_model: 128\nnum_heads: 8\nnum_kv_heads: 4\nd_ff: 384\nvocab_size: 512\n"
+     "rope_theta: .nan\n", "rope_theta nan is not a finite number"),
+    ("name: m\nnum_layers: 4\nd_model: 128\nnum_heads: 8\nnum_kv_heads: 4\nd_ff: 384\nvocab_size: 512\nflavour: 1\n",
+     "unknown fields ['flavour']"),
+])
+def test_model_file_fields_are_checked(tmp_path, text, message):
+    path = tmp_path / "m.yaml"
+    path.write_text(text)
+    with pytest.raises(InvalidInput, match=message.replace("[", "\\[").replace("(", "\\(")) as error:
+        load_model_config(str(path))
+    assert error.value.knob == "model" and str(path) in str(error.value)
+
+
+def test_every_layout_field_round_trips_through_flags_text_and_result_row():
+    """Each declared layout knob, set away from its default, survives the command line, the
+    text form and a result row (the planner and explore build runs from the same values)."""
+    non_default = {"micro_batch": "2", "zero": "1", "sequence_parallel": "true", "remat": "full",
+                   "attention": "pallas", "norm": "pallas", "pipeline_schedule": "circular",
+                   "virtual_stages": "2", "pipeline_microbatches": "4"}
+    declared = [f.name for f in knobs(Layout) if f.name != "mesh"]
+    assert sorted(non_default) == sorted(declared), "a new layout knob needs a value here"
+    flag_values = flags.FlagValues()
+    config.define_flags(flag_values)
+    argv = ["bench", "--mesh=fsdp=2,tp=2,pp=2", "--model=tiny", "--global_batch=16", "--seq_len=32"]
+    argv += [f"--{k}" if v == "true" else f"--{k}={v}" for k, v in non_default.items()]
+    flag_values(argv)
+    run = config.run_config(config.values_from_flags(flag_values))
+    layout = run.layout
+    for name in declared:
+        assert getattr(layout, name) != getattr(Layout(mesh={}), name), name
+    assert Layout.parse(str(layout)) == layout
+    row = config.describe(run)
+    assert Layout(**{f.name: row[f.name] for f in knobs(Layout)}) == layout
+    assert json.loads(json.dumps(row))["layout"] == str(layout)
+
+
+@pytest.mark.parametrize("keyword, message", [
+    ({"colour": "red"}, "unknown keyword \\['colour'\\]"),
+    ({"micro_batch": 0}, "--micro_batch: 0 is below the least allowed value 1"),
+    ({"remat": "often"}, "--remat: unknown policy 'often'"),
+    ({"sequence_parallel": "maybe"}, "--sequence_parallel: 'maybe' is not true or false"),
+])
+def test_keyword_values_are_checked_like_flags(keyword, message):
+    with pytest.raises(InvalidInput, match=message):
+        config.check_values(config.values_with(**keyword))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["jaxlayouts.plan", "--gpus", "100000000000"], "--gpus: 100000000000: the planner enumerates at most"),
+    (["jaxlayouts.plan", "--gpus", "abc"], "--flags: flag --gpus=abc"),
+    (["jaxlayouts.plan", "--explain", "dp=8 mbs=x"], "--layout: 'dp=8 mbs=x': --micro_batch: 'x' is not an integer"),
+    (["jaxlayouts.explore", "--mesh", "dp=2", "--remat", "often"], "--remat: unknown policy 'often'"),
+    (["jaxlayouts.explore", "--mesh", "dp=2", "--bogus"], "--flags: Unknown command line flag 'bogus'"),
+    (["jaxlayouts.report", "jaxlayouts", "--out", "x"], "error: no results file jaxlayouts"),
+])
+def test_inspection_tools_reject_bad_input_with_exit_2(args, message):
+    proc = cli(*args, timeout=60)
+    assert_clean(proc, codes=(2,))
+    assert message in proc.stderr, proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Nothing hangs: failure paths exit within a bound
+
+
+def test_a_huge_cluster_is_refused_at_once_and_a_million_gpus_enumerate_quickly():
+    start = time.perf_counter()
+    proc = cli("jaxlayouts.plan", "--gpus", "1048576", "--top", "1", timeout=60)
+    assert_clean(proc)
+    assert time.perf_counter() - start < 30
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Launch: workers die with their launcher, even under kill -9
+
+
+def _workers(marker: str) -> list[int]:
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines()
+            if "-m jaxlayouts.bench" in line and marker in line and "jaxlayouts.launch" not in line]
+
+
+def test_workers_die_when_the_launcher_is_killed(tmp_path):
+    marker = f"--output={tmp_path}/never.jsonl"
+    command = [sys.executable, "-m", "jaxlayouts.launch", "2", "--", sys.executable, "-m", "jaxlayouts.bench",
+               "--mesh", "dp=2", "--steps", "100000", marker, *QUICK[:4]]
+    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=clean_env(),
+                                cwd=ROOT)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len(_workers(marker)) < 2:
+            time.sleep(0.2)
+        assert len(_workers(marker)) == 2
+        time.sleep(3)  # the workers are past their start (die_with_parent is armed)
+    finally:
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and _workers(marker):
+        time.sleep(0.2)
+    assert not _workers(marker), "workers outlived their launcher"
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Fuzz: random flag values and broken files for each entry point, for a bounded time
+
+
+NASTY = ["", "-1", "0", "nan", "-inf", "1e309", "abc", "2.5", "99999999999999999999", "true", "dp=0",
+         "dp=-1,tp=-1", "/nonexistent/x", "README.md", "jaxlayouts", "{", "'", "dp=2 mbs=0"]
+
+
+def _mutations(text: str, rng: random.Random) -> str:
+    lines = text.splitlines()
+    choice = rng.randrange(5)
+    if choice == 0 and lines:
+        lines.pop(rng.randrange(len(lines)))
+    elif choice == 1 and lines:
+        i = rng.randrange(len(lines))
+        key = lines[i].split(":")[0]
+        lines[i] = f"{key}: {rng.choice(NASTY)}"
+    elif choice == 2:
+        return text[: rng.randrange(len(text) + 1)]
+    elif choice == 3:
+        return "".join(rng.choice("{}[]:,-\n \"'x1") for _ in range(rng.randrange(1, 40)))
+    else:
+        lines.append(f"{rng.choice(['extra', 'grid', 'status', 'key'])}: {rng.choice(NASTY)}")
+    return "\n".join(lines) + "\n"
+
+
+def _digest(paths) -> dict:
+    return {p: hashlib.sha256(pathlib.Path(p).read_bytes()).hexdigest() for p in paths if pathlib.Path(p).is_file()}
+
+
+def _fuzz_case(rng: random.Random, tmp: pathlib.Path, n: int):
+    """One random command line (and the input files it reads): ``(args, files, codes)``."""
+    model = tmp / f"model{n}.yaml"
+    model.write_text(_mutations((ROOT / "configs/models/tiny.yaml").read_text(), rng))
+    results = tmp / f"results{n}.jsonl"
+    results.write_text(_mutations('{"key": "a", "status": "ok", "step_time_s": 1.0}\n', rng))
+    sweep_file = tmp / f"sweep{n}.yaml"
+    sweep_file.write_text(_mutations("devices: 1\nbase: {model: tiny}\ngrid: {micro_batch: [1, 2]}\n", rng))
+    study = tmp / f"study{n}.csv"
+    study.write_text(_mutations((ROOT / "tests/data/study_rows.csv").read_text(), rng))
+    flag = lambda names: f"--{rng.choice(names)}={rng.choice(NASTY)}"
+    # Baselines that stop at a late check (3 data shards cannot split 2 sequences; 0 kernel
+    # iterations), so each case runs every earlier check and rarely compiles anything.
+    bench = ["jaxlayouts.bench", "--mesh=dp=3", "--global_batch=2", "--seq_len=16", "--steps=1", "--warmup=0"]
+    bench_names = [n for n in config.KNOB_NAMES if n not in ("steps", "restore")]
+    kernels = ["jaxlayouts.kernel_bench", "--attention=xla", "--norm=xla", "--seq_lens=16", "--iters=0"]
+    cases = [
+        ([*bench, flag(bench_names)], [], tuple(EXIT.values())),
+        ([*bench, f"--model={model}"], [model], tuple(EXIT.values())),
+        (["jaxlayouts.sweep", str(sweep_file), "--out", str(results), "--dry-run"], [sweep_file, results], (0, 2)),
+        (["jaxlayouts.report", str(rng.choice([results, study])), "--out", str(tmp / f"report{n}")],
+         [results, study], (0, 2)),
+        (["jaxlayouts.plan", "--gpus=8", "--explain=dp=8 mbs=1", flag(["gpus", "seq_len", "global_batch", "hardware",
+                                                                     "explain", "model", "top"])], [], (0, 2)),
+        (["jaxlayouts.plan", "validate", str(study), "--hardware", "a100-80gb"], [study], (0, 2)),
+        ([*kernels, flag(["seq_lens", "heads", "kv_heads", "tokens", "dtype", "head_dim", "attention", "norm"])],
+         [], (0, 2)),
+        (["jaxlayouts.launch", rng.choice(["0", "-1", "x", "1"]), "--", sys.executable, "-c", "pass"], [], (0, 2)),
+    ]
+    return rng.choice(cases)
+
+
+def test_fuzz_every_entry_point_for_a_bounded_time(tmp_path):
+    seed = int(os.environ.get("JAXLAYOUTS_FUZZ_SEED", "20261130"))
+    budget_s = float(os.environ.get("JAXLAYOUTS_FUZZ_SECONDS", "45"))
+    rng = random.Random(seed)
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < budget_s:
+        args, files, codes = _fuzz_case(rng, tmp_path, n)
+        before = _digest(files)
+        try:
+            proc = cli(*args, timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"seed {seed} case {n}: {args} hung")
+        assert proc.returncode in codes, (seed, n, args, proc.returncode, proc.stderr[-1500:])
+        assert "Traceback" not in proc.stdout + proc.stderr, (seed, n, args, proc.stderr[-3000:])
+        assert _digest(files) == before, (seed, n, args, "an input file changed")
+        if args[0] == "jaxlayouts.bench":
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            assert EXIT[result["status"]] == proc.returncode
+        n += 1
+    assert n >= 8, f"only {n} fuzz cases ran in {budget_s} s"
