@@ -72,30 +72,32 @@ def attention_key(seq_len: int, head_dim: int, group: int) -> str:
     return f"t{next_power_of_2(seq_len)}_d{head_dim}_g{group}"
 
 
-def load(path: Path = TABLE) -> dict:
-    """The tuned table (empty when no GPU run has written one)."""
+def load(path: Path | None = None) -> dict:
+    """The tuned table at ``path`` (default :data:`TABLE`); empty when no GPU run has written one."""
+    path = path or TABLE
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _entry(device_kind: str, kernel: str, key: str, path: Path) -> dict | None:
+def _entry(device_kind: str, kernel: str, key: str, path: Path | None) -> dict | None:
     return load(path).get(device_kind, {}).get(kernel, {}).get(key)
 
 
 def attention_blocks(device_kind: str, seq_len: int, head_dim: int, group: int,
-                     path: Path = TABLE) -> BlockSizes:
+                     path: Path | None = None) -> BlockSizes:
     """Tuned tiles for this device and shape, else the defaults."""
     entry = _entry(device_kind, "attention", attention_key(seq_len, head_dim, group), path)
     return BlockSizes(**entry["config"]) if entry else BlockSizes()
 
 
-def norm_config(device_kind: str, width: int, path: Path = TABLE) -> NormConfig:
+def norm_config(device_kind: str, width: int, path: Path | None = None) -> NormConfig:
     """Tuned RMSNorm launch for this device and row width, else :func:`default_norm_config`."""
     entry = _entry(device_kind, "rms_norm", str(width), path)
     return NormConfig(**entry["config"]) if entry else default_norm_config(width)
 
 
-def record(device_kind: str, kernel: str, key: str, config, measured: dict, path: Path = TABLE) -> None:
+def record(device_kind: str, kernel: str, key: str, config, measured: dict, path: Path | None = None) -> None:
     """Write one tuned entry (the config and what it measured) into the table at ``path``."""
+    path = path or TABLE
     table = load(path)
     table.setdefault(device_kind, {}).setdefault(kernel, {})[key] = {
         "config": dataclasses.asdict(config), **measured}
