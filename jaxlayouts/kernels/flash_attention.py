@@ -13,9 +13,8 @@ are never repeated in memory.
   never materialised per query head); one per (batch, head, query block) accumulates ``dQ``.
   ``P = exp(S - lse)`` is recomputed block by block; nothing of size ``seq x seq`` is stored.
 
-Every loop runs in two parts: the tiles wholly visible under the causal mask (and free of padded
-keys) without any masking work, then the tiles on the diagonal (and any holding padded keys)
-with the mask. Tiles, ``num_warps`` and ``num_stages`` per pass come from
+Every loop runs in two parts: the tiles wholly visible under the causal mask without any masking
+work, then the tiles on the diagonal with the causal and padded-key mask. Tiles, ``num_warps`` and ``num_stages`` per pass come from
 :mod:`jaxlayouts.kernels.tuning` (a table per device kind and shape, written by
 ``python -m jaxlayouts.kernels.tune``), else its defaults.
 
@@ -53,10 +52,11 @@ def _causal_blocks(query_end, block_k):
     return lax.div(query_end + block_k - 1, block_k)
 
 
-def _full_key_blocks(q_start, block_k, seq_len):
-    """Key blocks every query of a block starting at ``q_start`` sees whole: they end at or
-    before both the block's first query and the real sequence (no causal or padding mask)."""
-    return lax.div(jnp.minimum(q_start, seq_len), block_k)
+def _full_key_blocks(q_start, block_k):
+    """Key blocks every query of a block starting at ``q_start`` sees whole (no mask): those
+    ending at or before its first query. For a block of real queries they hold only real keys;
+    a block of padded queries may see padded keys unmasked, but its rows are dropped."""
+    return lax.div(q_start, block_k)
 
 
 def _scores(q, k, q_start, k_start, scale, seq_len, masked):
@@ -92,7 +92,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block_k, seq_
 
     carry = (jnp.zeros(q.shape, jnp.float32), jnp.full((block_q,), MASK_VALUE, jnp.float32),
              jnp.zeros((block_q,), jnp.float32))
-    full = _full_key_blocks(q_start, block_k, seq_len)
+    full = _full_key_blocks(q_start, block_k)
     carry = lax.fori_loop(0, full, functools.partial(body, False), carry)
     acc, m, l = lax.fori_loop(full, _causal_blocks(q_start + block_q, block_k),
                               functools.partial(body, True), carry)
@@ -145,10 +145,10 @@ def _dkv_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dk_ref, dv_ref,
         return dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True), dv
 
     first = lax.div(k_start, block_q)
-    # Query blocks whose first row is at or past this block's last key see it whole, unless the
-    # block holds padded keys (then every query block is masked).
-    first_full = jnp.where(k_start + block_k <= seq_len,
-                           lax.div(k_start + block_k - 1 + block_q - 1, block_q), padded // block_q)
+    # Query blocks whose first row is at or past this block's last key see it whole. Padded keys
+    # there go unmasked, which changes only their own dK/dV rows (dropped); padded query rows add
+    # nothing (their dO and delta are zero).
+    first_full = lax.div(k_start + block_k - 1 + block_q - 1, block_q)
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     for g in range(group):  # static: the query heads sharing this K/V head
         carry = lax.fori_loop(first, first_full, functools.partial(body, g, True), carry)
@@ -171,7 +171,7 @@ def _dq_kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, dq_ref, *, scale
         ds = p * (plgpu.dot(do, v, trans_b=True) - delta[:, None]) * scale
         return dq + plgpu.dot(ds.astype(k.dtype), k)
 
-    full = _full_key_blocks(q_start, block_k, seq_len)
+    full = _full_key_blocks(q_start, block_k)
     dq = lax.fori_loop(0, full, functools.partial(body, False), jnp.zeros(q.shape, jnp.float32))
     dq = lax.fori_loop(full, _causal_blocks(q_start + block_q, block_k), functools.partial(body, True), dq)
     dq_ref[...] = dq.astype(dq_ref.dtype)

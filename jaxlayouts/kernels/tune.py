@@ -190,7 +190,7 @@ def parse(argv) -> argparse.Namespace:
     if args.dry_run and args.write and args.table == tuning.TABLE:
         parser.error(f"--dry-run --write needs --table PATH: {tuning.TABLE} holds GPU measurements only")
     if args.dry_run:
-        args.seq_lens, args.heads, args.kv_heads, args.head_dim, args.tokens = [48], 4, 2, 32, 48
+        args.seq_lens, args.heads, args.kv_heads, args.head_dim, args.tokens = [24], 2, 1, 16, 24
         args.widths, args.rows, args.warmup, args.iters = [96], 20, 0, 1
     return args
 
