@@ -71,6 +71,25 @@ def test_flash_attention_is_causal():
     assert not np.allclose(out[:, 40:], out2[:, 40:])
 
 
+def masked_loops(kernel_jaxpr) -> list[bool]:
+    """For each loop of a kernel, in order: whether its body selects (applies a mask)."""
+    def selects(jaxpr):
+        return any(e.primitive.name == "select_n" or any(
+            selects(getattr(p, "jaxpr", p)) for p in e.params.values() if hasattr(getattr(p, "jaxpr", p), "eqns"))
+            for e in jaxpr.eqns)
+    return [selects(e.params["body_jaxpr"].jaxpr) for e in kernel_jaxpr.eqns if e.primitive.name == "while"]
+
+
+def test_flash_attention_masks_only_the_diagonal_tiles():
+    """Each kernel loops over the fully visible tiles without a mask, then the diagonal with it."""
+    q, k, v, do = random_qkv(1, 64, 4, 2, 32, jnp.float32)
+    grads = lambda q, k, v, do: attention_and_grads(lambda *a: flash_attention(*a, blocks=SMALL_BLOCKS), q, k, v, do)
+    forward, dkv, dq = (e.params["jaxpr"] for e in pallas_calls(jax.make_jaxpr(grads)(q, k, v, do).jaxpr))
+    assert masked_loops(forward) == [False, True]
+    assert masked_loops(dkv) == [True, False] * 2  # per query head of the K/V head's group
+    assert masked_loops(dq) == [False, True]
+
+
 def test_flash_attention_tiles_from_the_tuned_table(tmp_path, monkeypatch):
     """With no blocks given, the tiles and warps come from the table for this device and shape."""
     table = tmp_path / "tuned.json"
