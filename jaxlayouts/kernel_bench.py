@@ -2,13 +2,18 @@
 
     python -m jaxlayouts.kernel_bench                       # GPU: T = 2k/4k/8k, d = 128, bf16
     python -m jaxlayouts.kernel_bench --markdown docs/results/kernels-h100.md
+    python -m jaxlayouts.kernel_bench --ceilings ceilings.json   # reuse measured ceilings
 
 Attention TFLOP/s count the causal FLOPs as FlashAttention's benchmarks do (the two matmuls,
 halved by the mask; backward = 2.5 x forward; softmax not counted), see
 :func:`jaxlayouts.kernels.flash_attention.attention_flops`. ``vs_cudnn`` is the speed ratio to the
 ``cudnn`` row measured in the same run. RMSNorm GB/s count the bytes a fused kernel must move
 (forward: read x, write y; backward: read x and dy, write dx), so the plain version's extra
-passes show up as lower GB/s. Inputs are random normal, never zeros; each time is the median of
+passes show up as lower GB/s. Each row is also read against the device's ceilings
+(:mod:`jaxlayouts.ceilings`, measured at start unless ``--ceilings`` gives them): attention
+TFLOP/s as a fraction of the matmul TFLOP/s (``*_tflops_vs_matmul``), RMSNorm GB/s as a fraction
+of the copy GB/s (``*_vs_copy``). Every row carries the same keys (``None`` where one does not
+apply, e.g. ``seq_len`` and ``*_vs_cudnn`` for RMSNorm). Inputs are random normal, never zeros; each time is the median of
 ``--iters`` runs after ``--warmup`` runs, each run synchronised with ``block_until_ready``; the
 compile is timed separately. On CPU the Pallas kernels run in interpret mode and the shapes are
 tiny: those numbers test the harness, not the kernels. The last stdout line is one JSON object.
@@ -21,6 +26,7 @@ import json
 
 from absl import app, flags
 
+from jaxlayouts.ceilings import measure
 from jaxlayouts.timing import timed
 
 FLAGS = flags.FLAGS
@@ -37,13 +43,57 @@ flags.DEFINE_integer("d_model", 8192, "RMSNorm row width.")
 flags.DEFINE_integer("warmup", 3, "Untimed runs after the compile.")
 flags.DEFINE_integer("iters", 10, "Timed runs (the median is reported).")
 flags.DEFINE_string("markdown", None, "Also write the tables as Markdown to this file.")
+flags.DEFINE_string("ceilings", None, "JSON file with matmul_tflops and copy_gbs to read the kernels "
+                    "against (default: measure them now; tiny shapes on CPU).")
+
+CEILING_KEYS = ("matmul_tflops", "copy_gbs")
+ROW_KEYS = ("kernel", "implementation", "seq_len", "forward_ms", "forward_backward_ms",
+            "forward_tflops", "forward_backward_tflops", "forward_tflops_vs_matmul",
+            "forward_backward_tflops_vs_matmul", "forward_gbs", "forward_backward_gbs",
+            "forward_vs_copy", "forward_backward_vs_copy", "forward_vs_cudnn",
+            "forward_backward_vs_cudnn", "forward_vs_xla", "forward_backward_vs_xla")
+"""Keys every row carries (``None`` where they do not apply), for the GPU kit's tables."""
 
 
 def _unavailable(implementation: str, kind: str, platform: str) -> str | None:
+    from jaxlayouts.kernels.triton_versions import unavailable_reason
     from jaxlayouts.layout import GPU_ONLY
     if (kind, implementation) in GPU_ONLY and platform != "gpu":
         return f"needs an NVIDIA GPU (platform is {platform})"
+    if (kind, implementation) == ("norm", "triton"):
+        return unavailable_reason()
     return None
+
+
+def load_ceilings(path: str) -> dict:
+    """Ceilings from a JSON file with positive ``matmul_tflops`` and ``copy_gbs``; a problem is
+    a ``ValueError`` naming ``--ceilings``."""
+    try:
+        with open(path) as f:
+            ceilings = json.load(f)
+    except OSError as error:
+        raise ValueError(f"--ceilings: cannot read {path}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--ceilings: {path} is not JSON ({error.msg} at line {error.lineno})") from None
+    bad = [key for key in CEILING_KEYS if not isinstance(ceilings, dict) or isinstance(ceilings.get(key), bool)
+           or not isinstance(ceilings.get(key), (int, float)) or ceilings[key] <= 0]
+    if bad:
+        raise ValueError(f"--ceilings: {path} needs positive numbers for {', '.join(bad)}, "
+                         'e.g. {"matmul_tflops": 668, "copy_gbs": 2585}')
+    return {**ceilings, "source": path}
+
+
+def against_ceilings(rows: list[dict], ceilings: dict) -> list[dict]:
+    """Add the fractions of the matmul and copy ceilings, and every key of ``ROW_KEYS``."""
+    for row in rows:
+        for mode in ("forward", "forward_backward"):
+            if row.get(f"{mode}_tflops") is not None:
+                row[f"{mode}_tflops_vs_matmul"] = row[f"{mode}_tflops"] / ceilings["matmul_tflops"]
+            if row.get(f"{mode}_gbs") is not None:
+                row[f"{mode}_vs_copy"] = row[f"{mode}_gbs"] / ceilings["copy_gbs"]
+        for key in ROW_KEYS:
+            row.setdefault(key, None)
+    return rows
 
 
 def attention_rows(platform: str) -> list[dict]:
@@ -112,7 +162,8 @@ def norm_rows(platform: str) -> list[dict]:
     moved = {"forward": 2 * n * d * dtype.itemsize, "forward_backward": 5 * n * d * dtype.itemsize}
     rows = []
     for name in FLAGS.norm:
-        row = {"kernel": "rms_norm", "implementation": name, "rows": n, "d_model": d, "dtype": dtype.name}
+        row = {"kernel": "rms_norm", "implementation": name, "seq_len": None, "rows": n, "d_model": d,
+               "dtype": dtype.name}
         reason = _unavailable(name, "norm", platform)
         if reason is None:
             fn = lambda x, scale, name=name: IMPLEMENTATIONS[name](x, scale, 1e-5)
@@ -122,7 +173,7 @@ def norm_rows(platform: str) -> list[dict]:
                 for mode, (call, args) in calls.items():
                     measured = timed(call, *args, warmup=FLAGS.warmup, iters=FLAGS.iters)
                     row[f"{mode}_ms"] = measured["time_s"] * 1e3
-                    row[f"{mode}_gb_per_s"] = moved[mode] / measured["time_s"] / 1e9
+                    row[f"{mode}_gbs"] = moved[mode] / measured["time_s"] / 1e9
             except Exception as error:
                 reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
         row["status"] = "ok" if reason is None else "unavailable"
@@ -141,27 +192,34 @@ def _cell(value, digits=2):
 
 
 def markdown(header: dict, attention: list[dict], norm: list[dict]) -> str:
+    ceilings = header["ceilings"]
     lines = [f"# Kernel benchmark on {header['device_kind']}", "",
              f"{header['date']}, jax {header['jax_version']}, {header['platform']}"
              f"{' (Pallas in interpret mode: tiny shapes, not kernel performance)' if header['interpret'] else ''}.",
              f"Command: `{header['command']}`", "",
+             f"Ceilings ({ceilings['source']}): matmul {ceilings['matmul_tflops']:.1f} TFLOP/s, "
+             f"copy {ceilings['copy_gbs']:.1f} GB/s (read + write).", "",
              "## Attention (causal; TFLOP/s count causal FLOPs: 2 matmuls halved, backward 2.5x)", "",
-             "| T | batch x heads x d | impl | fwd ms | fwd TFLOP/s | fwd vs cudnn | fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd vs cudnn | note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| T | batch x heads x d | impl | fwd ms | fwd TFLOP/s | fwd vs matmul | fwd vs cudnn | "
+             "fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd vs matmul | fwd+bwd vs cudnn | note |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in attention:
         lines.append(f"| {r['seq_len']} | {r['batch']}x{r['heads']}x{r['head_dim']} | {r['implementation']} | "
-                     f"{_cell(r.get('forward_ms'))} | {_cell(r.get('forward_tflops'), 3)} | "
-                     f"{_cell(r.get('forward_vs_cudnn'))} | {_cell(r.get('forward_backward_ms'))} | "
-                     f"{_cell(r.get('forward_backward_tflops'), 3)} | {_cell(r.get('forward_backward_vs_cudnn'))} | "
+                     f"{_cell(r['forward_ms'])} | {_cell(r['forward_tflops'], 3)} | "
+                     f"{_cell(r['forward_tflops_vs_matmul'])} | {_cell(r['forward_vs_cudnn'])} | "
+                     f"{_cell(r['forward_backward_ms'])} | {_cell(r['forward_backward_tflops'], 3)} | "
+                     f"{_cell(r['forward_backward_tflops_vs_matmul'])} | {_cell(r['forward_backward_vs_cudnn'])} | "
                      f"{r['reason'] or ''} |")
     lines += ["", "## RMSNorm (GB/s of the bytes a fused kernel moves)", "",
-              "| rows x d | impl | fwd ms | fwd GB/s | fwd vs xla | fwd+bwd ms | fwd+bwd GB/s | fwd+bwd vs xla | note |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| rows x d | impl | fwd ms | fwd GB/s | fwd vs copy | fwd vs xla | fwd+bwd ms | fwd+bwd GB/s | "
+              "fwd+bwd vs copy | fwd+bwd vs xla | note |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in norm:
-        lines.append(f"| {r['rows']}x{r['d_model']} | {r['implementation']} | {_cell(r.get('forward_ms'))} | "
-                     f"{_cell(r.get('forward_gb_per_s'))} | {_cell(r.get('forward_vs_xla'))} | "
-                     f"{_cell(r.get('forward_backward_ms'))} | {_cell(r.get('forward_backward_gb_per_s'))} | "
-                     f"{_cell(r.get('forward_backward_vs_xla'))} | {r['reason'] or ''} |")
+        lines.append(f"| {r['rows']}x{r['d_model']} | {r['implementation']} | {_cell(r['forward_ms'])} | "
+                     f"{_cell(r['forward_gbs'])} | {_cell(r['forward_vs_copy'])} | {_cell(r['forward_vs_xla'])} | "
+                     f"{_cell(r['forward_backward_ms'])} | {_cell(r['forward_backward_gbs'])} | "
+                     f"{_cell(r['forward_backward_vs_copy'])} | {_cell(r['forward_backward_vs_xla'])} | "
+                     f"{r['reason'] or ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -192,6 +250,12 @@ def main(argv):
             problems.append(f"--{knob}: {FLAGS[knob].value}; must be a positive integer")
     if FLAGS.heads and FLAGS.kv_heads and FLAGS.heads % FLAGS.kv_heads:
         problems.append(f"--kv_heads: {FLAGS.kv_heads} must divide --heads {FLAGS.heads}")
+    ceilings = None
+    if FLAGS.ceilings:
+        try:
+            ceilings = load_ceilings(FLAGS.ceilings)
+        except ValueError as error:
+            problems.append(str(error))
     if problems:
         print("\n".join(problems), file=sys.stderr)
         sys.exit(2)
@@ -202,7 +266,9 @@ def main(argv):
               "command": "python -m jaxlayouts.kernel_bench " + " ".join(argv[1:])}
     if header["interpret"]:
         print("note: no GPU; Pallas kernels run in interpret mode on tiny shapes (harness check only)")
-    attention, norm = attention_rows(platform), norm_rows(platform)
+    header["ceilings"] = ceilings or {**measure(small=platform == "cpu"), "source": "measured"}
+    attention = against_ceilings(attention_rows(platform), header["ceilings"])
+    norm = against_ceilings(norm_rows(platform), header["ceilings"])
     table = markdown(header, attention, norm)
     print(table)
     if FLAGS.markdown:

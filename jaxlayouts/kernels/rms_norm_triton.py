@@ -1,16 +1,23 @@
 """Fused RMSNorm as Triton kernels called through ``jax_triton.triton_call`` (NVIDIA GPUs only).
 
 Same formulas as :mod:`jaxlayouts.kernels.rms_norm`: one program per row in the forward pass
-(``y = x * r * w``, ``r`` kept per row); in the backward pass one program per block of
-``ROWS_PER_PROGRAM`` rows computes ``dx`` row by row and accumulates a partial ``dw`` in registers.
+(``y = x * r * w``, ``r`` kept per row); the backward pass launches a bounded number of programs
+(as the Pallas kernel: ``backward_programs_per_core`` per streaming multiprocessor), each computing
+``dx`` row by row over its share of rows and keeping one partial ``dw`` in registers, so the
+float32 partials are ``programs x d``. Warps per pass come per width from
+:mod:`jaxlayouts.kernels.tuning`. Expected lever: the warps per width and the bounded partials, as
+for the Pallas kernel; unmeasured until a GPU run (it has never run: the H200 image's jax-triton
+0.4.1 does not work with its triton 3.6.0).
 
-Import this module only through :func:`load`, which explains what is missing instead of raising
-an ImportError: Triton and jax-triton are the optional ``[gpu]`` extra.
+Triton and jax-triton are the optional ``[gpu]`` extra; check
+:func:`jaxlayouts.kernels.triton_versions.unavailable_reason` before importing this module. The
+call works with jax-triton 0.3.1 (``out_shape=``) and 0.4 (``out_type=``).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +25,11 @@ import jax_triton
 import triton
 import triton.language as tl
 
-ROWS_PER_PROGRAM = 16
+from jaxlayouts.kernels.rms_norm import backward_programs
+from jaxlayouts.kernels.tuning import norm_config
+
+OUT = "out_type" if "out_type" in inspect.signature(jax_triton.triton_call).parameters else "out_shape"
+"""The output-shape keyword of ``triton_call``: ``out_shape`` until jax-triton 0.4 renamed it."""
 
 
 @triton.jit
@@ -58,10 +69,11 @@ def _backward_kernel(x_ptr, w_ptr, r_ptr, dy_ptr, dx_ptr, dw_ptr, rows: tl.const
 def _forward(x, scale, eps):
     rows = x.reshape(-1, x.shape[-1])
     n, d = rows.shape
+    config = norm_config(jax.devices()[0].device_kind, d)
     y, r = jax_triton.triton_call(
         rows, scale, kernel=_forward_kernel,
-        out_shape=[jax.ShapeDtypeStruct(rows.shape, x.dtype), jax.ShapeDtypeStruct((n,), jnp.float32)],
-        grid=(n,), d=d, eps=eps, block=triton.next_power_of_2(d))
+        **{OUT: [jax.ShapeDtypeStruct(rows.shape, x.dtype), jax.ShapeDtypeStruct((n,), jnp.float32)]},
+        grid=(n,), num_warps=config.num_warps, d=d, eps=eps, block=triton.next_power_of_2(d))
     return y.reshape(x.shape), (rows, scale, r)
 
 
@@ -69,13 +81,13 @@ def _backward(eps, residuals, dy):
     del eps
     rows, scale, r = residuals
     n, d = rows.shape
-    programs = triton.cdiv(n, ROWS_PER_PROGRAM)
+    config = norm_config(jax.devices()[0].device_kind, d)
+    programs = backward_programs(n, config)
     dx, dw = jax_triton.triton_call(
         rows, scale, r, dy.reshape(rows.shape), kernel=_backward_kernel,
-        out_shape=[jax.ShapeDtypeStruct(rows.shape, dy.dtype),
-                   jax.ShapeDtypeStruct((programs, d), jnp.float32)],
-        grid=(programs,), rows=n, d=d, rows_per_program=ROWS_PER_PROGRAM,
-        block=triton.next_power_of_2(d))
+        **{OUT: [jax.ShapeDtypeStruct(rows.shape, dy.dtype), jax.ShapeDtypeStruct((programs, d), jnp.float32)]},
+        grid=(programs,), num_warps=config.backward_num_warps, rows=n, d=d,
+        rows_per_program=triton.cdiv(n, programs), block=triton.next_power_of_2(d))
     return dx.reshape(dy.shape), dw.sum(axis=0).astype(scale.dtype)
 
 
