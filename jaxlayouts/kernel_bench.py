@@ -26,6 +26,7 @@ import json
 
 from absl import app, flags
 
+from jaxlayouts import config
 from jaxlayouts.ceilings import measure
 from jaxlayouts.timing import timed
 
@@ -278,4 +279,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=config.flags_parser(config.print_invalid))

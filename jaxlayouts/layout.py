@@ -12,10 +12,10 @@ devices must be requested through XLA_FLAGS before that).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import pathlib
 
+from jaxlayouts.kernels import triton_versions
 from jaxlayouts.schema import InvalidInput, check_instance, checked, from_mapping, knob, knobs, load_yaml
 
 MESH_AXES = ("dp", "fsdp", "tp", "pp")
@@ -255,9 +255,8 @@ def validate(run: RunConfig, num_devices: int, platform: str | None = None) -> N
     for (name, choice), alternative in GPU_ONLY.items():
         if getattr(lay, name) == choice and platform not in (None, "gpu", "cuda"):
             raise InvalidInput(name, f"{choice} needs an NVIDIA GPU (platform is {platform}); {alternative}")
-    if lay.norm == "triton" and not all(importlib.util.find_spec(m) for m in ("jax_triton", "triton")):
-        raise InvalidInput("norm", "triton needs the optional packages jax-triton and triton: "
-                           "pip install 'jaxlayouts[gpu]' (or use --norm pallas)")
+    if lay.norm == "triton" and (reason := triton_versions.unavailable_reason()):
+        raise InvalidInput("norm", reason)
     if lay.zero > 0 and fsdp == 1:
         raise InvalidInput("zero", f"zero={lay.zero} shards over the fsdp mesh axis, which has size 1; "
                            "put the data-parallel degree on fsdp (e.g. --mesh fsdp=8 instead of dp=8) "

@@ -208,10 +208,15 @@ def test_gpu_only_and_unknown_kernels_are_clear_errors(knob, value, fragment):
 
 
 def test_triton_without_its_packages_names_the_extra(monkeypatch):
-    import importlib.util
+    import importlib.metadata
 
     from conftest import make_run
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+
+    def version(name):
+        if name in ("jax-triton", "triton"):
+            raise importlib.metadata.PackageNotFoundError(name)
+        return "0.11.2"
+    monkeypatch.setattr(importlib.metadata, "version", version)
     with pytest.raises(InvalidInput) as error:
         validate(make_run("dp=1", norm="triton"), 1, platform="gpu")
     assert "pip install 'jaxlayouts[gpu]'" in str(error.value)

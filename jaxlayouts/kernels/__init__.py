@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import jax
-
 
 def interpret_mode(interpret: bool | None) -> bool:
     """Pallas interpret mode: ``None`` means "on CPU" (where no Pallas backend compiles)."""
+    import jax  # here, not at the top: layout validation imports this package before JAX starts
+
     return jax.default_backend() == "cpu" if interpret is None else interpret
