@@ -25,6 +25,7 @@ import time
 from absl import app, flags, logging
 
 from jaxlayouts import config, devices, distributed, launch
+from jaxlayouts.analysis.memory import compiled_memory
 from jaxlayouts.config import BenchOptions
 from jaxlayouts.layout import Layout, RunConfig, validate
 from jaxlayouts.schema import InvalidInput, check_instance
@@ -146,19 +147,6 @@ def compile_step(trainer) -> tuple:
             raise
         raise CompileError(f"{type(error).__name__}: {error}") from error
     return compiled, time.perf_counter() - start
-
-
-def compiled_memory(compiled) -> dict:
-    """Per-device bytes from XLA's memory analysis of the compiled step; peak = arguments +
-    outputs - donated (aliased) + temporaries."""
-    stats = compiled.memory_analysis()
-    if stats is None:
-        return {"compiled_peak_bytes_per_device": None}
-    peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-            + stats.temp_size_in_bytes)
-    return {"compiled_peak_bytes_per_device": peak, "argument_bytes": stats.argument_size_in_bytes,
-            "output_bytes": stats.output_size_in_bytes, "alias_bytes": stats.alias_size_in_bytes,
-            "temp_bytes": stats.temp_size_in_bytes}
 
 
 def check_fits(memory: dict, device, opts: BenchOptions) -> None:

@@ -23,6 +23,7 @@ import sys
 from absl import app, flags
 
 from jaxlayouts import config, devices
+from jaxlayouts.analysis.memory import compiled_memory
 from jaxlayouts.layout import RunConfig, parse_mesh, validate
 from jaxlayouts.plan.hardware import load_hardware
 from jaxlayouts.schema import InvalidInput
@@ -67,7 +68,7 @@ def explore(run: RunConfig, hardware: str = "a100-80gb", devices_=None) -> dict:
     mesh = build_mesh(run.layout, devices_)
     trainer = Trainer(run, mesh)
     compiled = trainer.lower().compile()
-    analysis = compiled.memory_analysis()
+    memory = compiled_memory(compiled)
     found = hlo.collectives(compiled.as_text(), dict(mesh.shape))
     per_step = {}
     for c in (c for c in found if c.axes):  # groups of one device are no-ops (size-1 mesh axes)
@@ -81,11 +82,9 @@ def explore(run: RunConfig, hardware: str = "a100-80gb", devices_=None) -> dict:
         "params": parameter_table(trainer),
         "memory": {
             "compiled": {"parameters": params, "optimizer": optimizer,
-                         "gradients_activations_temporaries": analysis.temp_size_in_bytes,
-                         "arguments": analysis.argument_size_in_bytes, "outputs": analysis.output_size_in_bytes,
-                         "aliased": analysis.alias_size_in_bytes,
-                         "peak": analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-                         - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes},
+                         "gradients_activations_temporaries": memory["temp_bytes"],
+                         "arguments": memory["argument_bytes"], "outputs": memory["output_bytes"],
+                         "aliased": memory["alias_bytes"], "peak": memory["compiled_peak_bytes_per_device"]},
             "analytic": {"parameters": analytic["weights"], "optimizer": analytic["optimizer"],
                          "gradients": analytic["gradients"], "activations": analytic["activations"],
                          "overhead": analytic["overhead"], "total": analytic["total"]},

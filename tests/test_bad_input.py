@@ -1,7 +1,6 @@
 """Bad input, by class: every entry point answers with a documented exit code and a message naming
 the knob, never a traceback or a hang, and never changes an input file. Ends with a bounded fuzz."""
 
-import dataclasses
 import hashlib
 import json
 import os

@@ -24,7 +24,6 @@ import dataclasses
 
 import numpy as np
 
-SCHEDULES = ("gpipe", "circular", "1f1b")
 IDLE, FORWARD, BACKWARD = 0, 1, 2
 
 
