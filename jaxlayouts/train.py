@@ -53,13 +53,14 @@ def _is_spec(x) -> bool:
 
 
 class Trainer:
-    """Everything derived from a :class:`RunConfig` on a mesh: model, optimizer, shardings, step."""
+    """Everything derived from a :class:`RunConfig` on a mesh: model, optimizer, shardings, step.
+    ``scan_layers=False`` unrolls the layer loop (see ``model.llama.scanned_blocks``)."""
 
-    def __init__(self, run: RunConfig, mesh, axis_rules: dict | None = None):
+    def __init__(self, run: RunConfig, mesh, axis_rules: dict | None = None, scan_layers: bool = True):
         self.run, self.mesh = run, mesh
         layout = run.layout
         self.dtype = jnp.dtype(run.dtype)
-        self.model = Llama(run.model, self.dtype, layout.attention, layout.norm, layout.remat)
+        self.model = Llama(run.model, self.dtype, layout.attention, layout.norm, layout.remat, scan_layers)
         self.optimizer = optax.chain(
             optax.clip_by_global_norm(1.0),
             optax.adamw(run.learning_rate, b1=0.9, b2=0.95, weight_decay=0.1))
@@ -86,7 +87,8 @@ class Trainer:
         if layout.mesh["pp"] > 1:
             specs = lambda shardings: jax.tree.map(lambda s: s.spec, shardings)
             rules = compute_rules(layout, batch_axes=None, overrides={**(axis_rules or {}), "layers": None})
-            self.pipeline = Pipeline(run, mesh, rules, specs(self.compute_shardings), specs(self.master_shardings))
+            self.pipeline = Pipeline(run, mesh, rules, specs(self.compute_shardings), specs(self.master_shardings),
+                                     scan_layers)
 
     def _shardings(self, rules):
         return jax.tree.map(lambda names: NamedSharding(self.mesh, spec(tuple(names), rules)),
@@ -130,7 +132,10 @@ class Trainer:
     def gradients(self, master_params, batch):
         """Mean loss gradients (float32, laid out like the master weights) and per-micro-batch
         losses over ``batch [accum_steps, rows, seq_len + 1]``."""
+        # Cast where the master copy lives, then lay out for compute: ZeRO-1/2 gather the compute
+        # dtype (half of float32's bytes), once per step, outside the micro-batch loop.
         params = jax.tree.map(lambda p: p.astype(self.dtype), master_params)
+        params = jax.lax.with_sharding_constraint(params, self.master_shardings)
         params = jax.lax.with_sharding_constraint(params, self.compute_shardings)
         if self.pipeline is not None:
             return self.pipeline.gradients(params, batch)

@@ -27,7 +27,7 @@ DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16"
 _INSTRUCTION = re.compile(
     r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.+?)\s+"
     r"(?P<op>(?:" + "|".join(KINDS) + r"))(?P<start>-start)?\((?P<operands>[^)]*)\)(?P<attrs>.*)$")
-_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%(?P<name>[\w.\-]+)\s.*\{\s*$")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
 _ARRAY = re.compile(r"(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\]")
 
 
@@ -112,15 +112,7 @@ def collectives(hlo_text: str, mesh_shape: dict) -> list[Collective]:
     ``mesh_shape`` maps axis name to size in mesh order (``dict(mesh.shape)``); device positions
     are the program's partition ids laid out in that shape.
     """
-    lines = hlo_text.splitlines()
-    computations, current = {}, None
-    for line in lines:
-        m = _COMPUTATION.match(line)
-        if m:
-            current = m["name"]
-            computations[current] = []
-        elif current is not None:
-            computations[current].append(line)
+    computations = _computations(hlo_text)
     executions = _executions(computations)
     names = tuple(mesh_shape)
     num_devices = int(np.prod(list(mesh_shape.values())))
@@ -148,21 +140,37 @@ def collectives(hlo_text: str, mesh_shape: dict) -> list[Collective]:
     return found
 
 
+def _computations(hlo_text: str) -> dict:
+    """``{computation name: its instruction lines}``."""
+    computations, current = {}, None
+    for line in hlo_text.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            current = m["name"]
+            computations[current] = []
+        elif current is not None:
+            computations[current].append(line)
+    return computations
+
+
 def _executions(computations: dict) -> dict:
-    """How often each computation runs per program call: a ``while`` body runs its known trip
-    count (``known_trip_count`` in the backend config, 1 if unknown) times per execution of its
-    caller; anything else called runs once per caller execution."""
+    """How often each computation runs per program call: a ``while`` body runs its trip count
+    times per execution of its caller; anything else called (fusions, calls, reductions) runs once
+    per caller execution. The trip count is XLA's ``known_trip_count`` (compiled modules); before
+    optimisation it is read from the loop condition ``i < N`` (how ``lax.scan`` lowers), else 1."""
     calls = {}
     for caller, body in computations.items():
         edges = []
         for line in body:
-            loop = re.search(r"\swhile\(.*body=%([\w.\-]+)", line)
+            loop = re.search(r"\swhile\(.*body=%?([\w.\-]+)", line)
             if loop:
                 trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-                edges.append((loop[1], int(trips[1]) if trips else 1))
+                condition = re.search(r"condition=%?([\w.\-]+)", line)
+                n = int(trips[1]) if trips else _condition_bound(computations.get(condition[1], []))
+                edges.append((loop[1], n))
                 continue
-            for callee in re.findall(r"(?:calls|to_apply|branch_computations)=\{?%([\w.\-]+)", line):
-                edges.append((callee, 1))
+            for group in re.findall(r"(?:calls|to_apply|branch_computations)=(\{[^}]*\}|%?[\w.\-]+)", line):
+                edges.extend((callee, 1) for callee in re.findall(r"%?([\w.\-]+)", group))
         calls[caller] = edges
     callees = {callee for edges in calls.values() for callee, _ in edges}
     counts = {}
@@ -175,6 +183,16 @@ def _executions(computations: dict) -> dict:
     for root in set(computations) - callees:
         visit(root, 1)
     return counts
+
+
+def _condition_bound(condition: list[str]) -> int:
+    """N of a loop condition ``compare(i, constant(N)), direction=LT`` (a counter from 0), else 1."""
+    constants = dict(re.findall(r"%?([\w.\-]+)\s*=\s*s32\[\]\s+constant\((\d+)\)", "\n".join(condition)))
+    for line in condition:
+        m = re.search(r"compare\(%?[\w.\-]+,\s*%?([\w.\-]+)\),\s*direction=LT", line)
+        if m and m[1] in constants:
+            return int(constants[m[1]])
+    return 1
 
 
 def _elements(name: str, shape: str, op: str, body: list[str]):
@@ -212,4 +230,68 @@ def per_step(found: list[Collective]) -> dict:
     for c in found:
         count, total = out.get((c.kind, c.axes), (0, 0))
         out[(c.kind, c.axes)] = (count + c.executions, total + c.executions * c.bytes)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Census of the data movement and matmuls of a step
+
+CENSUS_OPS = ("copy", "slice", "dynamic-slice", "dynamic-update-slice", "concatenate", "dot", "convolution", "convert")
+_OPERATION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>.+?)\s+(?P<op>[a-z][\w\-]*)\((?P<operands>[^)]*)\)")
+_DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<dtype>[a-z]+\d*)\[(?P<dims>[\d,]*)\](?P<layout>\{[\d,]*\})?")
+
+
+@dataclasses.dataclass(frozen=True)
+class Operation:
+    op: str  # "copy", "layout-copy" (a copy that changes the layout: a transpose), "dynamic-slice", ...
+    dtypes: str  # operand element types -> result element type, e.g. "bf16,bf16->f32"
+    bytes: int  # bytes moved once: the result (a slice, a copy), the update (dynamic-update-slice)
+    name: str
+    computation: str
+    fused: bool  # inside a fusion (runs as part of one kernel) rather than a kernel of its own
+    executions: int = 1
+
+
+def operations(hlo_text: str, ops=CENSUS_OPS) -> list[Operation]:
+    """Every ``ops`` instruction of an HLO module (``compiled.as_text()``, or the unoptimised
+    ``lowered.compiler_ir("hlo").as_hlo_text()``) with its loops' trip counts multiplied in.
+
+    Read dtypes from the unoptimised module: XLA's CPU backend computes bfloat16 dots and
+    elementwise ops in float32, so its compiled text has lost them (a GPU keeps them)."""
+    computations = _computations(hlo_text)
+    executions = _executions(computations)
+    fused = {callee for body in computations.values() for line in body if " fusion(" in line
+             for callee in re.findall(r"calls=%?([\w.\-]+)", line)}
+    found = []
+    for computation, body in computations.items():
+        defined = {}
+        for line in body:
+            d = _DEFINITION.match(line)
+            if d:
+                defined[d["name"]] = (d["dtype"], d["dims"], d["layout"])
+            m = _OPERATION.match(line)
+            if not m or m["op"] not in ops:
+                continue
+            operands = [defined.get(name) for name in re.findall(r"%?([\w.\-]+)", re.sub(r"/\*.*?\*/", "", m["operands"]))]
+            op, moved = m["op"], m["shape"]
+            if op == "copy" and operands[0] and d and operands[0][2] != d["layout"]:
+                op = "layout-copy"
+            if op == "dynamic-update-slice" and operands[1]:
+                moved = "{}[{}]".format(*operands[1][:2])
+            dtypes = ",".join(o[0] if o else "?" for o in operands[:2 if op in ("dot", "convolution") else 1])
+            found.append(Operation(op=op, dtypes=f"{dtypes}->{d['dtype'] if d else '?'}",
+                                   bytes=shape_bytes(moved), name=m["name"], computation=computation,
+                                   fused=computation in fused, executions=executions.get(computation, 1)))
+    return found
+
+
+def census(found: list[Operation]) -> dict:
+    """``{op: (executions, bytes)}`` per program call; dots and converts are also told apart by
+    dtypes (``"dot bf16,bf16->f32"``)."""
+    out: dict = {}
+    for o in found:
+        for key in {o.op, f"{o.op} {o.dtypes}"} if o.op in ("dot", "convolution", "convert") else {o.op}:
+            count, total = out.get(key, (0, 0))
+            out[key] = (count + o.executions, total + o.executions * o.bytes)
     return out

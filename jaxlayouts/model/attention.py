@@ -25,14 +25,15 @@ from jaxlayouts.kernels import interpret_mode
 from jaxlayouts.kernels.flash_attention import flash_attention
 from jaxlayouts.mesh import per_shard
 from jaxlayouts.model.axes import HEADS
+from jaxlayouts.model.matmul import einsum_f32
 
 
 def xla_attention(q, k, v):
-    """Reference attention with materialised scores (fp32 softmax)."""
+    """Reference attention with materialised scores (fp32 softmax; dS rounded to q's dtype)."""
     b, t, n, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, n // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = einsum_f32("btkgd,bskd->bkgts", q, k)
     scores = scores * (d ** -0.5)
     causal = jnp.tril(jnp.ones((t, t), dtype=bool))
     scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)

@@ -22,6 +22,7 @@ from jaxlayouts.layout import ModelConfig
 from jaxlayouts.mesh import constrain
 from jaxlayouts.model.attention import attention
 from jaxlayouts.model.axes import HEADS, LAYER_INPUT, RESIDUAL
+from jaxlayouts.model.matmul import einsum_f32
 from jaxlayouts.model.norm import rms_norm
 from jaxlayouts.remat import POLICIES as REMAT, WEIGHT_TAG
 
@@ -122,12 +123,14 @@ class Block(nn.Module):
         return constrain(x, RESIDUAL), None
 
 
-def scanned_blocks(remat: str, length: int):
+def scanned_blocks(remat: str, length: int, scan: bool = True):
     """``length`` decoder layers as one ``nn.scan`` over stacked weights (leading ``layers``
-    axis), each layer under the ``remat`` policy."""
+    axis), each layer under the ``remat`` policy. ``scan=False`` unrolls the loop (same
+    parameters): no per-layer dynamic slices of weights and saved activations, and compile time
+    that grows with depth."""
     block = nn.remat(Block, policy=REMAT[remat], prevent_cse=False)
     return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=length,
-                   metadata_params={nn.PARTITION_NAME: "layers"})
+                   unroll=1 if scan else length, metadata_params={nn.PARTITION_NAME: "layers"})
 
 
 class LayerStack(nn.Module):
@@ -140,10 +143,11 @@ class LayerStack(nn.Module):
     norm: str
     remat: str
     length: int
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, x):
-        layers = scanned_blocks(self.remat, self.length)
+        layers = scanned_blocks(self.remat, self.length, self.scan_layers)
         return layers(self.cfg, self.dtype, self.attention, self.norm, name="layers")(x, None)[0]
 
 
@@ -154,11 +158,10 @@ def embed(params, tokens, dtype):
 
 
 def head(params, x, cfg: ModelConfig, dtype, norm: str):
-    """Final RMSNorm and LM head: float32 logits; a pipeline's last stage."""
+    """Final RMSNorm and LM head: float32 logits (backward in ``dtype``); a pipeline's last stage."""
     scale = checkpoint_name(constrain(params["final_norm"], ("embed",)), WEIGHT_TAG)
     x = constrain(rms_norm(x, scale, cfg.norm_eps, norm), LAYER_INPUT)
-    logits = jnp.einsum("btd,dv->btv", x, for_compute(params["lm_head"], HEAD_AXES, dtype),
-                        preferred_element_type=jnp.float32)
+    logits = einsum_f32("btd,dv->btv", x, for_compute(params["lm_head"], HEAD_AXES, dtype))
     return constrain(logits, ("batch", "seq", "act_vocab"))
 
 
@@ -174,6 +177,7 @@ class Llama(nn.Module):
     attention: str = "xla"
     norm: str = "xla"
     remat: str = "none"
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, tokens):
@@ -183,7 +187,7 @@ class Llama(nn.Module):
         normal = nn.initializers.normal
         params = {"embedding": param("embedding", normal(1.0), (c.vocab_size, c.d_model), EMBEDDING_AXES)}
         x = embed(params, tokens, self.dtype)
-        x, _ = scanned_blocks(self.remat, c.num_layers)(
+        x, _ = scanned_blocks(self.remat, c.num_layers, self.scan_layers)(
             c, self.dtype, self.attention, self.norm, name="layers")(x, None)
         params["final_norm"] = param("final_norm", nn.initializers.ones, (c.d_model,), ("embed",))
         params["lm_head"] = param("lm_head", normal(0.02), (c.d_model, c.vocab_size), HEAD_AXES)
