@@ -178,7 +178,7 @@ def describe(run: RunConfig) -> dict:
     row["mesh"] = dict(lay.mesh)
     row.update({f.name: getattr(run, f.name) for f in knobs(RunConfig)})
     row["grad_accum_steps"] = run.grad_accum_steps
-    pipelined = [f.name for f in knobs(Layout) if f.metadata["pipeline"]]
+    pipelined = [f.name for f in knobs(Layout) if f.metadata["written"] == "pipeline"]
     if lay.mesh["pp"] == 1:
         row.update({name: None for name in pipelined}, bubble_fraction=None)
     else:

@@ -166,12 +166,16 @@ class Layout:
     norm: str = knob("xla", f"RMSNorm implementation: {', '.join(NORM_CHOICES)}.", key="norm",
                      choices=NORM_CHOICES, noun="implementation")
     pipeline_schedule: str = knob("1f1b", f"Pipeline schedule for pp>1: {', '.join(PIPELINE_SCHEDULES)}.",
-                                   key="pipe", choices=PIPELINE_SCHEDULES, noun="schedule", pipeline=True)
+                                   key="pipe", choices=PIPELINE_SCHEDULES, noun="schedule", written="pipeline")
     virtual_stages: int = knob(1, "Layer chunks per pipeline stage (circular schedule).", key="vstages",
-                                low=1, pipeline=True)
+                                low=1, written="pipeline")
     pipeline_microbatches: int | None = knob(None, "Micro-batches per pipeline flush (default: all of the "
                                               "step's; fewer means several flushes per step).", key="pmb",
-                                              low=1, example=8, pipeline=True)
+                                              low=1, example=8, written="pipeline")
+    scan_layers: bool = knob(True, "Run the decoder layers as one scan (compile time independent of depth) or "
+                             "unrolled (false: no per-layer copies of weight slices and saved activations; "
+                             "longer compile; under ZeRO-3 XLA keeps every layer's weights gathered, about "
+                             "ZeRO-2 memory).", key="scan", written="changed")
 
     def __post_init__(self):
         if self.zero is None:
@@ -193,7 +197,9 @@ class Layout:
         items = [mesh_text(self.mesh)]
         for field in knobs(Layout):
             key, value = field.metadata["key"], getattr(self, field.name)
-            if key is None or value is None or (field.metadata["pipeline"] and self.mesh["pp"] == 1):
+            when = field.metadata["written"]
+            if (key is None or value is None or (when == "pipeline" and self.mesh["pp"] == 1)
+                    or (when == "changed" and value == field.default)):
                 continue
             items.append(f"{key}={int(value) if isinstance(value, bool) else value}")
         return " ".join(items)

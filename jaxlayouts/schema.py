@@ -33,15 +33,16 @@ class InvalidInput(ValueError):
 
 def knob(default, help: str, *, key: str | None = None, low: float | None = None,
          above: float | None = None, high: float | None = None, choices: tuple | None = None,
-         noun: str = "value", example=None, pipeline: bool = False):
+         noun: str = "value", example=None, written: str = "always"):
     """A declared field (``default`` may be ``dataclasses.MISSING``: a required one). ``low``/``high`` are inclusive bounds, ``above`` an exclusive lower one;
-    ``key`` is the field's key in a layout's text form (``pipeline``: written only when pp > 1);
+    ``key`` is the field's key in a layout's text form, ``written`` when: "always", "pipeline"
+    (when pp > 1) or "changed" (when not the default, so older text forms still parse);
     ``example`` is the valid value an error message suggests (default: the default), ``noun`` what
     one choice is called in it ("unknown policy 'x'")."""
     if example is None:
         example = default if default is not dataclasses.MISSING else low
     meta = {"help": help, "key": key, "low": low, "above": above, "high": high, "choices": choices, "noun": noun,
-            "example": example, "pipeline": pipeline}
+            "example": example, "written": written}
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=meta)
     if isinstance(default, (dict, list)):

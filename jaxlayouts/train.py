@@ -54,13 +54,13 @@ def _is_spec(x) -> bool:
 
 class Trainer:
     """Everything derived from a :class:`RunConfig` on a mesh: model, optimizer, shardings, step.
-    ``scan_layers=False`` unrolls the layer loop (see ``model.llama.scanned_blocks``)."""
+    ``layout.scan_layers=False`` unrolls the layer loop (see ``model.llama.scanned_blocks``)."""
 
-    def __init__(self, run: RunConfig, mesh, axis_rules: dict | None = None, scan_layers: bool = True):
+    def __init__(self, run: RunConfig, mesh, axis_rules: dict | None = None):
         self.run, self.mesh = run, mesh
         layout = run.layout
         self.dtype = jnp.dtype(run.dtype)
-        self.model = Llama(run.model, self.dtype, layout.attention, layout.norm, layout.remat, scan_layers)
+        self.model = Llama(run.model, self.dtype, layout.attention, layout.norm, layout.remat, layout.scan_layers)
         self.optimizer = optax.chain(
             optax.clip_by_global_norm(1.0),
             optax.adamw(run.learning_rate, b1=0.9, b2=0.95, weight_decay=0.1))
@@ -87,8 +87,7 @@ class Trainer:
         if layout.mesh["pp"] > 1:
             specs = lambda shardings: jax.tree.map(lambda s: s.spec, shardings)
             rules = compute_rules(layout, batch_axes=None, overrides={**(axis_rules or {}), "layers": None})
-            self.pipeline = Pipeline(run, mesh, rules, specs(self.compute_shardings), specs(self.master_shardings),
-                                     scan_layers)
+            self.pipeline = Pipeline(run, mesh, rules, specs(self.compute_shardings), specs(self.master_shardings))
 
     def _shardings(self, rules):
         return jax.tree.map(lambda names: NamedSharding(self.mesh, spec(tuple(names), rules)),

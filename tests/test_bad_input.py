@@ -92,13 +92,14 @@ def test_every_layout_field_round_trips_through_flags_text_and_result_row():
     text form and a result row (the planner and explore build runs from the same values)."""
     non_default = {"micro_batch": "2", "zero": "1", "sequence_parallel": "true", "remat": "full",
                    "attention": "pallas", "norm": "pallas", "pipeline_schedule": "circular",
-                   "virtual_stages": "2", "pipeline_microbatches": "4"}
+                   "virtual_stages": "2", "pipeline_microbatches": "4", "scan_layers": "false"}
     declared = [f.name for f in knobs(Layout) if f.name != "mesh"]
     assert sorted(non_default) == sorted(declared), "a new layout knob needs a value here"
     flag_values = flags.FlagValues()
     config.define_flags(flag_values)
     argv = ["bench", "--mesh=fsdp=2,tp=2,pp=2", "--model=tiny", "--global_batch=16", "--seq_len=32"]
-    argv += [f"--{k}" if v == "true" else f"--{k}={v}" for k, v in non_default.items()]
+    argv += [f"--{k}" if v == "true" else f"--no{k}" if v == "false" else f"--{k}={v}"
+             for k, v in non_default.items()]
     flag_values(argv)
     run = config.run_config(config.values_from_flags(flag_values))
     layout = run.layout

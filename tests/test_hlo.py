@@ -97,9 +97,9 @@ def test_kernels_run_per_shard_without_gathering_heads_or_sequence(devices, atte
 # -- census of a bfloat16 step ----------------------------------------------------------------
 
 
-def bf16_step(devices, mesh, scan_layers=True, **kwargs):
+def bf16_step(devices, mesh, **kwargs):
     run = make_run(mesh, dtype="bfloat16", **kwargs)
-    trainer = Trainer(run, build_mesh(run.layout, devices[:run.layout.num_devices]), scan_layers=scan_layers)
+    trainer = Trainer(run, build_mesh(run.layout, devices[:run.layout.num_devices]))
     return run, trainer.lower()
 
 
@@ -134,10 +134,10 @@ def test_unrolled_layers_move_no_weight_or_residual_per_layer(devices):
     total_unrolled, per_layer_unrolled = _movement(unrolled.compile().as_text(), run)
     assert per_layer_unrolled == 0 and total_unrolled <= 8, total_unrolled
 
-    f32 = make_run("dp=1")
     grads = {}
     for scan in (True, False):
-        trainer = Trainer(f32, build_mesh(f32.layout, devices[:1]), scan_layers=scan)
+        f32 = make_run("dp=1", scan_layers=scan)
+        trainer = Trainer(f32, build_mesh(f32.layout, devices[:1]))
         tokens = jax.random.randint(jax.random.key(1), (f32.grad_accum_steps, 1, f32.seq_len + 1), 0, 512)
         grads[scan] = jax.tree.leaves(jax.jit(trainer.gradients)(trainer.init_state().params, tokens))
     for a, b in zip(grads[True], grads[False]):

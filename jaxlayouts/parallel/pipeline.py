@@ -76,7 +76,7 @@ def storage_order(num_layers: int, stages: int, chunks: int) -> np.ndarray:
 class Pipeline:
     """Gradients of one step for a ``pp > 1`` layout (see the module docstring)."""
 
-    def __init__(self, run: RunConfig, mesh, rules, compute_specs, grad_specs, scan_layers: bool = True):
+    def __init__(self, run: RunConfig, mesh, rules, compute_specs, grad_specs):
         lay, self.run, self.mesh, self.rules = run.layout, run, mesh, rules
         self.stages, self.chunks = lay.mesh["pp"], lay.virtual_stages
         self.microbatches = lay.pipeline_microbatches or run.grad_accum_steps
@@ -86,7 +86,7 @@ class Pipeline:
         self.compute_specs, self.grad_specs = compute_specs, grad_specs
         self.dtype = jnp.dtype(run.dtype)
         self.stack = LayerStack(run.model, self.dtype, lay.attention, lay.norm, lay.remat, self.layers_per_chunk,
-                                scan_layers)
+                                lay.scan_layers)
 
     # -- pieces of the model --------------------------------------------------------------------
 
