@@ -1,7 +1,7 @@
 """Validate (and fit) the cost model against measured runs in the reference study's CSV format.
 
 Each row is predicted as the study ran it: its authors' Megatron-style trainer
-(``framework="study"``), ZeRO-1 over the data-parallel ranks, 1F1B, ~4M tokens per step, its
+(``plan/study.py``), ZeRO-1 over the data-parallel ranks, 1F1B, ~4M tokens per step, its
 kernel names mapped to cost classes. Reported: out-of-memory classification accuracy (rows
 measured ok or oom), MFU mean absolute percentage error on rows measured ok, and per sweep the
 Spearman rank correlation of predicted vs measured MFU and the measured MFU of the layout the
@@ -27,6 +27,7 @@ import scipy.stats
 from jaxlayouts.layout import InvalidLayout, load_model_config
 from jaxlayouts.plan.cost import GIB, Prediction, Workload, predict, stage_memory, stages, tp_activation_surcharge
 from jaxlayouts.plan.hardware import Calibration, Hardware
+from jaxlayouts.plan.study import STUDY
 
 KERNELS = {"torch": ("unfused", False), "fused": ("fused", False), "flash_attention": ("flash1", False),
            "flash_attention1": ("flash1", False), "flash_attention2": ("flash2", False),
@@ -66,7 +67,7 @@ def workload(row: dict) -> Workload:
                     data_parallel=world // (tp * pp), tp=tp, pp=pp, micro_batch=micro_batch,
                     sequence_parallel=row["sequence_parallel"] == "True",
                     remat="full" if row["activation_checkpointing"] == "every_layer" else "none",
-                    attention=attention, fused_norm=fused_norm, zero=1, schedule="1f1b", framework="study")
+                    attention=attention, fused_norm=fused_norm, zero=1, schedule="1f1b", trainer=STUDY)
 
 
 _model_config = functools.lru_cache(load_model_config)
