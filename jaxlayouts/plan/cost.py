@@ -13,7 +13,8 @@ accumulation + optimizer update:
   passes over the bf16 score matrix. Norms and other elementwise work are HBM passes over the
   activations (a fused RMSNorm makes 2 passes). Backward = 2x forward (flash attention: 2.5x);
   full recomputation adds a forward; this project's pipeline executor adds one more forward per
-  stage. A trainer may add a fixed time per layer and micro-batch (``Trainer.layer_fixed_s``).
+  stage. Each trainer adds a fixed time per layer and micro-batch (``Trainer.layer_fixed_s``):
+  here HBM copies around the layer scan; remat thereby saves the stores of what it drops.
 * Pipeline: (V M + P - 1) / V times of the slowest stage (``parallel.schedule.ideal_ticks``,
   Narayanan et al. 2021), the (P - 1) / V fill and drain scaled by ``bubble_factor``.
 * Tensor-parallel collectives (Megatron, not overlapped): per layer the trainer's count of
@@ -33,7 +34,8 @@ tensor-parallel part is divided by t, with SP all of it; flash attention drops t
 an unfused RMSNorm also keeps its float32 input; full recomputation keeps the layer input only.
 Every stage is costed with its own parameters and in-flight micro-batches (1F1B: P - s on stage
 s; GPipe: M), the last with the LM head's logits, and the largest total counts; activations are
-scaled by ``activation_factor`` for fragmentation, and ``overhead_gib`` covers the runtime.
+scaled by ``activation_factor`` for fragmentation, and ``overhead_gib`` covers the runtime. A
+layout fits when that is at most what the allocator may use (``Hardware.memory_fraction`` of HBM).
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ from jaxlayouts.plan.hardware import Calibration, Hardware
 
 GIB = 2 ** 30
 ATTENTION_CLASS = {"xla": "unfused", "cudnn": "flash2", "pallas": "flash2", "pallas_jax": "flash2"}
-"""This project's attention implementations by cost class (no GPU measurement separates them yet)."""
+"""This project's attention kernels by cost class; each flash kernel has its own efficiency
+(``Calibration.cudnn_efficiency`` ...; unset: ``flash2_efficiency``)."""
 
 
 class Collective(NamedTuple):
@@ -102,6 +105,7 @@ class Trainer:
     which another trainer (``plan/study.py``) differs."""
 
     name = "jaxlayouts"
+    fixed_term = "layer_copies"     # the name of layer_fixed_s in Prediction.time_s
     tp_collectives_per_layer = 7    # see collective_bytes
     pipeline_recompute = True       # the pipeline executor re-runs a chunk's forward in its backward tick
     sp_norm_outputs_whole = False   # under SP the norms' outputs stay sequence-sharded
@@ -130,13 +134,29 @@ class Trainer:
         """Float32 logits, softmax and gradient, split over tp (vocab-parallel LM head)."""
         return 12 * w.model.vocab_size / w.tp
 
+    def kept_score_bytes(self, w: "Workload") -> float:
+        """Bytes per score element unfused attention keeps: float32 scores, probabilities in the
+        compute dtype (``model/attention.xla_attention``)."""
+        return 4 + w.dtype_bytes
+
     def activation_surcharge(self, w: "Workload") -> bool:
         """Whether ``tp_activation_factor`` applies (never here)."""
         return False
 
-    def layer_fixed_s(self, w: "Workload", c: Calibration) -> float:
-        """Fixed time per layer and micro-batch that no kernel hides (none modelled here)."""
-        return 0.0
+    def usable_bytes(self, hw: Hardware) -> float:
+        """JAX's allocator limit: ``memory_fraction`` of HBM."""
+        return hw.usable_bytes
+
+    def layer_fixed_s(self, w: "Workload", hw: Hardware) -> float:
+        """Memory traffic per layer and micro-batch that the FLOP terms miss (the H200 profile of
+        the step: 14% of device time in copies around the layer scan, 5% stacking residuals):
+        ``layer_copy_passes`` over the layer's compute-dtype weights (weight and gradient slices)
+        and ``activation_store_passes`` over what the layer keeps for its backward (stacked into
+        the scan's residuals and read back; full remat keeps only the layer input)."""
+        c, m = hw.calibration, w.model
+        weights = w.dtype_bytes * layer_params(m) / w.tp
+        kept = layer_activation_bytes(w, per_layer_input_only=w.remat in ("full", "offload"))
+        return (c.layer_copy_passes * weights + c.activation_store_passes * kept) / hw.hbm_bandwidth
 
     def data_collectives(self, w: "Workload", params: float) -> list[Collective]:
         """The data-parallel collectives of a step over ``params`` per device, by ZeRO stage.
@@ -183,8 +203,9 @@ class Workload:
     micro_batch: int
     sequence_parallel: bool = False
     remat: str = "none"                 # none | full | selective | dots | save_all_but_ffn | offload
-    attention: str = "flash2"           # unfused | fused | flash1 | flash2
+    attention: str = "flash2"           # unfused | fused | flash1 | flash2, or a kernel of ATTENTION_CLASS
     fused_norm: bool = False
+    norm: str = "xla"                   # this project's norm kernel: xla | pallas | triton
     zero: int = 1
     schedule: str = "1f1b"
     virtual_stages: int = 1
@@ -205,7 +226,7 @@ class Workload:
         return cls(model=run.model, seq_len=run.seq_len, global_batch=run.global_batch,
                    data_parallel=lay.data_parallel, tp=lay.mesh["tp"], pp=lay.mesh["pp"],
                    micro_batch=lay.micro_batch, sequence_parallel=lay.sequence_parallel, remat=lay.remat,
-                   attention=ATTENTION_CLASS[lay.attention], fused_norm=lay.norm != "xla", zero=lay.zero,
+                   attention=lay.attention, fused_norm=lay.norm != "xla", norm=lay.norm, zero=lay.zero,
                    schedule=lay.pipeline_schedule, virtual_stages=lay.virtual_stages,
                    dtype_bytes=4 if run.dtype == "float32" else 2)
 
@@ -217,6 +238,7 @@ class Prediction:
     memory_bytes: dict          # per device: weights, gradients, optimizer, activations, overhead, total
     time_s: dict                # seconds per step by term (see predict)
     fits: bool
+    usable_bytes: float         # the memory the trainer's allocator may use
 
     @property
     def dominant(self) -> list[str]:
@@ -251,8 +273,8 @@ def layer_activation_bytes(w: Workload, per_layer_input_only: bool = False) -> f
     parallel = e * s * b * h * (2 + 2 * kv_share)   # q, k, v, attention output
     parallel += e * s * b * f * 4                   # gate, up, silu(gate), their product
     scores = 0.0
-    if w.attention in ("unfused", "fused") and w.remat != "selective":  # selective recomputes them
-        scores = 2 * e * b * m.num_heads * s * s    # scores and probabilities
+    if attention_class(w) in ("unfused", "fused") and w.remat != "selective":  # selective recomputes them
+        scores = w.trainer.kept_score_bytes(w) * b * m.num_heads * s * s    # scores and probabilities
     return replicated / (t if w.sequence_parallel else 1) + whole + (parallel + scores) / t
 
 
@@ -337,12 +359,36 @@ def layer_times(w: Workload, hw: Hardware) -> LayerTimes:
               + _matmul_time(weights["mlp"] / t, m.d_ff / t, tokens, hw))
     attention, attention_backward = _attention_times(w, hw)
     row_bytes = w.dtype_bytes * tokens * m.d_model
-    norm_passes = 2.0 if w.fused_norm else c.norm_passes
+    norm_passes = _norm_passes(w, c)
     elementwise = (2 * norm_passes * row_bytes / (t if w.sequence_parallel else 1)
                    + c.elementwise_passes * row_bytes * (m.d_ff / m.d_model) / t) / hw.hbm_bandwidth
     return LayerTimes(forward=matmul + attention + elementwise,
                       backward=2 * (matmul + elementwise) + attention_backward,
                       attention=attention, elementwise=elementwise)
+
+
+def attention_class(w: Workload) -> str:
+    """unfused | fused | flash1 | flash2."""
+    return ATTENTION_CLASS.get(w.attention, w.attention)
+
+
+def _norm_passes(w: Workload, c: Calibration) -> float:
+    """HBM passes of one RMSNorm: unfused ``norm_passes``; a fused kernel 2 unless calibrated."""
+    if not w.fused_norm:
+        return c.norm_passes
+    passes = {"pallas": c.pallas_norm_passes, "triton": c.triton_norm_passes}.get(w.norm)
+    return 2.0 if passes is None else passes
+
+
+def _flash_efficiency(w: Workload, c: Calibration) -> float:
+    """The kernel's efficiency times T / (T + ``flash_half_seq``): short sequences leave a flash
+    kernel's tiles underused (cuDNN on an H200: 306 TFLOP/s at T 2048, 436 at 8192)."""
+    if w.attention == "flash1":
+        return c.flash1_efficiency
+    kernel = {"cudnn": c.cudnn_efficiency, "pallas": c.pallas_efficiency,
+              "pallas_jax": c.pallas_jax_efficiency}.get(w.attention)
+    efficiency = c.flash2_efficiency if kernel is None else kernel
+    return efficiency * w.seq_len / (w.seq_len + c.flash_half_seq) if c.flash_half_seq else efficiency
 
 
 def _attention_times(w: Workload, hw: Hardware) -> tuple[float, float]:
@@ -351,11 +397,11 @@ def _attention_times(w: Workload, hw: Hardware) -> tuple[float, float]:
     peak = hw.peak_tflops * 1e12
     attention_flops = (flops.attention_forward_flops_per_token(m, w.seq_len) / m.num_layers
                        * w.micro_batch * w.seq_len / t)
-    if w.attention in ("flash1", "flash2"):
-        efficiency = c.flash2_efficiency if w.attention == "flash2" else c.flash1_efficiency
-        attention = attention_flops / 2 / (peak * efficiency)
+    kind = attention_class(w)
+    if kind in ("flash1", "flash2"):
+        attention = attention_flops / 2 / (peak * _flash_efficiency(w, c))
         return attention, 2.5 * attention
-    passes = c.unfused_score_passes if w.attention == "unfused" else c.fused_score_passes
+    passes = c.unfused_score_passes if kind == "unfused" else c.fused_score_passes
     score_bytes = 2 * w.micro_batch * m.num_heads / t * w.seq_len ** 2
     attention = attention_flops / (peak * c.matmul_efficiency) + passes * score_bytes / hw.hbm_bandwidth
     return attention, 2 * attention
@@ -428,16 +474,16 @@ def predict(w: Workload, hw: Hardware) -> Prediction:
     recompute = recompute_time(w, layer)
     per_node = w.trainer.per_node(w, hw.gpus_per_node)
     tp_layer = tensor_parallel_time(w, hw, per_node)
-    layer_fixed = w.trainer.layer_fixed_s(w, hw.calibration)
+    layer_fixed = w.trainer.layer_fixed_s(w, hw)
     per_layer = layer.forward + layer.backward + recompute + tp_layer
     head = head_time(w, hw)
     # the slowest stage paces the pipeline
     stage, layers_per_stage = max((s.layers * (per_layer + layer_fixed) + s.head * head, s.layers) for s in stages(w))
     mb = w.microbatches
     totals = {name: layers_per_stage * term * mb
-              for name, term in (("tensor_parallel", tp_layer), ("recompute", recompute), ("host_launch", layer_fixed))}
-    time_s = {"compute": stage * mb - totals["tensor_parallel"] - totals["recompute"] - totals["host_launch"],
-              "recompute": totals["recompute"], "host_launch": totals["host_launch"],
+              for name, term in (("tensor_parallel", tp_layer), ("recompute", recompute), ("fixed", layer_fixed))}
+    time_s = {"compute": stage * mb - totals["tensor_parallel"] - totals["recompute"] - totals["fixed"],
+              "recompute": totals["recompute"], w.trainer.fixed_term: totals["fixed"],
               "tensor_parallel": totals["tensor_parallel"],
               "bubble": hw.calibration.bubble_factor * stage * (pipeline_ticks(w) - mb),
               "pipeline_p2p": pipeline_p2p_time(w, hw, per_node),
@@ -445,9 +491,9 @@ def predict(w: Workload, hw: Hardware) -> Prediction:
               "grad_accumulation": accumulation_time(w, hw), "optimizer": optimizer_time(w, hw)}
     step = sum(time_s.values())
     model_flops = flops.model_flops_per_token(w.model, w.seq_len) * w.global_batch * w.seq_len
-    mem = memory(w, hw)
+    mem, usable = memory(w, hw), w.trainer.usable_bytes(hw)
     return Prediction(step_time_s=step, mfu=model_flops / (w.devices * (hw.peak_tflops * 1e12) * step),
-                      memory_bytes=mem, time_s=time_s, fits=mem["total"] <= hw.hbm_bytes)
+                      memory_bytes=mem, time_s=time_s, fits=mem["total"] <= usable, usable_bytes=usable)
 
 
 def collective_bytes(w: Workload) -> dict:

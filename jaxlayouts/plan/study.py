@@ -26,11 +26,12 @@ project's step (``plan/cost.py``). ``plan/validate.py`` costs the study's measur
 from __future__ import annotations
 
 from jaxlayouts.plan.cost import Collective, Stage, Trainer, Workload, in_flight, layer_params
-from jaxlayouts.plan.hardware import Calibration
+from jaxlayouts.plan.hardware import Hardware
 
 
 class Study(Trainer):
     name = "study"
+    fixed_term = "host_launch"
     tp_collectives_per_layer = 4
     pipeline_recompute = False
     sp_norm_outputs_whole = True
@@ -58,11 +59,18 @@ class Study(Trainer):
     def logits_bytes_per_token(self, w: Workload) -> float:
         return 16 * w.model.vocab_size
 
+    def kept_score_bytes(self, w: Workload) -> float:
+        return 2 * w.dtype_bytes
+
     def activation_surcharge(self, w: Workload) -> bool:
         return w.tp > 1
 
-    def layer_fixed_s(self, w: Workload, c: Calibration) -> float:
-        return c.layer_launch_s * (4 / 3 if w.remat in ("full", "offload") else 1)
+    def usable_bytes(self, hw: Hardware) -> float:
+        """PyTorch's caching allocator may take all of HBM."""
+        return hw.hbm_bytes
+
+    def layer_fixed_s(self, w: Workload, hw: Hardware) -> float:
+        return hw.calibration.layer_launch_s * (4 / 3 if w.remat in ("full", "offload") else 1)
 
     def data_collectives(self, w: Workload, params: float) -> list[Collective]:
         gather = [Collective("all-gather", 2 * params, 1)] if w.zero >= 1 else []
