@@ -38,7 +38,7 @@ def test_the_shipped_h200_calibration_fits_its_rows():
 
 def test_kernels_are_distinct_classes_and_copies_are_paid_per_micro_batch():
     hw = load_hardware("h200")
-    one_gpu = dict(model=load_model_config("llama-1b"), global_batch=8, data_parallel=1, tp=1, zero=0)
+    one_gpu = {"model": load_model_config("llama-1b"), "global_batch": 8, "data_parallel": 1, "tp": 1, "zero": 0}
     step = lambda **c: cost.predict(workload(**{**one_gpu, **c}), hw).step_time_s
     times = {k: step(attention=k) for k in ("cudnn", "pallas", "pallas_jax", "xla")}
     assert times["cudnn"] < times["pallas"] < times["pallas_jax"] < times["xla"]

@@ -93,7 +93,7 @@ def layer_params(m: ModelConfig) -> int:
     return (m.n_params - outside_layers_params(m)) // m.num_layers
 
 
-def in_flight(w: "Workload") -> list[int]:
+def in_flight(w: Workload) -> list[int]:
     """Micro-batches each stage keeps in flight: 1F1B P - s on stage s (Narayanan et al. 2021),
     GPipe and circular all M."""
     P, M = w.pp, w.microbatches
@@ -111,17 +111,17 @@ class Trainer:
     sp_norm_outputs_whole = False   # under SP the norms' outputs stay sequence-sharded
     grad_bytes = 4                  # float32 gradient accumulator
 
-    def stages(self, w: "Workload") -> tuple[Stage, ...]:
+    def stages(self, w: Workload) -> tuple[Stage, ...]:
         """The layers split evenly; embedding and head on every stage; the logits on the last."""
         P, L = w.pp, w.model.num_layers
         return tuple(Stage(L / P, True, s == P - 1, n) for s, n in enumerate(in_flight(w)))
 
-    def stage_params(self, w: "Workload", stage: Stage) -> float:
+    def stage_params(self, w: Workload, stage: Stage) -> float:
         """Parameters per device on a stage: its layers, embedding, head and final norm (split over tp)."""
         m = w.model
         return stage.layers * layer_params(m) / w.tp + _embedding_params(w)
 
-    def state_bytes(self, w: "Workload", params: float) -> tuple[float, float, float]:
+    def state_bytes(self, w: Workload, params: float) -> tuple[float, float, float]:
         """Weights (bf16 compute copy + fp32 master), fp32 gradient accumulator, Adam moments."""
         shard = w.data_parallel
         weights = (w.dtype_bytes * params / (shard if w.zero >= 3 else 1)
@@ -130,16 +130,16 @@ class Trainer:
         optimizer = 8 * params / (shard if w.zero >= 1 else 1)
         return weights, grads, optimizer
 
-    def logits_bytes_per_token(self, w: "Workload") -> float:
+    def logits_bytes_per_token(self, w: Workload) -> float:
         """Float32 logits, softmax and gradient, split over tp (vocab-parallel LM head)."""
         return 12 * w.model.vocab_size / w.tp
 
-    def kept_score_bytes(self, w: "Workload") -> float:
+    def kept_score_bytes(self, w: Workload) -> float:
         """Bytes per score element unfused attention keeps: float32 scores, probabilities in the
         compute dtype (``model/attention.xla_attention``)."""
         return 4 + w.dtype_bytes
 
-    def activation_surcharge(self, w: "Workload") -> bool:
+    def activation_surcharge(self, w: Workload) -> bool:
         """Whether ``tp_activation_factor`` applies (never here)."""
         return False
 
@@ -147,7 +147,7 @@ class Trainer:
         """JAX's allocator limit: ``memory_fraction`` of HBM."""
         return hw.usable_bytes
 
-    def layer_fixed_s(self, w: "Workload", hw: Hardware) -> float:
+    def layer_fixed_s(self, w: Workload, hw: Hardware) -> float:
         """Memory traffic per layer and micro-batch that the FLOP terms miss (the H200 profile of
         the step: 14% of device time in copies around the layer scan, 5% stacking residuals):
         ``layer_copy_passes`` over the layer's compute-dtype weights (weight and gradient slices)
@@ -158,7 +158,7 @@ class Trainer:
         kept = layer_activation_bytes(w, per_layer_input_only=w.remat in ("full", "offload"))
         return (c.layer_copy_passes * weights + c.activation_store_passes * kept) / hw.hbm_bandwidth
 
-    def data_collectives(self, w: "Workload", params: float) -> list[Collective]:
+    def data_collectives(self, w: Workload, params: float) -> list[Collective]:
         """The data-parallel collectives of a step over ``params`` per device, by ZeRO stage.
         ZeRO-0: one float32 gradient all-reduce. ZeRO-1 (and 2 with pp > 1, whose executor
         accumulates per stage): a float32 gradient reduce-scatter and an all-gather of the float32
@@ -175,7 +175,7 @@ class Trainer:
             return [Collective("reduce-scatter", 4 * params, mb), Collective("all-gather", 4 * params, 1)]
         return [Collective("reduce-scatter", 4 * params, mb), Collective("all-gather", e * params, 2 * mb)]
 
-    def per_node(self, w: "Workload", gpus_per_node: int) -> dict:
+    def per_node(self, w: Workload, gpus_per_node: int) -> dict:
         """How many GPUs of one tp, data or pp group share a node: node boundaries fall on dp,
         then pp, fsdp and tp (``distributed.split_over_nodes``)."""
         data = {"dp": w.data_parallel, "fsdp": 1} if w.zero == 0 else {"dp": 1, "fsdp": w.data_parallel}
@@ -221,7 +221,7 @@ class Workload:
         return self.global_batch // (self.data_parallel * self.micro_batch)
 
     @classmethod
-    def from_run(cls, run: RunConfig) -> "Workload":
+    def from_run(cls, run: RunConfig) -> Workload:
         lay = run.layout
         return cls(model=run.model, seq_len=run.seq_len, global_batch=run.global_batch,
                    data_parallel=lay.data_parallel, tp=lay.mesh["tp"], pp=lay.mesh["pp"],

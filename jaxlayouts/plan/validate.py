@@ -32,7 +32,7 @@ import scipy.stats
 from jaxlayouts.layout import InvalidLayout, Layout, RunConfig, load_model_config
 from jaxlayouts.plan.cost import (GIB, Prediction, Workload, memory, predict, stage_memory, stages,
                                 tp_activation_surcharge)
-from jaxlayouts.plan.hardware import BASE_CALIBRATION, Calibration, Hardware, calibration_path, read_calibration
+from jaxlayouts.plan.hardware import BASE_CALIBRATION, Hardware, calibration_path, read_calibration
 from jaxlayouts.plan.study import STUDY
 
 KERNELS = {"torch": ("unfused", False), "fused": ("fused", False), "flash_attention": ("flash1", False),
