@@ -20,9 +20,15 @@ PEAK_BF16_TFLOPS = {
 }
 
 
+def attention_forward_flops_per_token(model: ModelConfig, seq_len: int) -> int:
+    """4 L d T: QK^T and PV of one token against T keys in every layer, forward only, with no
+    causal discount (a third of PaLM's 12 L d T)."""
+    return 4 * model.num_layers * model.d_model * seq_len
+
+
 def model_flops_per_token(model: ModelConfig, seq_len: int) -> int:
     """6N + 12 L d T (PaLM's model FLOPs per token, forward and backward)."""
-    return 6 * model.n_params + 12 * model.num_layers * model.d_model * seq_len
+    return 6 * model.n_params + 3 * attention_forward_flops_per_token(model, seq_len)
 
 
 def peak_tflops(device_kind: str) -> float | None:

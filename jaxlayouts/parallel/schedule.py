@@ -48,11 +48,16 @@ class Schedule:
         return self.op.shape[0]
 
 
-def bubble_fraction(kind: str, stages: int, virtual_stages: int, microbatches: int) -> float:
-    """Idle fraction of an ideal pipeline: (P - 1) / (V * M + P - 1) (Narayanan et al. 2021;
-    V = 1 for gpipe and 1f1b)."""
+def ideal_ticks(kind: str, stages: int, virtual_stages: int, microbatches: int) -> int:
+    """Chunk-times one pass (forward or backward) of an ideal pipeline takes on a device:
+    V * M + P - 1 (Narayanan et al. 2021; V = 1 for gpipe and 1f1b). ``build`` runs twice that."""
     v = virtual_stages if kind == "circular" else 1
-    return (stages - 1) / (v * microbatches + stages - 1)
+    return v * microbatches + stages - 1
+
+
+def bubble_fraction(kind: str, stages: int, virtual_stages: int, microbatches: int) -> float:
+    """Idle fraction of an ideal pipeline: (P - 1) / (V * M + P - 1)."""
+    return (stages - 1) / ideal_ticks(kind, stages, virtual_stages, microbatches)
 
 
 def _op_orders(kind: str, p: int, v: int, m: int) -> list[list[tuple]]:

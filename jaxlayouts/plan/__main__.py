@@ -4,6 +4,7 @@
     python -m jaxlayouts.plan ... --explain "dp=4,tp=8,pp=4 mbs=1 remat=none attn=pallas norm=pallas"
     python -m jaxlayouts.plan ... --verify 3      # ahead-of-time compile of the top 3 (explore)
     python -m jaxlayouts.plan validate ../shared/paper-data/calibration_runs.csv --hardware a100-80gb [--fit] [--predictions OUT.csv]
+    python -m jaxlayouts.plan validate configs/hardware/measured/h200-2026-11-30.jsonl --hardware h200 [--fit]
 
 The layout space: tp (inside a node) x pp x data axis (dp with ZeRO-0, or fsdp with ZeRO-1/2/3),
 micro-batch, sequence parallelism, remat, attention and norm kernels, pipeline schedule. Every
@@ -26,7 +27,7 @@ from absl import app, flags
 from jaxlayouts import config
 from jaxlayouts.layout import InvalidInput, Layout, RunConfig, load_model_config, validate
 from jaxlayouts.plan import cost
-from jaxlayouts.plan.hardware import load_hardware, save_calibration
+from jaxlayouts.plan.hardware import check_memory_fraction, load_hardware, save_calibration
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "llama-13b", "Model config name or YAML path.")
@@ -40,6 +41,10 @@ flags.DEFINE_integer("verify", 0, "Ahead-of-time compile the top N layouts on em
 flags.DEFINE_bool("json", False, "Print one JSON object (last stdout line).")
 flags.DEFINE_bool("fit", False, "validate: re-fit the calibration constants on the file and save them.")
 flags.DEFINE_string("predictions", None, "validate: also write every row with its predictions to this CSV.")
+flags.DEFINE_bool("leave_one_out", False, "validate: predict each row from a fit on all the other rows "
+                  "(held out), instead of from the hardware's calibration.")
+flags.DEFINE_float("memory_fraction", None, "Share of HBM the allocator may use (default: the hardware file's, "
+                   "JAX's 0.75); e.g. 0.9 for XLA_PYTHON_CLIENT_MEM_FRACTION=.9.")
 
 MICRO_BATCHES = (1, 2, 4, 8)
 REMATS = ("none", "selective", "full")
@@ -94,21 +99,21 @@ def explain(run: RunConfig, hw, p: cost.Prediction) -> str:
     lines = [f"{run.layout} on {run.layout.num_devices} x {hw.name}: predicted MFU {p.mfu:.1%}, "
              f"step {p.step_time_s:.2f} s", "time per step:"]
     lines += [f"  {k:<16} {v:8.3f} s  {v / p.step_time_s:6.1%}" for k, v in sorted(p.time_s.items(), key=lambda kv: -kv[1])]
-    lines.append(f"memory per GPU ({'fits' if p.fits else 'DOES NOT FIT'} in {hw.hbm_bytes / 2**30:.0f} GiB):")
+    lines.append(f"memory per GPU ({'fits' if p.fits else 'DOES NOT FIT'} in {p.usable_bytes / 2**30:.1f} GiB):")
     lines += [f"  {k:<16} {v / 2**30:8.2f} GiB" for k, v in p.memory_bytes.items()]
     return "\n".join(lines)
 
 
 def validate_command(path: str, hw, as_json: bool):
-    from jaxlayouts.plan.validate import evaluate, fit, predict_rows, read_rows, write_predictions
+    from jaxlayouts.plan.validate import evaluate, fit, leave_one_out, predict_rows, read_rows, write_predictions
     rows = read_rows(path)
     if FLAGS.fit:
         hw = fit(rows, hw)
         saved = save_calibration(hw.name, hw.calibration, f"Fitted by: python -m jaxlayouts.plan validate "
-                                 f"{path} --hardware {hw.name} --fit\n({len(rows)} rows ok/oom; memory by grid "
-                                 "search, time by Powell's method: jaxlayouts/plan/validate.py)")
+                                 f"{path} --hardware {hw.name} --fit\n({len(rows)} rows ok/oom; memory, then "
+                                 "time by Powell's method: jaxlayouts/plan/validate.py fit)")
         print(f"saved {saved}")
-    predictions = predict_rows(rows, hw)
+    predictions = leave_one_out(rows, hw) if FLAGS.leave_one_out else predict_rows(rows, hw)
     result = evaluate(rows, hw, predictions)
     if FLAGS.predictions:
         write_predictions(FLAGS.predictions, rows, predictions)
@@ -116,8 +121,9 @@ def validate_command(path: str, hw, as_json: bool):
     result["calibration"] = dataclasses.asdict(hw.calibration)
     result["calibration_source"] = hw.calibration_source
     if not as_json:
+        memory = f"; memory error {result['memory_mape']:.1%}" if "memory_mape" in result else ""
         print(f"{result['rows']} rows; OOM accuracy {result['oom_accuracy']:.1%}; MFU error (MAPE) "
-              f"{result['mfu_mape']:.1%} on measured-ok rows; calibration {hw.calibration_source}")
+              f"{result['mfu_mape']:.1%} on measured-ok rows{memory}; calibration {hw.calibration_source}")
         print(f"{'sweep':<62} {'spearman':>8} {'best measured':>13} {'top-ranked measured':>19}")
         for name, s in result["sweeps"].items():
             top = s["measured_mfu_of_top_ranked"]
@@ -131,6 +137,9 @@ def check_flags(validating: bool) -> None:
     if FLAGS.fit and not validating:
         raise InvalidInput("fit", "re-fits the calibration on measured runs: python -m jaxlayouts.plan "
                            "validate FILE.csv --fit")
+    if FLAGS.leave_one_out and (not validating or FLAGS.fit):
+        raise InvalidInput("leave_one_out", "validates held-out fits of a file's rows, without --fit: "
+                           "python -m jaxlayouts.plan validate FILE.jsonl --leave_one_out")
     if FLAGS.predictions and not validating:
         raise InvalidInput("predictions", "writes a validated file's rows with their predictions: "
                            "python -m jaxlayouts.plan validate FILE.csv --predictions OUT.csv")
@@ -153,6 +162,9 @@ def main(argv):
     try:
         hw = load_hardware(FLAGS.hardware)
         check_flags(validating=len(argv) > 1)
+        if FLAGS.memory_fraction is not None:
+            check_memory_fraction(FLAGS.memory_fraction)
+            hw = dataclasses.replace(hw, memory_fraction=FLAGS.memory_fraction)
         if len(argv) > 1:
             if argv[1] != "validate" or len(argv) != 3:
                 raise InvalidInput("command", f"unknown arguments {argv[1:]}; the one subcommand is "

@@ -8,49 +8,74 @@ import pathlib
 
 import yaml
 
-from jaxlayouts.layout import CONFIG_DIR, InvalidInput
+from jaxlayouts.layout import CONFIG_DIR
+from jaxlayouts.schema import InvalidInput, coerce, from_mapping, knob, knobs, load_yaml
 
 HARDWARE_DIR = CONFIG_DIR / "hardware"
+REQUIRED = dataclasses.MISSING
+BASE_CALIBRATION = "a100-80gb"
+"""The calibration fitted on the reference study's runs: the fallback, and where a fit of this
+project's step starts (constants no bench row exercises keep its values)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
     """The cost model's few fitted constants, each a physical quantity (see ``plan/cost.py``)."""
 
-    matmul_efficiency: float = 0.75        # fraction of peak a large bf16 matmul reaches
-    matmul_half_width: float = 256.0       # per-device weight width at which that halves
-    flash2_efficiency: float = 0.55        # FlashAttention-2 fraction of peak on causal FLOPs
-    flash1_efficiency: float = 0.40        # FlashAttention-1
-    unfused_score_passes: float = 10.0     # HBM passes over the T x T scores, unfused attention
-    fused_score_passes: float = 6.0        # with a fused softmax kernel
-    norm_passes: float = 8.0               # HBM passes of one unfused RMSNorm (fused: 2)
-    elementwise_passes: float = 12.0       # other passes per layer over the d-wide activations
-    dp_overlap: float = 0.5                # fraction of gradient reduction hidden behind backward
-    network_efficiency: float = 0.8        # achieved fraction of the inter-node link bandwidth
-    nvlink_efficiency: float = 0.8         # achieved fraction of the intra-node link bandwidth
-    bubble_factor: float = 1.0             # measured pipeline fill/drain over (P-1) stage-times
-    layer_launch_s: float = 1e-3           # host time to launch one layer's kernels, fwd + bwd (eager)
-    activation_factor: float = 1.0         # allocator fragmentation on activations
-    tp_activation_factor: float = 1.0      # more of it under tp > 1 in the study's eager trainer
-    overhead_gib: float = 4.0              # runtime context, communication buffers, workspace
+    matmul_efficiency: float = knob(0.75, "Fraction of peak a large bf16 matmul reaches.", low=0)
+    matmul_half_width: float = knob(256.0, "Per-device weight width at which that halves.", low=0)
+    flash2_efficiency: float = knob(0.55, "FlashAttention-2 fraction of peak on causal FLOPs.", low=0)
+    flash1_efficiency: float = knob(0.40, "FlashAttention-1 fraction of peak on causal FLOPs.", low=0)
+    unfused_score_passes: float = knob(10.0, "HBM passes over the T x T scores, unfused attention.", low=0)
+    fused_score_passes: float = knob(6.0, "HBM passes over the T x T scores with a fused softmax kernel.", low=0)
+    norm_passes: float = knob(8.0, "HBM passes of one unfused RMSNorm (fused: 2).", low=0)
+    elementwise_passes: float = knob(12.0, "Other passes per layer over the d-wide activations.", low=0)
+    dp_overlap: float = knob(0.5, "Fraction of gradient reduction hidden behind backward.", low=0)
+    network_efficiency: float = knob(0.8, "Achieved fraction of the inter-node link bandwidth.", low=0)
+    nvlink_efficiency: float = knob(0.8, "Achieved fraction of the intra-node link bandwidth.", low=0)
+    bubble_factor: float = knob(1.0, "Measured pipeline fill/drain over (P-1) stage-times.", low=0)
+    layer_launch_s: float = knob(1e-3, "Host time to launch one layer's kernels, fwd + bwd (eager).", low=0)
+    # this project's step (None: as flash2_efficiency; a fused norm's 2 passes)
+    cudnn_efficiency: float | None = knob(None, "cuDNN flash attention, fraction of peak on causal FLOPs.", low=0)
+    pallas_efficiency: float | None = knob(None, "This project's Pallas flash attention.", low=0)
+    pallas_jax_efficiency: float | None = knob(None, "JAX's Pallas flash attention op.", low=0)
+    flash_half_seq: float = knob(0.0, "Sequence length at which a flash kernel's efficiency halves (0: none).", low=0)
+    pallas_norm_passes: float | None = knob(None, "HBM passes of the Pallas RMSNorm kernel.", low=0)
+    triton_norm_passes: float | None = knob(None, "HBM passes of the Triton RMSNorm kernel.", low=0)
+    layer_copy_passes: float = knob(0.0, "Per layer and micro-batch, HBM passes over the layer's weights (scan copies).", low=0)
+    activation_store_passes: float = knob(0.0, "HBM passes over each byte a layer keeps for its backward.", low=0)
+    activation_factor: float = knob(1.0, "Allocator fragmentation on activations.", low=0)
+    tp_activation_factor: float = knob(1.0, "Allocator fragmentation under tp > 1 in the study's eager trainer.", low=0)
+    overhead_gib: float = knob(4.0, "Runtime context, communication buffers, workspace.", low=0)
 
     @classmethod
     def fields(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        return [f.name for f in knobs(cls)]
 
 
 @dataclasses.dataclass(frozen=True)
 class Hardware:
-    name: str
-    peak_tflops: float
-    hbm_bytes: float
-    hbm_bandwidth: float
-    intra_node_bandwidth: float
-    inter_node_bandwidth: float
-    gpus_per_node: int
-    collective_latency_s: float
+    name: str = knob(REQUIRED, "The hardware's name.", example="h200")
+    peak_tflops: float = knob(REQUIRED, "Dense bf16 peak per GPU, TFLOP/s.", above=0, example=989)
+    hbm_bytes: float = knob(REQUIRED, "HBM per GPU, bytes.", above=0, example=85899345920)
+    hbm_bandwidth: float = knob(REQUIRED, "HBM bandwidth per GPU, bytes/s.", above=0, example=3.35e12)
+    intra_node_bandwidth: float = knob(REQUIRED, "NVLink bandwidth per GPU and direction, bytes/s.", above=0,
+                                       example=4.5e11)
+    inter_node_bandwidth: float = knob(REQUIRED, "Network bandwidth per GPU and direction, bytes/s.", above=0,
+                                       example=5.0e10)
+    gpus_per_node: int = knob(REQUIRED, "GPUs per node.", low=1, example=8)
+    collective_latency_s: float = knob(REQUIRED, "Latency of one collective step, seconds.", low=0, example=2.0e-5)
+    memory_fraction: float = knob(0.75, "Share of HBM the framework's allocator may use (JAX's default 0.75; "
+                                  "XLA_PYTHON_CLIENT_MEM_FRACTION changes it).", above=0, high=1)
+    calibration_from: str | None = knob(None, "Use another hardware's calibration (same chip).",
+                                        example="h200")
     calibration: Calibration = Calibration()
     calibration_source: str = "defaults (not fitted)"
+
+    @property
+    def usable_bytes(self) -> float:
+        """What the framework's allocator may use: ``memory_fraction`` of HBM."""
+        return self.hbm_bytes * self.memory_fraction
 
     def link_bandwidth(self, group: int, per_node: int) -> float:
         """Per-GPU bandwidth of a ring collective over ``group`` GPUs, ``per_node`` of them on
@@ -71,43 +96,36 @@ def calibration_path(name: str) -> pathlib.Path:
 
 
 def load_hardware(name_or_path: str) -> Hardware:
-    """``configs/hardware/NAME.yaml`` (or a YAML path) with its calibration if one was fitted,
-    else the A100 fit (efficiencies are fractions, so they transfer as a first guess)."""
+    """``configs/hardware/NAME.yaml`` (or a YAML path) with its calibration if one was fitted (or
+    that of the hardware its ``calibration_from`` names), else the A100 fit (efficiencies are
+    fractions, so they transfer as a first guess)."""
     path = pathlib.Path(name_or_path)
     if not path.suffix:
         path = HARDWARE_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         raise InvalidInput("hardware", f"unknown hardware {name_or_path!r}; choose one of "
                            f"{', '.join(hardware_names())} or give a YAML path with the same fields")
-    fields = yaml.safe_load(path.read_text())
-    known = {f.name for f in dataclasses.fields(Hardware)} - {"calibration", "calibration_source"}
-    if not isinstance(fields, dict) or set(fields) - known or known - set(fields):
-        raise InvalidInput("hardware", f"{path}: fields must be exactly {sorted(known)}")
-    # YAML 1.1 reads 2.5e10 (no dot, no exponent sign) as a string: convert by the field's type.
-    fields = {k: v if k == "name" else _number(path, k, v, int if k == "gpus_per_node" else float)
-              for k, v in fields.items()}
-    for candidate in (calibration_path(fields["name"]), calibration_path("a100-80gb")):
+    hardware = from_mapping(Hardware, load_yaml(path, "hardware"), path, "hardware")
+    for candidate in (calibration_path(hardware.calibration_from or hardware.name),
+                      calibration_path(BASE_CALIBRATION)):
         if candidate.is_file():
-            constants = yaml.safe_load(candidate.read_text())
-            if not isinstance(constants, dict) or set(constants) - set(Calibration.fields()):
-                raise InvalidInput("hardware", f"{candidate}: calibration constants are a subset of "
-                                   f"{Calibration.fields()}")
-            constants = {k: _number(candidate, k, v, float) for k, v in constants.items()}
-            return Hardware(**fields, calibration=Calibration(**constants),
-                            calibration_source=candidate.name)
-    return Hardware(**fields)
+            return dataclasses.replace(hardware, calibration=read_calibration(candidate),
+                                       calibration_source=candidate.name)
+    return hardware
 
 
-def _number(path: pathlib.Path, field: str, value, kind: type):
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise InvalidInput("hardware", f"{path}: {field} is {value!r}; it must be a number") from None
+def read_calibration(path: pathlib.Path) -> Calibration:
+    return from_mapping(Calibration, load_yaml(path, "hardware"), path, "hardware")
+
+
+def check_memory_fraction(value: float) -> None:
+    """The declared bounds of ``memory_fraction``, for a value given as a flag."""
+    coerce(Hardware, next(f for f in knobs(Hardware) if f.name == "memory_fraction"), value)
 
 
 def save_calibration(name: str, calibration: Calibration, header: str) -> pathlib.Path:
     path = calibration_path(name)
-    body = yaml.safe_dump({k: float(f"{float(v):.4g}") for k, v in dataclasses.asdict(calibration).items()},
-                          sort_keys=False)
+    body = yaml.safe_dump({k: float(f"{float(v):.4g}") for k, v in dataclasses.asdict(calibration).items()
+                           if v is not None}, sort_keys=False)
     path.write_text("".join(f"# {line}\n" for line in header.splitlines()) + body)
     return path

@@ -1,16 +1,20 @@
-"""Validate (and fit) the cost model against measured runs in the reference study's CSV format.
+"""Validate (and fit) the cost model against measured runs: the reference study's CSV, or this
+project's bench rows (JSON lines, as ``python -m jaxlayouts.bench`` prints them).
 
-Each row is predicted as the study ran it: its authors' Megatron-style trainer
-(``framework="study"``), ZeRO-1 over the data-parallel ranks, 1F1B, ~4M tokens per step, its
-kernel names mapped to cost classes. Reported: out-of-memory classification accuracy (rows
-measured ok or oom), MFU mean absolute percentage error on rows measured ok, and per sweep the
-Spearman rank correlation of predicted vs measured MFU and the measured MFU of the layout the
-planner ranks first (best predicted MFU among rows it predicts to fit) next to the best measured
-MFU.
+A study row is predicted as the study ran it: its authors' Megatron-style trainer
+(``plan/study.py``), ZeRO-1 over the data-parallel ranks, 1F1B, ~4M tokens per step, its
+kernel names mapped to cost classes. A bench row is predicted as this project's step under the
+row's layout. Reported: out-of-memory classification accuracy (rows measured ok or oom), MFU mean
+absolute percentage error on rows measured ok, memory error on rows with a measured device peak,
+and per sweep (bench rows: model x devices x device kind, or a row's ``sweep``) the Spearman rank
+correlation of predicted vs measured MFU and the measured MFU of the layout the planner ranks
+first (best predicted MFU among rows it predicts to fit) next to the best measured MFU.
 
-``--fit`` re-fits the calibration constants on the file (see ``fit``): memory constants maximise
-OOM accuracy (``fit_memory``), time constants minimise MFU error; the result is written to
-``configs/hardware/NAME.calibration.yaml``.
+``--fit`` re-fits the calibration constants on the file (see ``fit``), writing
+``configs/hardware/NAME.calibration.yaml``. Study rows: memory constants maximise OOM accuracy
+(``fit_memory``), time constants minimise MFU error. Bench rows: memory constants by least
+squares on the measured peaks (``fit_memory_peaks``), then only the time constants the rows
+exercise (``step_constants``), starting from the kernel benchmark's efficiencies.
 """
 
 from __future__ import annotations
@@ -18,15 +22,18 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import json
 import warnings
 
 import numpy as np
 import scipy.optimize
 import scipy.stats
 
-from jaxlayouts.layout import InvalidInput, load_model_config
-from jaxlayouts.plan.cost import GIB, Prediction, Workload, predict, stage_memory, stages, tp_activation_surcharge
-from jaxlayouts.plan.hardware import Calibration, Hardware
+from jaxlayouts.layout import InvalidInput, Layout, RunConfig, load_model_config
+from jaxlayouts.plan.cost import (GIB, Prediction, Workload, memory, predict, stage_memory, stages,
+                                tp_activation_surcharge)
+from jaxlayouts.plan.hardware import BASE_CALIBRATION, Hardware, calibration_path, read_calibration
+from jaxlayouts.plan.study import STUDY
 
 KERNELS = {"torch": ("unfused", False), "fused": ("fused", False), "flash_attention": ("flash1", False),
            "flash_attention1": ("flash1", False), "flash_attention2": ("flash2", False),
@@ -38,7 +45,13 @@ REQUIRED = ("sweep", "model", "seq_len", "world_size", "micro_batch_size", "tp",
 MEMORY_CONSTANTS = ("activation_factor", "tp_activation_factor", "overhead_gib")
 
 
+BENCH_REQUIRED = ("model", "layout", "seq_len", "global_batch", "dtype", "status")
+
+
 def read_rows(path: str) -> list[dict]:
+    """Rows measured ok or oom: the study's CSV, or bench rows from a ``.jsonl``/``.json`` file."""
+    if path.endswith((".jsonl", ".json")):
+        return read_bench_rows(path)
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     missing = [c for c in REQUIRED if rows and c not in rows[0]]
@@ -47,7 +60,42 @@ def read_rows(path: str) -> list[dict]:
     return [r for r in rows if r["status"] in ("ok", "oom")]
 
 
+def read_bench_rows(path: str) -> list[dict]:
+    """Bench result rows (``bench.describe`` + ``bench.benchmark`` fields), one JSON object a
+    line, as rows with ``sweep``, ``status``, ``mfu`` and the workload of their layout."""
+    rows = []
+    with open(path) as f:
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    for number, line in lines:
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise InvalidInput("file", f"{path}:{number}: not a JSON bench row ({error})") from None
+        missing = [k for k in BENCH_REQUIRED if k not in raw] if isinstance(raw, dict) else list(BENCH_REQUIRED)
+        if missing:
+            raise InvalidInput("file", f"{path}:{number}: a bench row needs {list(BENCH_REQUIRED)}; missing {missing}")
+        if raw["status"] not in ("ok", "oom"):
+            continue
+        if raw["status"] == "ok" and not raw.get("mfu"):
+            raise InvalidInput("file", f"{path}:{number}: an ok row without mfu (a device with no known peak); "
+                               "rerun the bench with --peak_tflops")
+        run = RunConfig(model=_model_config(raw["model"]), layout=Layout.parse(raw["layout"]),
+                        seq_len=int(raw["seq_len"]), global_batch=int(raw["global_batch"]), dtype=raw["dtype"])
+        peak = (raw.get("memory") or {}).get("device_peak_bytes")
+        rows.append({"sweep": raw.get("sweep") or f"{raw['model']} on {raw.get('num_devices', 1)} x "
+                                                   f"{raw.get('device_kind', 'device')}",
+                     "status": raw["status"], "mfu": raw.get("mfu"), "layout": raw["layout"],
+                     "seq_len": run.seq_len, "step_time_s": raw.get("step_time_s"),
+                     "measured_peak_gib": round(peak / GIB, 3) if peak else None, "_workload": Workload.from_run(run)})
+    if not rows:
+        raise InvalidInput("file", f"{path}: no bench rows measured ok or oom")
+    return rows
+
+
 def workload(row: dict) -> Workload:
+    """A row's workload: a bench row's layout, or a study row costed as the study ran it."""
+    if "_workload" in row:
+        return row["_workload"]
     model = _model_config(f"llama-{row['model'].lower()}")
     try:
         seq_len, world, tp, pp, micro_batch = (int(row[c]) for c in ("seq_len", "world_size", "tp", "pp",
@@ -66,7 +114,7 @@ def workload(row: dict) -> Workload:
                     data_parallel=world // (tp * pp), tp=tp, pp=pp, micro_batch=micro_batch,
                     sequence_parallel=row["sequence_parallel"] == "True",
                     remat="full" if row["activation_checkpointing"] == "every_layer" else "none",
-                    attention=attention, fused_norm=fused_norm, zero=1, schedule="1f1b", framework="study")
+                    attention=attention, fused_norm=fused_norm, zero=1, schedule="1f1b", trainer=STUDY)
 
 
 _model_config = functools.lru_cache(load_model_config)
@@ -92,6 +140,8 @@ def evaluate(rows: list[dict], hw: Hardware, predictions: list[Prediction] | Non
     oom_hits = [p.fits == (r["status"] == "ok") for r, p in zip(rows, predictions)]
     ok = [(r, p) for r, p in zip(rows, predictions) if r["status"] == "ok"]
     errors = [abs(p.mfu - float(r["mfu"])) / float(r["mfu"]) for r, p in ok]
+    peaks = [(r["measured_peak_gib"] * GIB, p) for r, p in ok if r.get("measured_peak_gib")]
+    memory_errors = [abs(p.memory_bytes["total"] - peak) / peak for peak, p in peaks]
     sweeps = {}
     for name in sorted({r["sweep"] for r in rows}):
         here = [(r, p) for r, p in zip(rows, predictions) if r["sweep"] == name]
@@ -107,8 +157,11 @@ def evaluate(rows: list[dict], hw: Hardware, predictions: list[Prediction] | Non
             "top_ranked_status": top_row["status"],
             "top_ranked": _describe(top_row), "top_ranked_predicted_mfu": top.mfu,
         }
-    return {"rows": len(rows), "oom_accuracy": float(np.mean(oom_hits)),
-            "mfu_mape": float(np.mean(errors)) if errors else None, "sweeps": sweeps}
+    result = {"rows": len(rows), "oom_accuracy": float(np.mean(oom_hits)),
+              "mfu_mape": float(np.mean(errors)) if errors else None, "sweeps": sweeps}
+    if memory_errors:
+        result["memory_mape"] = float(np.mean(memory_errors))
+    return result
 
 
 PREDICTED = ("predicted_mfu", "predicted_step_time_s", "predicted_memory_gib", "predicted_fits")
@@ -117,30 +170,57 @@ PREDICTED = ("predicted_mfu", "predicted_step_time_s", "predicted_memory_gib", "
 def write_predictions(path: str, rows: list[dict], predictions: list[Prediction]) -> None:
     """Each row as read, followed by its predicted MFU, step time, memory per GPU and fit."""
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*rows[0], *PREDICTED])
+        fields = [k for k in rows[0] if not k.startswith("_")]
+        writer = csv.DictWriter(f, fieldnames=[*fields, *PREDICTED])
         writer.writeheader()
         for r, p in zip(rows, predictions):
-            writer.writerow({**r, "predicted_mfu": f"{p.mfu:.4f}", "predicted_step_time_s": f"{p.step_time_s:.3f}",
+            writer.writerow({**{k: r[k] for k in fields}, "predicted_mfu": f"{p.mfu:.4f}", "predicted_step_time_s": f"{p.step_time_s:.3f}",
                              "predicted_memory_gib": f"{p.memory_bytes['total'] / GIB:.2f}",
                              "predicted_fits": p.fits})
 
 
 def _describe(row: dict) -> str:
+    if "_workload" in row:
+        return f"{row['layout']} T={row['seq_len']}"
     return (f"tp={row['tp']},pp={row['pp']} mbs={row['micro_batch_size']} sp={row['sequence_parallel']} "
             f"ckpt={row['activation_checkpointing']} kernel={row['kernel']}")
 
 
 FRACTIONS = ("matmul_efficiency", "flash2_efficiency", "flash1_efficiency", "dp_overlap", "network_efficiency",
-             "nvlink_efficiency")
+             "nvlink_efficiency", "cudnn_efficiency", "pallas_efficiency", "pallas_jax_efficiency")
+STUDY_TIME_CONSTANTS = ("matmul_efficiency", "matmul_half_width", "flash2_efficiency", "flash1_efficiency",
+                        "unfused_score_passes", "fused_score_passes", "norm_passes", "elementwise_passes",
+                        "dp_overlap", "network_efficiency", "nvlink_efficiency", "bubble_factor", "layer_launch_s")
+KERNEL_BENCH_PRIORS = {
+    # From ``python -m jaxlayouts.kernel_bench`` on one H200 (16 heads, head dim 128, causal, bf16;
+    # ../shared/measurements/h200-2026-11-30.md): cuDNN's fwd+bwd 302.9 TFLOP/s at T 2048 and 436.4
+    # at 8192 give flash_half_seq = 1413 and 0.517 of 989 as T grows; the other kernels keep their
+    # ratio to cuDNN at T 2048 (pallas 0.65, pallas_jax 0.39). The starting point of a fit, and the
+    # value of a kernel no fitted row uses (flash_half_seq is never fitted). The matmul ceiling
+    # (702 TFLOP/s at 16384 x 8192 x 8192 through JAX, the same file) fixes matmul_efficiency =
+    # 702 / 989 x (8192 + 306.5) / 8192 = 0.737, never fitted either. H100 shares H200's.
+    "h200": {"matmul_efficiency": 0.737, "flash_half_seq": 1413.0, "cudnn_efficiency": 0.517,
+             "pallas_efficiency": 0.336, "pallas_jax_efficiency": 0.201},
+}
+STEP_START = {"layer_copy_passes": 1.0, "activation_store_passes": 1.0, "pallas_norm_passes": 2.0,
+              "triton_norm_passes": 2.0}
+"""Starting values of this project's step constants whose defaults (0, unset) switch them off."""
 
 
 def fit(rows: list[dict], hw: Hardware, rounds: int = 3, log=print) -> Hardware:
-    """The memory constants by ``fit_memory``; then the time constants by Powell's method
-    (``scipy.optimize``) on their logarithms against MFU error, fractions kept in (0, 1],
+    """Memory constants first (study rows: ``fit_memory``; bench rows: ``fit_memory_peaks``); then
+    the time constants (study: ``STUDY_TIME_CONSTANTS``; bench: ``step_constants``) by Powell's
+    method (``scipy.optimize``) on their logarithms against MFU error, fractions kept in (0, 1],
     ``rounds`` times from the previous result."""
-    hw = fit_memory(rows, hw)
+    if all("_workload" in r for r in rows):
+        time_names = step_constants(rows)
+        base = read_calibration(calibration_path(BASE_CALIBRATION))  # never a fit of these rows
+        hw = dataclasses.replace(hw, calibration=dataclasses.replace(
+            base, **STEP_START, **KERNEL_BENCH_PRIORS.get(hw.name, {})))
+        hw = fit_memory_peaks(rows, hw)
+    else:
+        hw, time_names = fit_memory(rows, hw), list(STUDY_TIME_CONSTANTS)
     ok = [r for r in rows if r["status"] == "ok"]
-    time_names = [n for n in Calibration.fields() if n not in MEMORY_CONSTANTS]
     for round_ in range(rounds):
         x0 = np.log([max(getattr(hw.calibration, n), 1e-6) for n in time_names])
         bounds = [(np.log(1e-3), 0.0) if n in FRACTIONS else (x - np.log(20), x + np.log(20))
@@ -155,6 +235,42 @@ def fit(rows: list[dict], hw: Hardware, rounds: int = 3, log=print) -> Hardware:
         log(f"round {round_ + 1}: OOM accuracy {evaluate(rows, hw)['oom_accuracy']:.4f}, "
             f"MFU error {result.fun:.4f} ({result.nfev} evaluations)")
     return hw
+
+
+def leave_one_out(rows: list[dict], hw: Hardware, rounds: int = 3) -> list[Prediction]:
+    """Each row predicted by a calibration ``fit`` on all the other rows (never on itself)."""
+    return [predict(workload(row), fit(rows[:i] + rows[i + 1:], hw, rounds, log=lambda *_: None))
+            for i, row in enumerate(rows)]
+
+
+def step_constants(rows: list[dict]) -> list[str]:
+    """The time constants of this project's step that ``rows`` exercise: the per-layer copies
+    always; a kernel's constant only if some row uses that kernel. The matmul efficiency is
+    measured on its own (``KERNEL_BENCH_PRIORS``), not fitted."""
+    loads = [workload(r) for r in rows if r["status"] == "ok"]
+    names = ["layer_copy_passes", "activation_store_passes"]
+    kernels = {w.attention for w in loads} | {w.norm + "_norm" for w in loads}
+    for kernel, name in (("cudnn", "cudnn_efficiency"), ("pallas", "pallas_efficiency"),
+                         ("pallas_jax", "pallas_jax_efficiency"), ("xla", "unfused_score_passes"),
+                         ("xla_norm", "norm_passes"), ("pallas_norm", "pallas_norm_passes"),
+                         ("triton_norm", "triton_norm_passes")):
+        if kernel in kernels:
+            names.append(name)
+    return names
+
+
+def fit_memory_peaks(rows: list[dict], hw: Hardware) -> Hardware:
+    """``activation_factor`` and ``overhead_gib`` by non-negative least squares on the relative
+    error of the predicted peak against each measured device peak (memory is linear in both)."""
+    base = _with(hw, activation_factor=1.0, overhead_gib=0.0)
+    measured = [(r["measured_peak_gib"] * GIB, memory(workload(r), base)) for r in rows
+                if r["status"] == "ok" and r.get("measured_peak_gib")]
+    if len(measured) < 2:
+        return hw
+    matrix = np.array([[m["activations"] / peak, GIB / peak] for peak, m in measured])
+    target = np.array([(peak - (m["total"] - m["activations"])) / peak for peak, m in measured])
+    (factor, overhead), _ = scipy.optimize.nnls(matrix, target)
+    return _with(hw, activation_factor=round(factor, 3), overhead_gib=round(overhead, 2))
 
 
 def fit_memory(rows: list[dict], hw: Hardware) -> Hardware:
