@@ -24,6 +24,7 @@ import time
 from absl import app, flags, logging
 
 from jaxlayouts import devices, distributed, launch
+from jaxlayouts.analysis import profile
 from jaxlayouts.layout import (ATTENTION_CHOICES, DTYPE_CHOICES, MESH_AXES, NORM_CHOICES, PIPELINE_SCHEDULES,
                                REMAT_CHOICES,
                                InvalidLayout, Layout, RunConfig, load_model_config, parse_mesh)
@@ -249,7 +250,7 @@ def benchmark(run: RunConfig, *, steps: int, warmup: int, axis_rules: dict | Non
     losses, step_times = [], []
     for step, batch in enumerate(batches):
         if step == warmup and profile_dir:
-            jax.profiler.start_trace(profile_dir)
+            jax.profiler.start_trace(profile_dir, create_perfetto_trace=True)
         start = time.perf_counter()
         state, loss = compiled(state, batch)
         jax.block_until_ready((state, loss))
@@ -266,6 +267,7 @@ def benchmark(run: RunConfig, *, steps: int, warmup: int, axis_rules: dict | Non
                                            "global_batch": run.global_batch, "seq_len": run.seq_len})
     if profile_dir:
         jax.profiler.stop_trace()
+        log(profile.report(profile_dir, steps))
     if checkpoints:
         checkpoints.close()
 
