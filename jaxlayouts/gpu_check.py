@@ -41,6 +41,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 from jaxlayouts import sweep
@@ -122,8 +123,10 @@ def plan(grid: Grid, torch_missing: str | None = None) -> list[dict]:
 
 
 def estimate(t: dict, measured: dict, grid: Grid) -> float:
-    """Seconds a task is expected to take: the last of its kind (tool and sequence length), else
-    the last of its tool, else the grid's prior."""
+    """Seconds a task is expected to take: the last one of its kind (tool and sequence length)
+    that ran ok, else the last of its tool, else the grid's prior; 0 for a note (nothing runs)."""
+    if t["reason"]:
+        return 0.0
     return measured.get((t["tool"], t["seq_len"]), measured.get(t["tool"], grid.prior_s.get(t["tool"], 0.0)))
 
 
@@ -140,7 +143,8 @@ def run_tasks(tasks: list[dict], grid: Grid, deadline: float, execute, record, c
             continue
         start = clock()
         result = execute(t, left)
-        measured[(t["tool"], t["seq_len"])] = measured[t["tool"]] = clock() - start
+        if result.get("status") == "ok":  # a quick failure (out of memory) says nothing of the time
+            measured[(t["tool"], t["seq_len"])] = measured[t["tool"]] = clock() - start
         record(result)
 
 
@@ -165,6 +169,11 @@ def child(module: str, args: list[str], timeout_s: float) -> tuple[dict | None, 
         return None, f"exited {proc.returncode} without a result: {(proc.stderr or proc.stdout)[-1500:]}"
 
 
+def failed(why: str) -> str:
+    """The status of a child that gave no result."""
+    return "timeout" if why.startswith("timeout") else "error"
+
+
 def torch_missing() -> str | None:
     """Why the peer cannot run here, or None."""
     if importlib.util.find_spec("torch") is None:
@@ -179,7 +188,7 @@ def execute(t: dict, timeout_s: float, grid: Grid, raw_path: pathlib.Path) -> di
     if t["tool"] == "kernels":
         out, why = child("jaxlayouts.kernel_bench", list(grid.kernel_flags), timeout_s)
         rows = (out or {}).get("attention", []) + (out or {}).get("rms_norm", [])
-        return {"kind": "kernels", "key": t["key"], "status": "ok" if out else "error", "reason": why,
+        return {"kind": "kernels", "key": t["key"], "status": "ok" if out else failed(why), "reason": why,
                 "command": "python -m jaxlayouts.kernel_bench " + " ".join(grid.kernel_flags), "rows": rows}
     common = {"model": grid.model, "seq_len": t["seq_len"], "global_batch": grid.global_batch,
               "micro_batch": t["micro_batch"], "steps": grid.steps, "warmup": grid.warmup, "output": str(raw_path)}
@@ -190,8 +199,7 @@ def execute(t: dict, timeout_s: float, grid: Grid, raw_path: pathlib.Path) -> di
     args += ["--compile"] if t["tool"] == "torch_compile" else []
     out, why = child("jaxlayouts.peers.torch_llama", args, timeout_s)
     if out is None:
-        return {"kind": "row", **row_fields(t, grid), "status": "timeout" if why.startswith("timeout") else "error",
-                "reason": why}
+        return {"kind": "row", **row_fields(t, grid), "status": failed(why), "reason": why}
     return {"kind": "row", **row_fields(t, grid), **from_peer(out)}
 
 
@@ -340,7 +348,8 @@ def markdown(doc: dict) -> str:
     if not doc["complete"]:
         lines += ["**Incomplete**: the run was still going when this was written, or was cut off.", ""]
     lines += [f"Command: `{doc['command']}`  ", f"Commit: {doc['commit'] or 'n/a'}; platform {doc['platform']}; "
-              f"budget {doc['budget_s']:g} s, {doc['elapsed_s']:.0f} s used.", "",
+              f"budget {doc['budget_s']:g} s, {doc['elapsed_s']:.0f} s used"
+              + (f"; JAX's device memory limit {doc['bytes_limit'] / 2**30:.1f} GiB." if doc["bytes_limit"] else "."), "",
               "| " + " | ".join(doc["versions"]) + " |", "|" + "---|" * len(doc["versions"]),
               "| " + " | ".join(str(v) if v else "n/a" for v in doc["versions"].values()) + " |", "",
               "## Ceilings (measured through JAX, random inputs, median)", "",
@@ -376,12 +385,12 @@ def markdown(doc: dict) -> str:
                   "| kernel | implementation | shape | fwd ms | fwd+bwd ms | fwd+bwd TFLOP/s or GB/s | vs matmul or copy ceiling | vs reference | note |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for k in doc["kernels"]:
-            attention = k["kernel"] == "attention"
+            attention = k.get("kernel") == "attention"
             rate = k.get("forward_backward_tflops" if attention else "forward_backward_gb_per_s")
             ceiling = c.get("matmul_tflops" if attention else "copy_gbs")
-            shape = (f"T {k['seq_len']}, {k['batch']}x{k['heads']}x{k['head_dim']}" if attention
-                     else f"{k['rows']}x{k['d_model']}")
-            lines.append(f"| {k['kernel']} | {k['implementation']} | {shape} | {_cell(k.get('forward_ms'), '{:.3f}')} | "
+            shape = (f"T {k.get('seq_len')}, {k.get('batch')}x{k.get('heads')}x{k.get('head_dim')}" if attention
+                     else f"{k.get('rows')}x{k.get('d_model')}")
+            lines.append(f"| {k.get('kernel')} | {k.get('implementation')} | {shape} | {_cell(k.get('forward_ms'), '{:.3f}')} | "
                          f"{_cell(k.get('forward_backward_ms'), '{:.3f}')} | {_cell(rate, '{:.1f}')} | "
                          f"{_cell(rate / ceiling if rate is not None and ceiling else None, '{:.2f}')} | "
                          f"{_cell(k.get('forward_backward_vs_cudnn' if attention else 'forward_backward_vs_xla'), '{:.2f}')} | "
@@ -406,14 +415,16 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m jaxlayouts.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget_s", type=float, default=480.0,
                         help="wall-clock budget in seconds for the whole call (480)")
-    parser.add_argument("--out_dir", default=str(CONFIG_DIR.parent / "docs" / "results"),
-                        help="where <device>-<date>.md/.json/.jsonl go (docs/results)")
+    parser.add_argument("--out_dir", default=None,
+                        help="where <device>-<date>.md/.json/.jsonl go (docs/results; for --dry-run a new temporary folder)")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="CPU, tiny model and shapes: checks the code path, measures nothing")
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # the child that measures the ceilings
     args = parser.parse_args(argv)
     if args.budget_s <= 0:
         parser.error(f"argument --budget_s: {args.budget_s:g}; give seconds > 0, e.g. --budget_s 480")
+    if args.out_dir is None:  # a dry run's files are no results: keep them out of docs/results
+        args.out_dir = tempfile.mkdtemp(prefix="gpu_check-") if args.dry_run else str(CONFIG_DIR.parent / "docs" / "results")
     if pathlib.Path(args.out_dir).exists() and not pathlib.Path(args.out_dir).is_dir():
         parser.error(f"argument --out_dir: {args.out_dir} is a file; give a directory, e.g. --out_dir docs/results")
     return args
@@ -433,7 +444,7 @@ def main(argv=None) -> int:
               "command": "PYTHONPATH=. python -m jaxlayouts.gpu_check " + shlex.join(argv),
               "commit": commit(), "versions": versions(), "budget_s": args.budget_s,
               "grid": {k: v for k, v in dataclasses.asdict(grid).items() if k != "prior_s"}}
-    log("versions: " + ", ".join(f"{k} {v}" for k, v in header["versions"].items()))
+    log(f"versions: {json.dumps(header['versions'])}")
 
     found, why = child("jaxlayouts.gpu_check", ["--probe"] + (["--dry-run"] if args.dry_run else []),
                        deadline - time.monotonic())
@@ -465,7 +476,7 @@ def main(argv=None) -> int:
         if item["kind"] == "row":
             log(f"{item['key']}: {item['status']}" + (f", {item['step_time_s']:.4f} s/step, "
                 f"{item['tokens_per_s']:,.0f} tokens/s" if item["status"] == "ok" else f" ({item['reason']})"))
-        elif item["kind"] != "probe":
+        elif item["kind"] not in ("probe", "done"):
             log(f"{item['key']}: {item.get('status', item['kind'])} ({item.get('reason') or 'ok'})")
 
     record({"kind": "probe", **found})

@@ -50,6 +50,7 @@ def test_plan_puts_the_targets_first_and_keeps_every_point_once():
     noted = gpu_check.plan(gpu_check.GPU, "torch is not installed")
     peers = [t for t in noted if t["tool"] in gpu_check.PEERS]
     assert [(t["tool"], t["reason"]) for t in peers] == [(p, "torch is not installed") for p in gpu_check.PEERS]
+    assert gpu_check.estimate(peers[0], {}, gpu_check.GPU) == 0  # a note always fits
     row = gpu_check.execute(peers[0], 10, gpu_check.GPU, None)
     assert row["status"] == "skipped" and row["reason"] == "torch is not installed" and row["step_time_s"] is None
 
@@ -64,7 +65,7 @@ def test_budget_starts_only_tasks_whose_estimate_fits():
     def execute(t, timeout_s):
         ran.append((t["key"], timeout_s))
         now[0] += durations[t["tool"]]
-        return {"kind": "row", "key": t["key"]}
+        return {"kind": "row", "key": t["key"], "status": "ok"}
 
     # priors: jaxlayouts 20 s, torch_compile 15 s; the first torch_compile takes 30 s, so the
     # second (estimated 30 s from it) no longer fits in the 25 s left after 5 + 30 + 5 s, while

@@ -5,8 +5,8 @@
 The same shapes as jaxlayouts' model (:class:`jaxlayouts.layout.ModelConfig`: pre-norm RMSNorm,
 rotary embeddings on the two halves of each head, grouped-query attention, SwiGLU, untied
 embedding and LM head), float32 weights under bf16 autocast, AdamW (fused on CUDA),
-``scaled_dot_product_attention`` (causal; PyTorch picks flash attention on H100/H200) with
-grouped-query heads, and gradient accumulation over micro-batches. ``--compile`` wraps the model
+``scaled_dot_product_attention`` (causal, grouped-query heads; PyTorch's dispatcher chooses the
+kernel, flash attention where it applies), and gradient accumulation over micro-batches. ``--compile`` wraps the model
 (loss included) in ``torch.compile``. Tokens are uniform random (never zeros). Each step ends with
 ``torch.cuda.synchronize`` before the clock is read; the step time is the median of ``--steps``
 steps after ``--warmup`` steps, and MFU uses :mod:`jaxlayouts.flops`, the formula the bench uses.
