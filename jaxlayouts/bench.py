@@ -25,6 +25,7 @@ import time
 from absl import app, flags, logging
 
 from jaxlayouts import config, devices, distributed, launch
+from jaxlayouts.analysis import profile
 from jaxlayouts.analysis.memory import compiled_memory
 from jaxlayouts.config import BenchOptions
 from jaxlayouts.layout import Layout, RunConfig, validate
@@ -189,7 +190,7 @@ def train_steps(trainer, compiled, state, first_step: int, opts: BenchOptions, s
     losses, step_times = [], []
     for step, batch in enumerate(batches):
         if step == opts.warmup and opts.profile_dir:
-            jax.profiler.start_trace(opts.profile_dir)
+            jax.profiler.start_trace(opts.profile_dir, create_perfetto_trace=True)
         start = time.perf_counter()
         state, loss = compiled(state, batch)
         jax.block_until_ready((state, loss))
@@ -206,10 +207,7 @@ def train_steps(trainer, compiled, state, first_step: int, opts: BenchOptions, s
             log(f"  checkpoint: saving step {done} to {opts.checkpoint_dir}")
     if opts.profile_dir:
         jax.profiler.stop_trace()
-        log(f"profile: trace of the timed steps in {opts.profile_dir} (open it with TensorBoard's profile "
-            "plugin or xprof: tensorboard --logdir DIR)")
-    if saver:
-        saver.close()
+        log(profile.report(opts.profile_dir, opts.steps))
     return losses, step_times
 
 
