@@ -24,7 +24,7 @@ from absl import app, flags
 
 from jaxlayouts import config, devices
 from jaxlayouts.analysis.memory import compiled_memory
-from jaxlayouts.layout import RunConfig, parse_mesh, validate
+from jaxlayouts.layout import MAX_EMULATED_DEVICES, RunConfig, parse_mesh, validate
 from jaxlayouts.plan.hardware import load_hardware
 from jaxlayouts.schema import InvalidInput
 
@@ -130,6 +130,9 @@ def main(argv):
         count = values["num_devices"] or math.prod(parse_mesh(values["mesh"]).values())
         if count < 1:
             raise InvalidInput("mesh", f"{values['mesh']}: -1 needs --num_devices (the cluster size)")
+        if count > MAX_EMULATED_DEVICES:
+            raise InvalidInput("mesh", f"{values['mesh']} needs {count} devices; explore compiles on at most "
+                               f"{MAX_EMULATED_DEVICES} emulated CPU devices (plan --explain costs any size)")
         run = config.run_config(values, count)
         validate(run, count)
         load_hardware(FLAGS.hardware)
@@ -137,7 +140,12 @@ def main(argv):
     except InvalidInput as error:
         config.print_invalid(error)
         sys.exit(2)
-    report = explore(run, FLAGS.hardware)
+    try:
+        report = explore(run, FLAGS.hardware)
+    except Exception as error:  # XLA's own limits (e.g. of its CPU backend at thousands of devices)
+        print(f"error: XLA could not compile {run.layout} on {count} emulated CPU devices: "
+              f"{type(error).__name__}: {str(error).splitlines()[0][:300]}", file=sys.stderr)
+        sys.exit(1)
     if not FLAGS.json:
         print_report(report)
     print(json.dumps(report))

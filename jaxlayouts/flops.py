@@ -26,6 +26,15 @@ def attention_forward_flops_per_token(model: ModelConfig, seq_len: int) -> int:
     return 4 * model.num_layers * model.d_model * seq_len
 
 
+def attention_flops(batch: int, seq_len: int, heads: int, head_dim: int, backward: bool) -> float:
+    """Causal attention FLOPs of one call as FlashAttention's benchmarks count them: the two
+    matmuls (4 b h T^2 d, the per-token 4 T d above over b T tokens) halved by the causal mask;
+    the backward pass is 2.5x the forward (five matmuls instead of two), so forward + backward is
+    3.5x. Softmax and recomputation are not counted (the kernel benchmark's TFLOP/s)."""
+    forward = 4 * batch * heads * seq_len * seq_len * head_dim / 2
+    return forward * (3.5 if backward else 1.0)
+
+
 def model_flops_per_token(model: ModelConfig, seq_len: int) -> int:
     """6N + 12 L d T (PaLM's model FLOPs per token, forward and backward)."""
     return 6 * model.n_params + 3 * attention_forward_flops_per_token(model, seq_len)

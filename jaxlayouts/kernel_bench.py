@@ -6,7 +6,7 @@
 
 Attention TFLOP/s count the causal FLOPs as FlashAttention's benchmarks do (the two matmuls,
 halved by the mask; backward = 2.5 x forward; softmax not counted), see
-:func:`jaxlayouts.kernels.flash_attention.attention_flops`. ``vs_cudnn`` is the speed ratio to the
+:func:`jaxlayouts.flops.attention_flops`. ``vs_cudnn`` is the speed ratio to the
 ``cudnn`` row measured in the same run. RMSNorm GB/s count the bytes a fused kernel must move
 (forward: read x, write y; backward: read x and dy, write dx), so the plain version's extra
 passes show up as lower GB/s. Each row is also read against the device's ceilings
@@ -101,7 +101,7 @@ def attention_rows(platform: str) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from jaxlayouts.kernels.flash_attention import attention_flops
+    from jaxlayouts.flops import attention_flops
     from jaxlayouts.model.attention import IMPLEMENTATIONS
 
     gpu = platform == "gpu"

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from conftest import clean_env
 
+from jaxlayouts.flops import attention_flops
 from jaxlayouts.kernels import tuning
-from jaxlayouts.kernels.flash_attention import BlockSizes, attention_flops, flash_attention
+from jaxlayouts.kernels.flash_attention import BlockSizes, flash_attention
 from jaxlayouts.kernels.rms_norm import rms_norm_pallas, rms_norm_reference
 from jaxlayouts.layout import InvalidInput, validate
 from jaxlayouts.model.attention import IMPLEMENTATIONS, xla_attention

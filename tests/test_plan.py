@@ -10,6 +10,7 @@ import sys
 import pytest
 from conftest import clean_env, make_run
 
+from jaxlayouts.analysis.memory import compiled_memory
 from jaxlayouts.layout import InvalidInput, load_model_config
 from jaxlayouts.plan import cost
 from jaxlayouts.plan.hardware import hardware_names, load_hardware
@@ -115,9 +116,7 @@ def test_cost_model_agrees_with_the_compiled_step(devices, mesh, kwargs):
         - ({"data"} if run.layout.sequence_parallel else set())
     for family in checked:
         assert predicted[family] == pytest.approx(measured[family], rel=0.10, abs=1), family
-    analysis = compiled.memory_analysis()
-    peak = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
-            + analysis.temp_size_in_bytes)
+    peak = compiled_memory(compiled)["compiled_peak_bytes_per_device"]
     memory = cost.memory(w, load_hardware("a100-80gb"))
     assert memory["total"] - memory["overhead"] == pytest.approx(peak, rel=0.25)
 

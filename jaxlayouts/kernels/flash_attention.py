@@ -255,11 +255,3 @@ def flash_attention(q, k, v, blocks: BlockSizes | None = None, interpret: bool |
         blocks = attention_blocks(jax.devices()[0].device_kind, q.shape[1], q.shape[3],
                                   q.shape[2] // k.shape[2])
     return _flash(q, k, v, blocks.clamped(q.shape[1]), interpret_mode(interpret))
-
-
-def attention_flops(batch: int, seq_len: int, heads: int, head_dim: int, backward: bool) -> float:
-    """Causal attention FLOPs as FlashAttention's benchmarks count them: the two matmuls
-    (4 b h T^2 d) halved for the causal mask; the backward pass is 2.5x the forward (five matmuls
-    instead of two). Softmax and recomputation are not counted."""
-    forward = 4 * batch * heads * seq_len * seq_len * head_dim / 2
-    return forward * (3.5 if backward else 1.0)

@@ -25,7 +25,7 @@ import time
 from absl import app, flags
 
 from jaxlayouts import config
-from jaxlayouts.layout import InvalidInput, Layout, RunConfig, load_model_config, validate
+from jaxlayouts.layout import MAX_EMULATED_DEVICES, InvalidInput, Layout, RunConfig, load_model_config, validate
 from jaxlayouts.plan import cost
 from jaxlayouts.plan.hardware import check_memory_fraction, load_hardware, save_calibration
 
@@ -156,6 +156,9 @@ def check_flags(validating: bool) -> None:
                            "e.g. --gpus 4096")
     if FLAGS.verify < 0:
         raise InvalidInput("verify", f"{FLAGS.verify}: compile the top N >= 0 layouts, e.g. --verify 2")
+    if FLAGS.verify and FLAGS.gpus > MAX_EMULATED_DEVICES:
+        raise InvalidInput("verify", f"compiles on {FLAGS.gpus} emulated CPU devices; at most "
+                           f"{MAX_EMULATED_DEVICES}: drop --verify or lower --gpus")
 
 
 def main(argv):

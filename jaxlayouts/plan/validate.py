@@ -57,7 +57,25 @@ def read_rows(path: str) -> list[dict]:
     missing = [c for c in REQUIRED if rows and c not in rows[0]]
     if not rows or missing:
         raise InvalidInput("file", f"{path}: expected the study's CSV columns; missing {missing or 'rows'}")
-    return [r for r in rows if r["status"] in ("ok", "oom")]
+    kept = [(number, r) for number, r in enumerate(rows, 2) if r["status"] in ("ok", "oom")]
+    for number, row in kept:
+        check_study_row(row, f"{path}:{number}")
+    return [row for _, row in kept]
+
+
+def check_study_row(row: dict, where: str) -> None:
+    """Every field a study row is costed and scored by is present, and its numbers are numbers:
+    sizes positive integers, an ok row's MFU a fraction in (0, 1]."""
+    empty = [c for c in REQUIRED if row.get(c) in (None, "") and (c != "mfu" or row["status"] == "ok")]
+    if empty:
+        raise InvalidInput("file", f"{where}: no value for {empty}; a study row fills every column it has "
+                           "(mfu may be empty on an oom row)")
+    try:
+        mfu = float(row["mfu"]) if row["status"] == "ok" else None
+    except ValueError:
+        raise InvalidInput("file", f"{where}: mfu {row['mfu']!r} is not a number, e.g. 0.55") from None
+    if mfu is not None and not 0 < mfu <= 1:
+        raise InvalidInput("file", f"{where}: mfu {mfu} is not a fraction in (0, 1], e.g. 0.55")
 
 
 def read_bench_rows(path: str) -> list[dict]:
