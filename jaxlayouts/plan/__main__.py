@@ -30,10 +30,11 @@ from jaxlayouts.plan import cost
 from jaxlayouts.plan.hardware import check_memory_fraction, load_hardware, save_calibration
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "llama-13b", "Model config name or YAML path.")
+config.define_flags(FLAGS, ("model", "seq_len", "global_batch"))  # the run's knobs, with the study's sizes:
+FLAGS.set_default("model", "llama-13b")
+FLAGS.set_default("seq_len", "2048")
+FLAGS.set_default("global_batch", "2048")
 flags.DEFINE_integer("gpus", 64, "Number of GPUs.")
-flags.DEFINE_integer("seq_len", 2048, "Tokens per sequence.")
-flags.DEFINE_integer("global_batch", 2048, "Sequences per optimizer step.")
 flags.DEFINE_string("hardware", "a100-80gb", "Hardware description under configs/hardware/ or a YAML path.")
 flags.DEFINE_integer("top", 10, "How many layouts to print.")
 flags.DEFINE_string("explain", None, "Explain one layout (its text form) instead of ranking.")
@@ -146,8 +147,7 @@ def check_flags(validating: bool) -> None:
     if FLAGS.predictions and not pathlib.Path(FLAGS.predictions).resolve().parent.is_dir():
         raise InvalidInput("predictions", f"{FLAGS.predictions}: its folder does not exist; give a path "
                            "in an existing folder, e.g. --predictions predictions.csv")
-    positive = {"gpus": FLAGS.gpus, "seq_len": FLAGS.seq_len, "global_batch": FLAGS.global_batch,
-                "top": FLAGS.top}
+    positive = {"gpus": FLAGS.gpus, "top": FLAGS.top}
     for name, value in positive.items():
         if value < 1:
             raise InvalidInput(name, f"{value}: must be a positive integer, e.g. --{name} {FLAGS[name].default}")
@@ -163,6 +163,7 @@ def check_flags(validating: bool) -> None:
 
 def main(argv):
     try:
+        values = config.values_from_flags(FLAGS)
         hw = load_hardware(FLAGS.hardware)
         check_flags(validating=len(argv) > 1)
         if FLAGS.memory_fraction is not None:
@@ -173,10 +174,11 @@ def main(argv):
                 raise InvalidInput("command", f"unknown arguments {argv[1:]}; the one subcommand is "
                                    "'validate FILE.csv'")
             return validate_command(argv[2], hw, FLAGS.json)
-        model = load_model_config(FLAGS.model)
+        model = load_model_config(values["model"])
+        seq_len, global_batch = values["seq_len"], values["global_batch"]
         if FLAGS.explain:
             layout = Layout.parse(FLAGS.explain)
-            run = RunConfig(model=model, layout=layout, seq_len=FLAGS.seq_len, global_batch=FLAGS.global_batch)
+            run = RunConfig(model=model, layout=layout, seq_len=seq_len, global_batch=global_batch)
             validate(run, layout.num_devices, platform="gpu")
             prediction = cost.predict(cost.Workload.from_run(run), hw)
             print(json.dumps(row(run, prediction)) if FLAGS.json else explain(run, hw, prediction))
@@ -185,10 +187,10 @@ def main(argv):
         print(f"invalid: {error}", file=sys.stderr)
         sys.exit(2)
     start = time.perf_counter()
-    runs = list(candidates(model, FLAGS.gpus, FLAGS.seq_len, FLAGS.global_batch, hw.gpus_per_node))
+    runs = list(candidates(model, FLAGS.gpus, seq_len, global_batch, hw.gpus_per_node))
     if not runs:
         print(f"invalid: --gpus: no valid layout of {model.name} on {FLAGS.gpus} GPUs with global batch "
-              f"{FLAGS.global_batch}", file=sys.stderr)
+              f"{global_batch}", file=sys.stderr)
         sys.exit(2)
     ranked = rank(runs, hw)
     elapsed = time.perf_counter() - start
