@@ -7,7 +7,9 @@ Without an accelerator the harness emulates as many CPU devices as the mesh need
 compile ahead of time (timed on its own), run ``--warmup`` steps, then time ``--steps`` steps,
 each ended by ``block_until_ready`` before the clock is read; report the median. The summary goes
 to stdout and its last line is one JSON object (also appended to ``--output`` as a JSON line).
-Every input is checked before any device exists (``config.py``, ``layout.validate``).
+Every input is checked before any device exists (``config.py``, ``layout.validate``). JAX is
+imported inside the functions that run once the devices are set up: emulated CPU devices must be
+requested before JAX starts.
 Exit codes: 0 ok, 1 error, 2 invalid input, 3 out of memory, 4 compile error.
 """
 

@@ -11,6 +11,9 @@ median of ``iters`` synchronised runs after the compile and ``warmup`` runs (``t
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+
 from jaxlayouts.timing import timed
 
 FULL = {"matmul_size": 8192, "copy_bytes": 2 * 2**30, "warmup": 5, "iters": 20}
@@ -19,8 +22,6 @@ SMALL = {"matmul_size": 128, "copy_bytes": 2**20, "warmup": 1, "iters": 3}
 
 def matmul_tflops(size: int, dtype: str = "bfloat16", *, warmup: int, iters: int) -> float:
     """TFLOP/s of one ``size x size @ size x size`` matmul."""
-    import jax
-    import jax.numpy as jnp
     a, b = (jax.random.normal(key, (size, size), jnp.dtype(dtype)) for key in jax.random.split(jax.random.key(0)))
     measured = timed(jax.jit(jnp.matmul), a, b, warmup=warmup, iters=iters)
     return 2 * size**3 / measured["time_s"] / 1e12
@@ -28,8 +29,6 @@ def matmul_tflops(size: int, dtype: str = "bfloat16", *, warmup: int, iters: int
 
 def copy_gbs(num_bytes: int, dtype: str = "bfloat16", *, warmup: int, iters: int) -> float:
     """GB/s of a device copy of ``num_bytes``, counting read plus write (2 x ``num_bytes``)."""
-    import jax
-    import jax.numpy as jnp
     dtype = jnp.dtype(dtype)
     x = jax.random.normal(jax.random.key(1), (num_bytes // dtype.itemsize,), dtype)
     measured = timed(jax.jit(jnp.copy), x, warmup=warmup, iters=iters)

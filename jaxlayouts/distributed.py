@@ -8,7 +8,8 @@ detects SLURM itself). Otherwise it stays single-process and nothing here does a
 On CPU the collectives go through gloo. Timeouts are short and explicit, so a dead peer or an
 unreachable coordinator ends the run with an error instead of a hang: initialisation gives up
 after ``init_timeout_s``, and a process whose peers stop sending heartbeats for
-``heartbeat_timeout_s`` is terminated by the runtime.
+``heartbeat_timeout_s`` is terminated by the runtime. JAX is imported inside the functions: the
+bench imports this module before it has asked for its devices.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ layout, no parameter memory: abstract shapes only) and reports, per device: ever
 with its logical axes, PartitionSpec and bytes; memory from XLA's compiled memory analysis
 next to the analytic model's (``plan/cost.py``); every collective of the compiled step with its
 mesh axes, bytes and executions per step (loop trip counts multiplied in); model FLOPs per step.
-It takes the bench's flags. In a notebook (JAX imported with enough emulated devices)::
+It takes the bench's flags. JAX is imported inside the functions: the CLI asks for the emulated
+devices before JAX starts. In a notebook (JAX imported with enough emulated devices)::
 
     from jaxlayouts.explore import explore
     report = explore(run)            # run: a jaxlayouts.layout.RunConfig

@@ -23,11 +23,20 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
 
+import jax
+import jax.numpy as jnp
 from absl import app, flags
 
 from jaxlayouts import config
 from jaxlayouts.ceilings import measure
+from jaxlayouts.flops import attention_flops
+from jaxlayouts.kernels import interpret_mode
+from jaxlayouts.kernels.triton_versions import unavailable_reason
+from jaxlayouts.layout import GPU_ONLY
+from jaxlayouts.model.attention import IMPLEMENTATIONS as ATTENTION
+from jaxlayouts.model.norm import IMPLEMENTATIONS as NORM
 from jaxlayouts.timing import timed
 
 FLAGS = flags.FLAGS
@@ -57,8 +66,6 @@ ROW_KEYS = ("kernel", "implementation", "seq_len", "forward_ms", "forward_backwa
 
 
 def _unavailable(implementation: str, kind: str, platform: str) -> str | None:
-    from jaxlayouts.kernels.triton_versions import unavailable_reason
-    from jaxlayouts.layout import GPU_ONLY
     if (kind, implementation) in GPU_ONLY and platform != "gpu":
         return f"needs an NVIDIA GPU (platform is {platform})"
     if (kind, implementation) == ("norm", "triton"):
@@ -98,11 +105,7 @@ def against_ceilings(rows: list[dict], ceilings: dict) -> list[dict]:
 
 
 def attention_rows(platform: str) -> list[dict]:
-    import jax
-    import jax.numpy as jnp
 
-    from jaxlayouts.flops import attention_flops
-    from jaxlayouts.model.attention import IMPLEMENTATIONS
 
     gpu = platform == "gpu"
     seq_lens = [int(t) for t in FLAGS.seq_lens or ([2048, 4096, 8192] if gpu else [128, 256])]
@@ -121,7 +124,7 @@ def attention_rows(platform: str) -> list[dict]:
                    "heads": heads, "kv_heads": kv_heads, "head_dim": FLAGS.head_dim, "dtype": dtype.name}
             reason = _unavailable(name, "attention", platform)
             if reason is None:
-                fn = IMPLEMENTATIONS[name]
+                fn = ATTENTION[name]
                 forward = jax.jit(fn)
                 backward = jax.jit(lambda q, k, v, do: jax.vjp(fn, q, k, v)[1](do))
                 try:
@@ -148,10 +151,7 @@ def attention_rows(platform: str) -> list[dict]:
 
 
 def norm_rows(platform: str) -> list[dict]:
-    import jax
-    import jax.numpy as jnp
 
-    from jaxlayouts.model.norm import IMPLEMENTATIONS
 
     dtype = jnp.dtype(FLAGS.dtype)
     n = FLAGS.norm_rows or (16384 if platform == "gpu" else 256)
@@ -167,7 +167,7 @@ def norm_rows(platform: str) -> list[dict]:
                "dtype": dtype.name}
         reason = _unavailable(name, "norm", platform)
         if reason is None:
-            fn = lambda x, scale, name=name: IMPLEMENTATIONS[name](x, scale, 1e-5)
+            fn = lambda x, scale, name=name: NORM[name](x, scale, 1e-5)
             try:
                 calls = {"forward": (jax.jit(fn), (x, scale)),
                          "forward_backward": (jax.jit(lambda x, s, dy: jax.vjp(fn, x, s)[1](dy)), (x, scale, dy))}
@@ -225,13 +225,8 @@ def markdown(header: dict, attention: list[dict], norm: list[dict]) -> str:
 
 
 def main(argv):
-    import sys
 
-    import jax
 
-    from jaxlayouts.kernels import interpret_mode
-    from jaxlayouts.model.attention import IMPLEMENTATIONS as ATTENTION
-    from jaxlayouts.model.norm import IMPLEMENTATIONS as NORM
 
     for knob, chosen, known in (("attention", FLAGS.attention, ATTENTION), ("norm", FLAGS.norm, NORM)):
         unknown = [c for c in chosen if c not in known]
@@ -264,7 +259,7 @@ def main(argv):
     header = {"device_kind": jax.devices()[0].device_kind, "platform": platform,
               "jax_version": jax.__version__, "interpret": interpret_mode(None),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": "python -m jaxlayouts.kernel_bench " + " ".join(argv[1:])}
+              "command": " ".join(["python -m jaxlayouts.kernel_bench", *sys.argv[1:]])}
     if header["interpret"]:
         print("note: no GPU; Pallas kernels run in interpret mode on tiny shapes (harness check only)")
     header["ceilings"] = ceilings or {**measure(small=platform == "cpu"), "source": "measured"}

@@ -5,11 +5,12 @@ from __future__ import annotations
 import statistics
 import time
 
+import jax
+
 
 def timed(fn, *args, warmup: int, iters: int) -> dict:
     """Compile time (the first call) and the median of ``iters`` runs after ``warmup`` runs, each
     ended by ``block_until_ready`` before the clock is read."""
-    import jax
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     compile_s = time.perf_counter() - start

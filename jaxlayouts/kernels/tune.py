@@ -24,9 +24,13 @@ import json
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxlayouts.kernels import tuning
+from jaxlayouts.kernels.flash_attention import flash_attention
+from jaxlayouts.kernels.rms_norm import rms_norm_pallas
 from jaxlayouts.timing import timed
 
 TOLERANCE = 2e-2
@@ -68,7 +72,6 @@ def _relative_error(got, expected) -> float:
 def fastest(name: str, candidates: list, build, args, runs: dict) -> tuple[object, dict]:
     """Time ``build(candidate)`` on ``args`` for each candidate; print each; return the fastest
     correct one and its time. ``build`` returns a jitted function."""
-    import jax
     reference, best = None, None
     for candidate in candidates:
         try:
@@ -93,9 +96,7 @@ def fastest(name: str, candidates: list, build, args, runs: dict) -> tuple[objec
 
 
 def tune_attention(seq_len, batch, heads, kv_heads, head_dim, dtype, dry_run, runs) -> tuple[str, tuning.BlockSizes, dict]:
-    import jax
 
-    from jaxlayouts.kernels.flash_attention import flash_attention
     keys = jax.random.split(jax.random.key(seq_len), 4)
     q = jax.random.normal(keys[0], (batch, seq_len, heads, head_dim), dtype)
     k, v = (jax.random.normal(key, (batch, seq_len, kv_heads, head_dim), dtype) for key in keys[1:3])
@@ -120,10 +121,7 @@ def tune_attention(seq_len, batch, heads, kv_heads, head_dim, dtype, dry_run, ru
 
 
 def tune_norm(width, rows, dtype, dry_run, runs) -> tuple[str, tuning.NormConfig, dict]:
-    import jax
-    import jax.numpy as jnp
 
-    from jaxlayouts.kernels.rms_norm import rms_norm_pallas
     keys = jax.random.split(jax.random.key(width), 3)
     x = jax.random.normal(keys[0], (rows, width), dtype)
     scale = 1.0 + 0.1 * jax.random.normal(keys[1], (width,), jnp.float32)
@@ -197,8 +195,6 @@ def parse(argv) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
-    import jax
-    import jax.numpy as jnp
     if jax.default_backend() != "gpu" and not args.dry_run:
         print(f"no GPU (platform is {jax.default_backend()}): times in interpret mode mean nothing; "
               "use --dry-run to check the harness", file=sys.stderr)
