@@ -22,6 +22,10 @@ import sys
 
 import matplotlib
 
+from jaxlayouts.plan.validate import REQUIRED as STUDY_COLUMNS
+from jaxlayouts.plan.validate import check_study_row
+from jaxlayouts.schema import InvalidInput
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
@@ -47,7 +51,15 @@ def load(path: str | pathlib.Path) -> list[Row]:
         raise FileNotFoundError(f"no results file {path}")
     if path.suffix == ".csv":
         with open(path, newline="") as f:
-            return [_line(path, n, lambda: _checked(_from_study(r))) for n, r in enumerate(csv.DictReader(f), 2)]
+            reader = csv.DictReader(f)
+            missing = [c for c in STUDY_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path}: no column {', '.join(map(repr, missing))}; expected the reference "
+                                 "study's columns (see ../shared/paper-data/README.md)")
+            rows = list(reader)
+        for n, r in enumerate(rows, 2):
+            check_study_row(r, f"{path}:{n}")
+        return [_line(path, n, lambda: _checked(_from_study(r))) for n, r in enumerate(rows, 2)]
     rows = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         try:
@@ -343,7 +355,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         made = write_report(args.results, args.out)
-    except (OSError, ValueError) as error:  # a missing or unreadable file, or not results
+    except (OSError, ValueError, InvalidInput) as error:  # a missing or unreadable file, or not results
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {pathlib.Path(args.out) / 'report.md'} and {len(made)} figures: {', '.join(made)}")
