@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
-import math
 import os
 import statistics
 import sys
@@ -31,7 +30,7 @@ from jaxlayouts.analysis import profile
 from jaxlayouts.analysis.memory import compiled_memory
 from jaxlayouts.config import BenchOptions
 from jaxlayouts.layout import Layout, RunConfig, validate
-from jaxlayouts.schema import InvalidInput, check_instance
+from jaxlayouts.schema import InvalidInput, check_instance, finite_json
 
 FLAGS = flags.FLAGS
 EXIT_CODES = {"ok": 0, "error": 1, "invalid": 2, "oom": 3, "compile_error": 4}
@@ -259,17 +258,6 @@ def summary(result: dict) -> str:
     ])
 
 
-def _finite(value):
-    """JSON has no NaN/inf: write null for them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def measure(result: dict, log) -> None:
     """Fill ``result`` from the flags: check them, make the devices, run the benchmark."""
     values = config.values_from_flags(FLAGS)
@@ -284,7 +272,7 @@ def measure(result: dict, log) -> None:
 
 def report(result: dict) -> None:
     """Process 0 prints the summary and the JSON line (and appends it to ``--output``)."""
-    line = json.dumps(_finite(result))
+    line = json.dumps(finite_json(result))
     print(summary(result))
     print(line, flush=True)
     output = FLAGS["output"].value

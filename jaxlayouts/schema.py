@@ -175,3 +175,15 @@ def from_mapping(cls, data: dict, path: pathlib.Path, knob_name: str, **fixed):
     except InvalidInput as error:
         raise InvalidInput(knob_name, str(error).split(": ", 1)[1]) from None
     return cls(**values, **fixed)
+
+
+def finite_json(value):
+    """``value`` with every NaN or infinity replaced by None: JSON has neither, and a figure
+    that does not exist (a rank correlation of one run) is null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_json(v) for v in value]
+    return value

@@ -28,6 +28,7 @@ from jaxlayouts import config
 from jaxlayouts.layout import MAX_EMULATED_DEVICES, InvalidInput, Layout, RunConfig, load_model_config, validate
 from jaxlayouts.plan import cost
 from jaxlayouts.plan.hardware import check_memory_fraction, load_hardware, save_calibration
+from jaxlayouts.schema import finite_json
 
 FLAGS = flags.FLAGS
 config.define_flags(FLAGS, ("model", "seq_len", "global_batch"))  # the run's knobs, with the study's sizes:
@@ -121,16 +122,22 @@ def validate_command(path: str, hw, as_json: bool):
         print(f"wrote {len(rows)} rows with their predictions to {FLAGS.predictions}")
     result["calibration"] = dataclasses.asdict(hw.calibration)
     result["calibration_source"] = hw.calibration_source
+    result = finite_json(result)
     if not as_json:
-        memory = f"; memory error {result['memory_mape']:.1%}" if "memory_mape" in result else ""
-        print(f"{result['rows']} rows; OOM accuracy {result['oom_accuracy']:.1%}; MFU error (MAPE) "
-              f"{result['mfu_mape']:.1%} on measured-ok rows{memory}; calibration {hw.calibration_source}")
+        memory = f"; memory error {_cell(result['memory_mape'], '.1%')}" if "memory_mape" in result else ""
+        print(f"{result['rows']} rows; OOM accuracy {_cell(result['oom_accuracy'], '.1%')}; MFU error (MAPE) "
+              f"{_cell(result['mfu_mape'], '.1%')} on measured-ok rows{memory}; calibration {hw.calibration_source}")
         print(f"{'sweep':<62} {'spearman':>8} {'best measured':>13} {'top-ranked measured':>19}")
         for name, s in result["sweeps"].items():
             top = s["measured_mfu_of_top_ranked"]
-            print(f"{name:<62} {s['spearman']:8.3f} {s['best_measured_mfu']:13.1%} "
+            print(f"{name:<62} {_cell(s['spearman'], '.3f'):>8} {_cell(s['best_measured_mfu'], '.1%'):>13} "
                   f"{(f'{top:.1%}' if top is not None else s['top_ranked_status']):>19}")
     print(json.dumps(result))
+
+
+def _cell(value, spec: str) -> str:
+    """A figure for a table, or n/a where there is none (no ok row, one run in a sweep)."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def check_flags(validating: bool) -> None:
