@@ -14,6 +14,7 @@ This module imports no JAX (entry points validate before JAX starts).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import pathlib
 import types
@@ -55,9 +56,14 @@ def knobs(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
 def kind_of(cls, field: dataclasses.Field) -> tuple[type, bool]:
     """``(base type, None allowed)`` of a declared field, from its annotation."""
-    hint = typing.get_type_hints(cls)[field.name]
+    hint = _hints(cls)[field.name]
     args = typing.get_args(hint)
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         base = [a for a in args if a is not type(None)]
