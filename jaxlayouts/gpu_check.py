@@ -45,6 +45,7 @@ import tempfile
 import time
 
 from jaxlayouts import sweep
+from jaxlayouts.kernels.triton_versions import installed
 from jaxlayouts.launch import PARENT_PID_VARIABLE
 from jaxlayouts.layout import CONFIG_DIR
 
@@ -256,12 +257,7 @@ def probe(small: bool) -> dict:
 
 def versions() -> dict:
     """Versions of the stack (null where a package is missing), Python, and the NVIDIA driver."""
-    found = {}
-    for package in PACKAGES:
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = None
+    found = installed(PACKAGES)
     for dist in importlib.metadata.distributions():  # jax-cuda12-plugin, jax-cuda13-pjrt, ...
         name = re.sub(r"[-_.]+", "-", dist.metadata["Name"] or "").lower()
         if name.startswith("jax-cuda"):
