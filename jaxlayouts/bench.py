@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import statistics
 import sys
@@ -30,6 +31,7 @@ from jaxlayouts.analysis import profile
 from jaxlayouts.analysis.memory import compiled_memory
 from jaxlayouts.config import BenchOptions
 from jaxlayouts.layout import Layout, RunConfig, validate
+from jaxlayouts.results import Results
 from jaxlayouts.schema import InvalidInput, check_instance, finite_json
 
 FLAGS = flags.FLAGS
@@ -197,6 +199,9 @@ def train_steps(trainer, compiled, state, first_step: int, opts: BenchOptions, s
         jax.block_until_ready((state, loss))
         elapsed = time.perf_counter() - start
         losses.append(float(loss))
+        if not math.isfinite(losses[-1]):
+            raise RuntimeError(f"the loss is {losses[-1]} at step {first_step + step + 1}: training diverged "
+                               "(a lower --learning_rate, or float32, may help)")
         if step >= opts.warmup:
             step_times.append(elapsed)
         log(f"  step {step + 1}/{opts.warmup + opts.steps} {'(warm-up) ' if step < opts.warmup else ''}"
@@ -221,6 +226,9 @@ def measured_fields(run: RunConfig, opts: BenchOptions, device, num_devices: int
     tokens_per_s = run.tokens_per_step / step_time
     peak = opts.peak_tflops if opts.peak_tflops is not None else flops.peak_tflops(device.device_kind)
     achieved, mfu = flops.mfu(run.model, run.seq_len, tokens_per_s, num_devices, peak)
+    if mfu is not None and mfu > 1:
+        raise InvalidInput("peak_tflops", f"the step ran at {achieved:.4g} model TFLOP/s per device, above the "
+                           f"peak of {peak:g}: give the device's real bf16 peak, e.g. --peak_tflops 989")
     memory = {**memory, "device_peak_bytes": (device.memory_stats() or {}).get("peak_bytes_in_use")}
     return {"device_kind": device.device_kind, "step_time_s": step_time, "step_times_s": step_times,
             "tokens_per_s": tokens_per_s, "model_flops_per_token": flops.model_flops_per_token(run.model, run.seq_len),
@@ -270,18 +278,21 @@ def measure(result: dict, log) -> None:
     result.update(benchmark(run, opts, axis_rules=axis_rules, log=log))
 
 
-def report(result: dict) -> None:
-    """Process 0 prints the summary and the JSON line (and appends it to ``--output``)."""
-    line = json.dumps(finite_json(result))
+def report(result: dict) -> bool:
+    """Process 0 prints the summary and the JSON line, and appends it to ``--output`` when that
+    is a results file (or none yet); returns whether everything asked for was written."""
+    row = finite_json(result)
     print(summary(result))
-    print(line, flush=True)
+    print(json.dumps(row), flush=True)
     output = FLAGS["output"].value
-    if output:
-        try:
-            with open(output, "a") as out:
-                out.write(line + "\n")
-        except OSError as error:
-            print(f"could not append the result to --output {output}: {error}", file=sys.stderr)
+    if not output:
+        return True
+    try:
+        Results(output, knob="output", keyed=False).append(row)
+        return True
+    except (InvalidInput, OSError) as error:
+        print(f"could not append the result to --output {output}: {error}", file=sys.stderr)
+        return False
 
 
 def main(argv):
@@ -305,11 +316,12 @@ def main(argv):
     result["jax_version"] = importlib.metadata.version("jax")
     jax = sys.modules.get("jax")
     process = jax.process_index() if jax else 0
+    written = True
     if process == 0:  # only process 0 reports
-        report(result)
+        written = report(result)
     elif result["status"] != "ok":
         log(f"process {process}: {summary(result)}")
-    code = EXIT_CODES[result["status"]]
+    code = EXIT_CODES[result["status"]] or (0 if written else EXIT_CODES["error"])
     if code:
         # Leave at once: a clean shutdown would wait for peers that may never get here, or for
         # background threads of a failed checkpoint save. The launcher (or srun --kill-on-bad-exit)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import pathlib
 import sys
 
@@ -20,7 +19,8 @@ from absl import flags
 
 from jaxlayouts.layout import (ACTIVATION_AXES, MAX_EMULATED_DEVICES, MESH_AXES, PARAM_AXES, Layout, RunConfig,
                                load_model_config, parse_mesh)
-from jaxlayouts.schema import InvalidInput, checked, kind_of, knob, knobs
+from jaxlayouts.results import Results
+from jaxlayouts.schema import InvalidInput, checked, creatable, kind_of, knob, knobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +35,8 @@ class ModelChoice:
 class BenchOptions:
     """How the bench measures, saves and joins a run (nothing here changes the step)."""
 
-    steps: int = knob(5, "Timed steps.", low=1)
-    warmup: int = knob(2, "Untimed steps before the timed ones.", low=0)
+    steps: int = knob(5, "Timed steps.", low=1, high=10**6)
+    warmup: int = knob(2, "Untimed steps before the timed ones.", low=0, high=10**6)
     num_devices: int | None = knob(None, "Emulated CPU devices (default: what the mesh needs).", low=1,
                                    high=MAX_EMULATED_DEVICES, example=8)
     axis_rules: str = knob("", "Override logical-axis rules, e.g. 'vocab=none,embed=fsdp+tp'.",
@@ -101,30 +101,19 @@ def options(values: dict) -> BenchOptions:
     opts = BenchOptions(**{f.name: values[f.name] for f in knobs(BenchOptions)})
     if opts.restore and not opts.checkpoint_dir:
         raise InvalidInput("restore", "needs --checkpoint_dir, the directory to resume from")
-    for name, kind in (("checkpoint_dir", "directory"), ("profile_dir", "directory"), ("output", "file")):
+    for name in ("checkpoint_dir", "profile_dir"):
         path = getattr(opts, name)
         if path is None:
             continue
         path = pathlib.Path(path)
-        wrong = path.is_file() if kind == "directory" else path.is_dir()
-        if wrong or not _creatable(path):
-            other = "a file" if kind == "directory" else "a directory"
-            problem = f"is {other}" if wrong else "cannot be created here (no such folder, or no permission)"
-            raise InvalidInput(name, f"{path} {problem}; give a {kind} path in a writable folder, "
+        if path.is_file() or not creatable(path):
+            problem = "is a file" if path.is_file() else "cannot be created here (no such folder, or no permission)"
+            raise InvalidInput(name, f"{path} {problem}; give a directory path in a writable folder, "
                                f"e.g. --{name} {knob_example(name)}")
+    if opts.output is not None:
+        Results(opts.output, knob="output", keyed=False).create()  # a results file, or one made now
     parse_axis_rules(opts.axis_rules)
     return opts
-
-
-def _creatable(path: pathlib.Path) -> bool:
-    """Whether ``path`` can be written: it exists and is writable, or its nearest existing
-    ancestor is a writable folder (the missing folders can be made)."""
-    path = path.resolve()
-    if path.exists():
-        return os.access(path, os.W_OK)
-    while not path.exists():
-        path = path.parent
-    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
 
 
 def knob_example(name: str):

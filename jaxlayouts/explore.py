@@ -1,60 +1,150 @@
 """Inspect a layout at any cluster size without the cluster: shardings, memory, collectives, FLOPs.
 
-    python -m jaxlayouts.explore --model llama-65b --mesh dp=4,tp=8,pp=4 --seq_len 2048 \\
-        --global_batch 512 --micro_batch 1 [--hardware a100-80gb] [--json]
+From Python or a notebook, with no set-up (the emulated devices are arranged here)::
 
-It compiles the training step ahead of time on emulated CPU devices (one per device of the
-layout, no parameter memory: abstract shapes only) and reports, per device: every parameter
-with its logical axes, PartitionSpec and bytes; memory from XLA's compiled memory analysis
-next to the analytic model's (``plan/cost.py``); every collective of the compiled step with its
-mesh axes, bytes and executions per step (loop trip counts multiplied in); model FLOPs per step.
-It takes the bench's flags. JAX is imported inside the functions: the CLI asks for the emulated
-devices before JAX starts. In a notebook (JAX imported with enough emulated devices)::
+    from jaxlayouts import explore
+    r = explore.layout("llama-7b", mesh="fsdp=8,tp=4", seq_len=2048, global_batch=64, micro_batch=1)
+    r                       # tables in a notebook, text in a terminal (print(r))
+    r.show("layers/attn/wq")             # which device holds which shard
+    explore.compare(["fsdp=32", "fsdp=8,tp=4", "dp=4,tp=8"], model="llama-7b", seq_len=2048, global_batch=64)
 
-    from jaxlayouts.explore import explore
-    report = explore(run)            # run: a jaxlayouts.layout.RunConfig
+From the shell, with the bench's knobs: ``python -m jaxlayouts.explore --model llama-65b --mesh
+dp=4,tp=8,pp=4 --seq_len 2048 --global_batch 512 [--hardware a100-80gb] [--json]``.
+
+The training step is compiled ahead of time on emulated CPU devices (one per device of the layout;
+abstract shapes, so no parameter memory). The report holds, per device: every parameter and the
+main activations with their logical axes, PartitionSpec, shapes and bytes; memory from XLA's
+compiled memory analysis beside the analytic model's (``plan/cost.py``), with why they differ;
+every collective of the compiled step with its mesh axes, bytes and executions per step (loop trip
+counts multiplied in); model FLOPs per step; the planner's predicted step time and MFU.
+
+XLA's CPU client compiles for at most 2048 devices in one process. A larger layout is compiled
+with fewer data-parallel replicas (``dp``) and the global batch cut in the same proportion: every
+device holds and does exactly what it would in the full layout, so per-device memory, shardings and
+collective sizes are those of the full layout (only the dp groups are smaller); the report says so.
+JAX is imported inside the functions: the devices must be arranged before JAX starts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import subprocess
 import sys
 
 from absl import app, flags
 
 from jaxlayouts import config, devices
 from jaxlayouts.analysis.memory import compiled_memory
-from jaxlayouts.layout import MAX_EMULATED_DEVICES, RunConfig, parse_mesh, validate
+from jaxlayouts.explore_view import Comparison, Report
+from jaxlayouts.layout import MAX_EMULATED_DEVICES, Layout, RunConfig, mesh_text, parse_mesh, validate
 from jaxlayouts.plan.hardware import load_hardware
-from jaxlayouts.schema import InvalidInput
+from jaxlayouts.schema import InvalidInput, knobs
 
 FLAGS = flags.FLAGS
+XLA_CPU_DEVICE_LIMIT = 2048
+"""The most devices XLA's CPU client compiles for in one process (beyond it: "Multiprocess
+computations aren't implemented on the CPU backend"; seen with jax 0.10.2)."""
+CLI_KNOBS = tuple(n for n in config.KNOB_NAMES if n not in config.NOT_A_RUN_KNOB or n == "num_devices")
+"""The knobs the command line takes: the run's, and the cluster size for a ``-1`` axis."""
+ACTIVATIONS = {
+    "residual": ("batch", "act_seq", "act_embed"),
+    "attention_heads": ("batch", "seq", "act_heads", "head_dim"),
+    "mlp_hidden": ("batch", "seq", "act_mlp"),
+    "logits": ("batch", "seq", "act_vocab"),
+}
+"""The activations a report lays out: one layer's residual stream (what sequence parallelism
+shards), its query heads, the SwiGLU hidden layer and the logits, by logical axes."""
 
 
-def parameter_table(trainer) -> list[dict]:
-    """Each parameter: logical axes, stored PartitionSpec, global shape, float32 bytes per device."""
+# ---------------------------------------------------------------------------------------------
+# One call from Python
+
+
+def layout(model: str = "tiny", *, layout: str | None = None, hardware: str = "a100-80gb", **values) -> Report:
+    """The report for one layout: ``model`` and any bench knob as a keyword (``mesh="fsdp=8,tp=4"``,
+    ``seq_len=2048``, ...), or ``layout=`` the layout's text form. Arranges the emulated devices
+    itself; where JAX already started with too few, compiles in a child process (and says so)."""
+    run = _run(model, layout, values)
+    load_hardware(hardware)
+    count = compiled_run(run)[0].layout.num_devices
+    if _devices_ready(count):
+        return Report(explore(run, hardware))
+    return Report(_in_child_process(run, hardware, count))
+
+
+def compare(layouts: list[str], *, model: str = "tiny", hardware: str = "a100-80gb", **values) -> Comparison:
+    """Several layouts (text forms, or meshes such as ``"fsdp=8,tp=4"``) of one run side by side:
+    memory per device, collective bytes by mesh axis, predicted step time and MFU, and a figure."""
+    runs = [_run(model, text, values) for text in layouts]
+    _devices_ready(max(compiled_run(run)[0].layout.num_devices for run in runs))
+    return Comparison([layout(model, layout=text, hardware=hardware, **values) for text in layouts])
+
+
+def _run(model: str, text: str | None, values: dict) -> RunConfig:
+    """A checked run from keywords; ``text`` is a layout's text form or a bare mesh."""
+    overrides = dict(values)
+    if text is not None:
+        parsed = Layout.parse(text)
+        overrides["mesh"] = mesh_text(parsed.mesh)
+        if len(text.split()) > 1:  # a whole layout, not only a mesh
+            overrides.update({f.name: getattr(parsed, f.name) for f in knobs(Layout) if f.name != "mesh"})
+    checked = config.check_values(config.values_with(model=model, **overrides))
+    run = config.run_config(checked, checked["num_devices"])
+    validate(run, run.layout.num_devices)
+    return run
+
+
+def _devices_ready(count: int) -> bool:
+    """Arrange ``count`` emulated devices if JAX has not started; whether this process has them."""
+    if "jax" not in sys.modules:
+        devices.emulate_cluster(count)
     import jax
-    rows = []
-    leaves = jax.tree_util.tree_leaves_with_path(trainer.abstract_state.params)
-    axes = jax.tree.leaves(trainer.logical_axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-    for (path, value), logical, sharding in zip(leaves, axes, jax.tree.leaves(trainer.master_shardings)):
-        shard = sharding.shard_shape(value.shape)
-        rows.append({"name": "/".join(str(getattr(k, "key", k)) for k in path), "logical_axes": list(logical),
-                     "spec": str(sharding.spec), "shape": list(value.shape),
-                     "bytes_per_device": math.prod(shard) * value.dtype.itemsize})
-    return rows
+    return jax.default_backend() == "cpu" and jax.device_count() >= count
 
 
-def _state_bytes(tree, shardings) -> int:
+def _in_child_process(run: RunConfig, hardware: str, count: int) -> dict:
     import jax
-    return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
-               for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+    print(f"explore: JAX already started with {jax.device_count()} {jax.default_backend()} device(s); "
+          f"compiling on {count} emulated CPU devices in a child process")
+    values = {**config.describe(run), "model": run.model.name, "mesh": mesh_text(run.layout.mesh)}
+    args = [f"--{name}={values[name]}" if not isinstance(values[name], bool) else f"--{'' if values[name] else 'no'}{name}"
+            for name in CLI_KNOBS if values.get(name) is not None]
+    proc = subprocess.run([sys.executable, "-m", "jaxlayouts.explore", *args, f"--hardware={hardware}", "--json"],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"explore's child process failed: {(proc.stderr or proc.stdout).strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def compiled_run(run: RunConfig) -> tuple[RunConfig, str | None]:
+    """The run to compile (the run itself, or one with fewer ``dp`` replicas when it needs more
+    devices than XLA:CPU compiles for) and a note saying which."""
+    count, dp = run.layout.num_devices, run.layout.mesh["dp"]
+    if count <= XLA_CPU_DEVICE_LIMIT:
+        return run, None
+    for k in range(2, dp + 1):
+        if dp % k == 0 and count // k <= XLA_CPU_DEVICE_LIMIT and run.global_batch % k == 0:
+            lay = dataclasses.replace(run.layout, mesh={**run.layout.mesh, "dp": dp // k})
+            smaller = dataclasses.replace(run, layout=lay, global_batch=run.global_batch // k)
+            return smaller, (f"compiled as {mesh_text(lay.mesh)} with global batch {smaller.global_batch} "
+                             f"(XLA:CPU compiles at most {XLA_CPU_DEVICE_LIMIT} devices): each device holds and "
+                             f"does what it would in the full {count}-device layout; only the dp groups are "
+                             f"{k}x smaller")
+    most = math.prod(v for a, v in run.layout.mesh.items() if a != "dp")
+    raise InvalidInput("mesh", f"{mesh_text(run.layout.mesh)}: XLA:CPU compiles at most {XLA_CPU_DEVICE_LIMIT} "
+                       f"devices, and explore can stand fewer dp replicas in only when the other axes use at "
+                       f"most that many (these use {most}); plan --explain costs any size")
 
 
 def explore(run: RunConfig, hardware: str = "a100-80gb", devices_=None) -> dict:
-    """The report for ``run`` (see the module docstring), compiled on ``devices_`` (default: the
-    first devices JAX has; they only need to exist, nothing is allocated)."""
+    """The report of ``run`` as a dict (see the module docstring), compiled on ``devices_``
+    (default: the first devices JAX has; they only need to exist, nothing is allocated)."""
     import jax
 
     from jaxlayouts import flops
@@ -63,64 +153,116 @@ def explore(run: RunConfig, hardware: str = "a100-80gb", devices_=None) -> dict:
     from jaxlayouts.plan import cost
     from jaxlayouts.train import Trainer
 
-    count = run.layout.num_devices
-    validate(run, count)
-    devices_ = list(devices_ if devices_ is not None else jax.devices())[:count]
-    mesh = build_mesh(run.layout, devices_)
-    trainer = Trainer(run, mesh)
+    validate(run, run.layout.num_devices)
+    target, note = compiled_run(run)
+    mesh = build_mesh(target.layout, list(devices_ if devices_ is not None else jax.devices())[:target.layout.num_devices])
+    trainer = Trainer(target, mesh)
     compiled = trainer.lower().compile()
-    memory = compiled_memory(compiled)
-    found = hlo.collectives(compiled.as_text(), dict(mesh.shape))
-    per_step = {}
-    for c in (c for c in found if c.axes):  # groups of one device are no-ops (size-1 mesh axes)
-        key = (c.kind, c.axes, c.bytes)
-        per_step[key] = per_step.get(key, 0) + c.executions
-    params = _state_bytes(trainer.abstract_state.params, trainer.master_shardings)
-    optimizer = _state_bytes(trainer.abstract_state.opt_state, trainer.state_shardings.opt_state)
-    analytic = cost.memory(cost.Workload.from_run(run), load_hardware(hardware))
-    return {
-        "layout": str(run.layout), "model": run.model.name, "num_devices": count,
-        "params": parameter_table(trainer),
-        "memory": {
-            "compiled": {"parameters": params, "optimizer": optimizer,
-                         "gradients_activations_temporaries": memory["temp_bytes"],
-                         "arguments": memory["argument_bytes"], "outputs": memory["output_bytes"],
-                         "aliased": memory["alias_bytes"], "peak": memory["compiled_peak_bytes_per_device"]},
-            "analytic": {"parameters": analytic["weights"], "optimizer": analytic["optimizer"],
-                         "gradients": analytic["gradients"], "activations": analytic["activations"],
-                         "overhead": analytic["overhead"], "total": analytic["total"]},
-        },
-        "collectives": [{"kind": k, "axes": list(a), "bytes": b, "count": n}
-                        for (k, a, b), n in sorted(per_step.items(), key=lambda kv: -kv[0][2] * kv[1])],
+    hw = load_hardware(hardware)
+    workload = cost.Workload.from_run(run)
+    prediction = cost.predict(workload, hw)
+    report = {
+        "layout": str(run.layout), "model": run.model.name, "num_devices": run.layout.num_devices,
+        "mesh": dict(run.layout.mesh), "hardware": hw.name, "compiled_as": note,
+        "params": parameter_table(trainer), "activations": activation_table(target, trainer),
+        "memory": memory_report(run, trainer, compiled_memory(compiled), cost.memory(workload, hw)),
+        "collectives": collective_table(hlo.collectives(compiled.as_text(), dict(mesh.shape))),
         "model_flops_per_step": flops.model_flops_per_token(run.model, run.seq_len) * run.tokens_per_step,
+        "predicted": {"step_time_s": prediction.step_time_s, "mfu": prediction.mfu, "fits": prediction.fits},
+    }
+    report["memory"]["notes"] = memory_notes(run, report["memory"], jax.default_backend())
+    return report
+
+
+def _named(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _shard_row(name, logical, sharding, shape, dtype) -> dict:
+    shard = sharding.shard_shape(tuple(shape))
+    return {"name": name, "logical_axes": [a for a in logical], "spec": str(sharding.spec),
+            "spec_axes": [[a] if isinstance(a, str) else list(a) if a else None for a in sharding.spec]
+            + [None] * (len(shape) - len(sharding.spec)),
+            "shape": list(shape), "shard_shape": list(shard), "dtype": str(dtype),
+            "bytes": math.prod(shape) * dtype.itemsize, "bytes_per_device": math.prod(shard) * dtype.itemsize}
+
+
+def parameter_table(trainer) -> list[dict]:
+    """Each parameter as stored (float32 master): logical axes, PartitionSpec, global and
+    per-device shapes and bytes."""
+    import jax
+    leaves = jax.tree_util.tree_leaves_with_path(trainer.abstract_state.params)
+    axes = jax.tree.leaves(trainer.logical_axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    return [_shard_row(_named(path), logical, sharding, value.shape, value.dtype)
+            for (path, value), logical, sharding in zip(leaves, axes, jax.tree.leaves(trainer.master_shardings))]
+
+
+def activation_table(run: RunConfig, trainer) -> list[dict]:
+    """The main activations of one micro-batch in the compute dtype, laid out by the compute rules."""
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+
+    from jaxlayouts.mesh import spec
+    m, rows = run.model, run.layout.micro_batch * run.layout.data_parallel
+    shapes = {"residual": (rows, run.seq_len, m.d_model), "attention_heads": (rows, run.seq_len, m.num_heads, m.head_dim),
+              "mlp_hidden": (rows, run.seq_len, m.d_ff), "logits": (rows, run.seq_len, m.vocab_size)}
+    return [_shard_row(name, logical, NamedSharding(trainer.mesh, spec(logical, trainer.compute_rules)),
+                       shapes[name], jnp.dtype(run.dtype)) for name, logical in ACTIVATIONS.items()]
+
+
+def _state_bytes(tree, shardings) -> int:
+    import jax
+    return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+               for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
+
+
+def memory_report(run: RunConfig, trainer, memory: dict, analytic: dict) -> dict:
+    """Per-device bytes: XLA's compiled analysis beside the analytic model's."""
+    return {
+        "compiled": {"parameters": _state_bytes(trainer.abstract_state.params, trainer.master_shardings),
+                     "optimizer": _state_bytes(trainer.abstract_state.opt_state, trainer.state_shardings.opt_state),
+                     "gradients_activations_temporaries": memory["temp_bytes"],
+                     "arguments": memory["argument_bytes"], "outputs": memory["output_bytes"],
+                     "aliased": memory["alias_bytes"], "peak": memory["compiled_peak_bytes_per_device"]},
+        "analytic": {"parameters": analytic["weights"], "optimizer": analytic["optimizer"],
+                     "gradients": analytic["gradients"], "activations": analytic["activations"],
+                     "overhead": analytic["overhead"], "total": analytic["total"]},
     }
 
 
-def _gib(value) -> str:
-    return f"{value / 2**30:10.3f}"
+def memory_notes(run: RunConfig, memory: dict, backend: str) -> list[str]:
+    """Why the compiled and analytic figures differ, for this layout, and which to trust."""
+    compiled, analytic = memory["compiled"]["peak"], memory["analytic"]["total"] - memory["analytic"]["overhead"]
+    notes = [f"XLA's compiled peak is {compiled / 2**30:.4g} GiB per device, the analytic model's "
+             f"{analytic / 2**30:.4g} GiB without runtime overhead ({(compiled - analytic) / max(analytic, 1):+.0%}).",
+             "XLA's parameters are the stored float32 master weights; it counts the compute-dtype copy of "
+             "the weights and the gradient accumulator among its temporaries, where the analytic model lists "
+             "them under parameters and gradients.",
+             f"The analytic total adds {memory['analytic']['overhead'] / 2**30:.4g} GiB of runtime overhead (CUDA "
+             "context, communication buffers) that XLA does not see."]
+    scatters = run.layout.zero >= 1 or run.layout.sequence_parallel
+    if backend == "cpu" and scatters:
+        notes.append("XLA:CPU lowers every reduce-scatter to a full-size all-reduce plus a slice (the compiled "
+                     "HLO has no reduce-scatter), so its temporaries hold full-size buffers a GPU does not: "
+                     "here the compiled peak is an upper bound, and the analytic figure is the better guide.")
+    else:
+        notes.append("The compiled figure is XLA's own allocation plan for this step: trust it over the "
+                     "analytic model where they differ, and add the runtime overhead.")
+    return notes
 
 
-def print_report(report: dict) -> None:
-    print(f"layout      {report['layout']} ({report['model']}, {report['num_devices']} devices)")
-    print(f"model FLOPs {report['model_flops_per_step']:.4g} per step")
-    print("\nparameters (stored, per device)")
-    print(f"  {'name':<34} {'logical axes':<34} {'spec':<34} {'MiB/device':>10}")
-    for p in report["params"]:
-        print(f"  {p['name']:<34} {str(tuple(p['logical_axes'])):<34} {p['spec']:<34} "
-              f"{p['bytes_per_device'] / 2**20:10.2f}")
-    compiled, analytic = report["memory"]["compiled"], report["memory"]["analytic"]
-    print("\nmemory per device, GiB      compiled (XLA)   analytic (plan/cost.py)")
-    print(f"  parameters                {_gib(compiled['parameters'])}       {_gib(analytic['parameters'])}"
-          " (fp32 master + the compute copy, which XLA counts in temp)")
-    print(f"  optimizer state           {_gib(compiled['optimizer'])}       {_gib(analytic['optimizer'])}")
-    print(f"  gradients                 {'(in temp)':>10}       {_gib(analytic['gradients'])}")
-    print(f"  activations, temporaries  {_gib(compiled['gradients_activations_temporaries'])}       "
-          f"{_gib(analytic['activations'])} (+ gradients above)")
-    print(f"  runtime overhead          {'n/a':>10}       {_gib(analytic['overhead'])}")
-    print(f"  peak / total              {_gib(compiled['peak'])}       {_gib(analytic['total'])}")
-    print("\ncollectives per step (compiled HLO)")
-    for c in report["collectives"]:
-        print(f"  {c['kind']:<18} over {','.join(c['axes']) or '-':<12} {c['bytes'] / 2**20:12.3f} MiB x {c['count']}")
+def collective_table(found) -> list[dict]:
+    """Collectives per step by kind, mesh axes and bytes (groups of one device are no-ops)."""
+    per_step = {}
+    for c in (c for c in found if c.axes):
+        key = (c.kind, c.axes, c.bytes)
+        per_step[key] = per_step.get(key, 0) + c.executions
+    return [{"kind": k, "axes": list(a), "bytes": b, "count": n}
+            for (k, a, b), n in sorted(per_step.items(), key=lambda kv: -kv[0][2] * kv[1])]
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
 
 
 def main(argv):
@@ -132,30 +274,27 @@ def main(argv):
         if count < 1:
             raise InvalidInput("mesh", f"{values['mesh']}: -1 needs --num_devices (the cluster size)")
         if count > MAX_EMULATED_DEVICES:
-            raise InvalidInput("mesh", f"{values['mesh']} needs {count} devices; explore compiles on at most "
-                               f"{MAX_EMULATED_DEVICES} emulated CPU devices (plan --explain costs any size)")
+            raise InvalidInput("mesh", f"{values['mesh']} needs {count} devices; explore looks at clusters of at "
+                               f"most {MAX_EMULATED_DEVICES} (plan --explain costs any size)")
         run = config.run_config(values, count)
         validate(run, count)
         load_hardware(FLAGS.hardware)
-        devices.emulate_cluster(count)
+        devices.emulate_cluster(compiled_run(run)[0].layout.num_devices)
     except InvalidInput as error:
         config.print_invalid(error)
         sys.exit(2)
     try:
-        report = explore(run, FLAGS.hardware)
-    except Exception as error:  # XLA's own limits (e.g. of its CPU backend at thousands of devices)
-        print(f"error: XLA could not compile {run.layout} on {count} emulated CPU devices: "
-              f"{type(error).__name__}: {str(error).splitlines()[0][:300]}", file=sys.stderr)
+        report = Report(explore(run, FLAGS.hardware))
+    except Exception as error:  # XLA's own limits, named rather than a traceback
+        print(f"error: XLA could not compile {run.layout}: {type(error).__name__}: "
+              f"{str(error).splitlines()[0][:300]}", file=sys.stderr)
         sys.exit(1)
-    if not FLAGS.json:
-        print_report(report)
-    print(json.dumps(report))
+    print(report.to_json() if FLAGS.json else report.text())
 
 
 if __name__ == "__main__":
-    # The CLI takes the run's knobs plus its own; importing this module as a library (as the
-    # planner's --verify does) defines no flag.
-    config.define_flags(FLAGS, [n for n in config.KNOB_NAMES if n not in config.NOT_A_RUN_KNOB or n == "num_devices"])
-    flags.DEFINE_bool("json", False, "Print only the report as one JSON object (last stdout line).")
-    flags.DEFINE_string("hardware", "a100-80gb", "Hardware for the analytic memory model (configs/hardware/).")
+    # Importing this module as a library (as the planner's --verify does) defines no flag.
+    config.define_flags(FLAGS, CLI_KNOBS)
+    flags.DEFINE_bool("json", False, "Print the report as one JSON object instead of text.")
+    flags.DEFINE_string("hardware", "a100-80gb", "Hardware for the analytic model (configs/hardware/).")
     app.run(main, flags_parser=config.flags_parser(config.print_invalid))

@@ -33,6 +33,7 @@ import importlib.metadata
 import importlib.util
 import itertools
 import json
+import math
 import os
 import pathlib
 import platform
@@ -417,8 +418,9 @@ def parse_args(argv):
                         help="CPU, tiny model and shapes: checks the code path, measures nothing")
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # the child that measures the ceilings
     args = parser.parse_args(argv)
-    if args.budget_s <= 0:
-        parser.error(f"argument --budget_s: {args.budget_s:g}; give seconds > 0, e.g. --budget_s 480")
+    if not (math.isfinite(args.budget_s) and RESERVE_S < args.budget_s <= 86400):
+        parser.error(f"argument --budget_s: {args.budget_s:g}; give seconds above the {RESERVE_S:g} s the kit "
+                     "keeps for writing its results, at most a day, e.g. --budget_s 480")
     if args.out_dir is None:  # a dry run's files are no results: keep them out of docs/results
         args.out_dir = tempfile.mkdtemp(prefix="gpu_check-") if args.dry_run else str(CONFIG_DIR.parent / "docs" / "results")
     if pathlib.Path(args.out_dir).exists() and not pathlib.Path(args.out_dir).is_dir():

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
+import pathlib
 import sys
 
 import jax
@@ -37,6 +39,7 @@ from jaxlayouts.kernels.triton_versions import unavailable_reason
 from jaxlayouts.layout import GPU_ONLY
 from jaxlayouts.model.attention import IMPLEMENTATIONS as ATTENTION
 from jaxlayouts.model.norm import IMPLEMENTATIONS as NORM
+from jaxlayouts.schema import creatable
 from jaxlayouts.timing import timed
 
 FLAGS = flags.FLAGS
@@ -84,7 +87,7 @@ def load_ceilings(path: str) -> dict:
     except json.JSONDecodeError as error:
         raise ValueError(f"--ceilings: {path} is not JSON ({error.msg} at line {error.lineno})") from None
     bad = [key for key in CEILING_KEYS if not isinstance(ceilings, dict) or isinstance(ceilings.get(key), bool)
-           or not isinstance(ceilings.get(key), (int, float)) or ceilings[key] <= 0]
+           or not isinstance(ceilings.get(key), (int, float)) or not math.isfinite(ceilings[key]) or ceilings[key] <= 0]
     if bad:
         raise ValueError(f"--ceilings: {path} needs positive numbers for {', '.join(bad)}, "
                          'e.g. {"matmul_tflops": 668, "copy_gbs": 2585}')
@@ -228,12 +231,14 @@ def main(argv):
 
 
 
+    problems = []
     for knob, chosen, known in (("attention", FLAGS.attention, ATTENTION), ("norm", FLAGS.norm, NORM)):
         unknown = [c for c in chosen if c not in known]
-        if unknown:
-            print(f"--{knob}: unknown {unknown}; choose from {', '.join(known)}", file=sys.stderr)
-            sys.exit(2)
-    problems = []
+        if unknown or not chosen:
+            problems.append(f"--{knob}: unknown {unknown or 'nothing given'}; choose from {', '.join(known)}")
+    if FLAGS.markdown is not None and (pathlib.Path(FLAGS.markdown).is_dir() or not creatable(pathlib.Path(FLAGS.markdown))):
+        problems.append(f"--markdown: {FLAGS.markdown} is a folder or cannot be written; give a file, e.g. "
+                        "--markdown kernels.md")
     if FLAGS.dtype not in ("bfloat16", "float32"):
         problems.append(f"--dtype: {FLAGS.dtype!r}; choose bfloat16 or float32")
     if FLAGS.seq_lens and not all(t.isdigit() and int(t) > 0 for t in FLAGS.seq_lens):

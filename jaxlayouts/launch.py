@@ -19,12 +19,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from jaxlayouts.distributed import ENV_PREFIX
 
 
 PARENT_PID_VARIABLE = f"{ENV_PREFIX}DIE_WITH_PARENT"
+LIBRARY_CHATTER = ("[Gloo]",)
+"""Line prefixes that libraries print to stdout (gloo's "Rank 0 is connected to 1 peer ranks")."""
 
 
 def die_with_parent():
@@ -57,7 +60,17 @@ def launch(num_processes: int, command: list[str], grace_s: float = 10.0) -> int
                                   f"{ENV_PREFIX}PROCESS_ID": str(index),
                                   PARENT_PID_VARIABLE: str(os.getpid())})  # killed with the launcher
         env.pop("XLA_FLAGS", None)  # each process asks for its own share of the devices
-        procs.append(subprocess.Popen(command, env=env))
+        try:
+            procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, bufsize=1))
+        except OSError as error:
+            _stop(procs, grace_s)
+            print(f"launch: cannot start {command[0]!r}: {error.strerror}; give a command that runs, e.g. "
+                  "python -m jaxlayouts.bench", file=sys.stderr)
+            return 2
+    forwarders = [threading.Thread(target=forward_output, args=(p.stdout, index == 0), daemon=True)
+                  for index, p in enumerate(procs)]
+    for thread in forwarders:
+        thread.start()
     try:
         while True:
             codes = [p.poll() for p in procs]
@@ -67,11 +80,22 @@ def launch(num_processes: int, command: list[str], grace_s: float = 10.0) -> int
                 print(f"launch: a process exited with {failed[0]}; stopped the others", file=sys.stderr)
                 return failed[0] if failed[0] > 0 else 128 - failed[0]
             if all(c == 0 for c in codes):
+                for thread in forwarders:
+                    thread.join()
                 return 0
             time.sleep(0.2)
     except KeyboardInterrupt:
         _stop(procs, grace_s)
         return 130
+
+
+def forward_output(stream, is_first: bool) -> None:
+    """Pass a worker's stdout on: process 0's result lines to stdout, everything else (the other
+    processes' output, the collectives library's connection chatter) to stderr."""
+    for line in stream:
+        to_stdout = is_first and not line.startswith(LIBRARY_CHATTER)
+        (sys.stdout if to_stdout else sys.stderr).write(line)
+        (sys.stdout if to_stdout else sys.stderr).flush()
 
 
 def _stop(procs, grace_s: float):

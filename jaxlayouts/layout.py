@@ -57,13 +57,13 @@ class ModelConfig:
     grouped-query attention when ``num_kv_heads < num_heads``, untied input/output embeddings."""
 
     name: str = knob(REQUIRED, "The model's name, as result rows show it.", example="llama-1b")
-    num_layers: int = knob(REQUIRED, "Transformer layers.", low=1)
-    d_model: int = knob(REQUIRED, "Residual stream width.", low=1)
-    num_heads: int = knob(REQUIRED, "Query heads.", low=1)
+    num_layers: int = knob(REQUIRED, "Transformer layers.", low=1, high=10_000)
+    d_model: int = knob(REQUIRED, "Residual stream width.", low=1, high=2**20)
+    num_heads: int = knob(REQUIRED, "Query heads.", low=1, high=2**16)
     num_kv_heads: int = knob(REQUIRED, "Key/value heads (grouped-query attention when fewer than num_heads).",
-                              low=1)
-    d_ff: int = knob(REQUIRED, "SwiGLU hidden width.", low=1)
-    vocab_size: int = knob(REQUIRED, "Vocabulary size.", low=1)
+                              low=1, high=2**16)
+    d_ff: int = knob(REQUIRED, "SwiGLU hidden width.", low=1, high=2**22)
+    vocab_size: int = knob(REQUIRED, "Vocabulary size.", low=1, high=2**24)
     rope_theta: float = knob(10000.0, "Rotary embedding base.", above=0)
     norm_eps: float = knob(1e-5, "RMSNorm epsilon.", above=0, high=1.0)
 
@@ -110,17 +110,19 @@ def parse_mesh(text: str, num_devices: int | None = None) -> dict[str, int]:
     One axis may be ``-1``: it takes the devices the others leave, which needs ``num_devices``.
     """
     mesh = {axis: 1 for axis in MESH_AXES}
-    rest = None
+    rest, seen = None, set()
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, sep, value = item.partition("=")
         if not sep or name not in MESH_AXES:
             raise InvalidInput(
                 "mesh", f"cannot read {item!r}; write AXIS=SIZE pairs over {'/'.join(MESH_AXES)}, "
                 "e.g. --mesh dp=8,tp=4,pp=1")
-        try:
-            size = int(value)
-        except ValueError:
-            raise InvalidInput("mesh", f"{name}={value!r} is not an integer, e.g. {name}=2") from None
+        if name in seen:
+            raise InvalidInput("mesh", f"{name} is given twice in {text!r}; give each axis once, e.g. dp=8,tp=4")
+        seen.add(name)
+        if not (value.isascii() and value.lstrip("-").isdigit()):
+            raise InvalidInput("mesh", f"{name}={value!r} is not an integer, e.g. {name}=2")
+        size = int(value)
         if size == -1:
             if rest is not None:
                 raise InvalidInput("mesh", f"only one axis may be -1 (both {rest} and {name} are)")
@@ -227,8 +229,9 @@ class RunConfig:
 
     model: ModelConfig
     layout: Layout
-    seq_len: int = knob(256, "Tokens per sequence.", low=2, example=128)
-    global_batch: int = knob(32, "Sequences per optimizer step (all data shards, all micro-batches).", low=1)
+    seq_len: int = knob(256, "Tokens per sequence.", low=2, high=2**24, example=128)
+    global_batch: int = knob(32, "Sequences per optimizer step (all data shards, all micro-batches).", low=1,
+                             high=2**24)
     dtype: str = knob("bfloat16", f"Compute dtype: {', '.join(DTYPE_CHOICES)} (master weights are float32).",
                       choices=DTYPE_CHOICES, noun="dtype")
     learning_rate: float = knob(1e-3, "AdamW learning rate.", above=0, high=10.0)

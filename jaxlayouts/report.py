@@ -24,7 +24,8 @@ import matplotlib
 
 from jaxlayouts.plan.validate import REQUIRED as STUDY_COLUMNS
 from jaxlayouts.plan.validate import check_study_row
-from jaxlayouts.schema import InvalidInput
+from jaxlayouts.schema import InvalidInput, creatable
+from jaxlayouts.sweep import STATUSES
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -60,15 +61,20 @@ def load(path: str | pathlib.Path) -> list[Row]:
         for n, r in enumerate(rows, 2):
             check_study_row(r, f"{path}:{n}")
         return [_line(path, n, lambda: _checked(_from_study(r))) for n, r in enumerate(rows, 2)]
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a UTF-8 text file; give a sweep's JSONL or the study's CSV") from None
     rows = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line torn by a kill during a write
         if not isinstance(row, dict) or "status" not in row:
             raise ValueError(f"{path}:{number} is not a bench or sweep result (no 'status' field)")
-        rows[row.get("key", number)] = _line(path, number, lambda: _checked(_from_bench(row)))  # a retry replaces
+        checked = _line(path, number, lambda: _checked(_from_bench(row)))
+        rows[row.get("key", number)] = checked  # a retried point's later row replaces its earlier one
     return list(rows.values())
 
 
@@ -93,10 +99,22 @@ def _checked(row: Row) -> Row:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{field} is {value!r}; a result gives a non-negative number or null")
+    if row["mfu"] is not None and row["mfu"] > 1:
+        raise ValueError(f"mfu is {row['mfu']!r}; MFU is a fraction of the peak, at most 1")
     return row
 
 
+RESULT_FIELD_TYPES = {"status": str, "key": str, "sweep": str, "model": str, "layout": str, "error": str,
+                      "memory": dict, "point": dict, "mesh": (dict, str)}
+"""What a bench or sweep row holds in the fields the report reads (null aside)."""
+
+
 def _from_bench(r: dict) -> Row:
+    for field, kind in RESULT_FIELD_TYPES.items():
+        if r.get(field) is not None and not isinstance(r[field], kind):
+            raise ValueError(f"{field} is {r[field]!r}, not what a result row holds there")
+    if r["status"] not in STATUSES:
+        raise ValueError(f"status {r['status']!r} is not one of {', '.join(STATUSES)}")
     mesh = r.get("mesh") if isinstance(r.get("mesh"), dict) else {}
     point = r.get("point") or {}
     kernel = r.get("attention", point.get("attention", "xla"))
@@ -353,6 +371,11 @@ def main(argv=None) -> int:
     parser.add_argument("results", nargs="+", help="sweep JSONL file(s), or a CSV in the reference study's format")
     parser.add_argument("--out", required=True, help="folder for report.md and the PNG figures")
     args = parser.parse_args(argv)
+    out = pathlib.Path(args.out)
+    if not args.out.strip() or out.exists() and not out.is_dir() or not creatable(out):
+        print(f"error: --out: {args.out!r} is not a folder this can write; give one, e.g. --out reports/sweep/",
+              file=sys.stderr)
+        return 2
     try:
         made = write_report(args.results, args.out)
     except (OSError, ValueError, InvalidInput) as error:  # a missing or unreadable file, or not results

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import pathlib
 import types
 import typing
@@ -97,15 +98,10 @@ def coerce(cls, field: dataclasses.Field, value, where: str = ""):
             return text in _TRUE
         raise bad("is not true or false")
     if kind is int:
-        if isinstance(value, bool):
+        number = _integer(value)
+        if number is None:
             raise bad("is not an integer")
-        try:
-            number = float(value) if not isinstance(value, int) else value
-        except (TypeError, ValueError):
-            raise bad("is not an integer") from None
-        if isinstance(number, float) and not (math.isfinite(number) and number.is_integer()):
-            raise bad("is not an integer")
-        value = int(number)
+        value = number
     elif kind is float:
         if isinstance(value, bool):
             raise bad("is not a number")
@@ -125,12 +121,28 @@ def coerce(cls, field: dataclasses.Field, value, where: str = ""):
         raise InvalidInput(name, f"{place}unknown {meta['noun']} {value!r}; choose one of "
                            f"{', '.join(map(str, meta['choices']))}")
     if meta["low"] is not None and value < meta["low"]:
-        raise bad(f"is below the least allowed value {meta['low']:g}")
+        raise bad(f"is below the least allowed value {meta['low']:,}")
     if meta["above"] is not None and value <= meta["above"]:
-        raise bad(f"must be greater than {meta['above']:g}")
+        raise bad(f"must be greater than {meta['above']:,}")
     if meta["high"] is not None and value > meta["high"]:
-        raise bad(f"is above the largest allowed value {meta['high']:g}")
+        raise bad(f"is above the largest allowed value {meta['high']:,}")
     return value
+
+
+def _integer(value) -> int | None:
+    """``value`` as an exact integer (``8``, ``"8"``, ``8.0``, ``"1e3"``), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    text = value.strip() if isinstance(value, str) else None
+    if text is not None and text.isascii() and text.lstrip("+-").isdigit():
+        return int(text)
+    try:
+        number = float(text if text is not None and text.isascii() else value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if math.isfinite(number) and number.is_integer() else None
 
 
 def checked(cls, values: dict, where: str = "") -> dict:
@@ -152,10 +164,33 @@ def check_instance(obj, knob_name: str | None = None, where: str = "") -> None:
             raise InvalidInput(knob_name, str(error).split(": ", 1)[1]) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a mapping that repeats a key is an error (YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise yaml.constructor.ConstructorError(None, None, f"repeated keys {repeated}", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def creatable(path: pathlib.Path) -> bool:
+    """Whether ``path`` can be written: it exists and is writable, or its nearest existing
+    ancestor is a writable folder (the missing folders can be made)."""
+    path = path.resolve()
+    if path.exists():
+        return os.access(path, os.W_OK)
+    while not path.exists():
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
 def load_yaml(path: pathlib.Path, knob_name: str) -> dict:
-    """A YAML file's top-level mapping; anything else is :class:`InvalidInput` for ``knob_name``."""
+    """A YAML file's top-level mapping; anything else (repeated keys too) is :class:`InvalidInput`
+    for ``knob_name``."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise InvalidInput(knob_name, f"{path}: cannot read it as YAML ({first})") from None

@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import math
 import os
 import pathlib
 import subprocess
@@ -30,9 +29,10 @@ import sys
 import time
 
 from jaxlayouts import config, distributed
+from jaxlayouts.results import Results
 from jaxlayouts.launch import PARENT_PID_VARIABLE
 from jaxlayouts.layout import MAX_EMULATED_DEVICES, MESH_AXES, validate
-from jaxlayouts.schema import InvalidInput, from_mapping, knob, load_yaml
+from jaxlayouts.schema import InvalidInput, coerce, from_mapping, knob, knobs, load_yaml
 
 NOT_FROM_SWEEP = ("output", "num_devices", "coordinator_address", "num_processes", "process_id")
 """Bench knobs a sweep file may not set: the sweep and the launcher own them."""
@@ -49,7 +49,7 @@ class SweepFile:
                                high=MAX_EMULATED_DEVICES, example=8)
     data_axis: str = knob("dp", "The axis that takes the remaining devices.", choices=("dp", "fsdp"),
                           noun="data axis")
-    timeout_s: float = knob(1800.0, "Seconds one point may take.", above=0, example=600)
+    timeout_s: float = knob(1800.0, "Seconds one point may take.", above=0, high=10**6, example=600)
     base: dict = knob({}, "Bench knobs shared by every point.", example="{model: tiny}")
     grid: dict = knob({}, "A non-empty list of values per bench knob or mesh degree.", example="{tp: [1, 2]}")
     skip: list = knob([], "Partial points to leave out.", example="[{sequence_parallel: true, tp: 1}]")
@@ -69,8 +69,8 @@ def load_sweep(path: str | pathlib.Path) -> SweepFile:
         raise InvalidInput("sweep_file", f"{path}: skip: give a list of partial points, e.g. "
                            "skip: [{sequence_parallel: true, tp: 1}]")
     allowed = set(config.KNOB_NAMES) - set(NOT_FROM_SWEEP) | set(MESH_AXES)
-    for where, knobs in (("base", sweep.base), ("grid", sweep.grid)):
-        unknown = sorted(map(str, set(knobs) - allowed))
+    for where, given in (("base", sweep.base), ("grid", sweep.grid)):
+        unknown = sorted(map(str, set(given) - allowed))
         if unknown:
             raise InvalidInput("sweep_file", f"{path}: {where}: unknown knobs {unknown}; use bench knobs "
                                f"({', '.join(sorted(allowed))})")
@@ -92,7 +92,7 @@ def points(sweep: SweepFile) -> list[dict]:
         if any(all(point.get(k) == v for k, v in rule.items()) for rule in sweep.skip):
             continue
         point = resolve_mesh(point, sweep)
-        if "-1" in point.get("mesh", "") and not sweep.devices:
+        if "-1" in str(point.get("mesh", "")) and not sweep.devices:
             raise InvalidInput("sweep_file", f"devices: the mesh {point['mesh']} derives an axis from the "
                                "device count; set devices: N in the sweep file")
         key = point_key(point, sweep)
@@ -133,57 +133,6 @@ def bench_args(point: dict) -> list[str]:
         else:
             args.append(f"--{name}={value}")
     return args
-
-
-# ---------------------------------------------------------------------------------------------
-# The results file
-
-
-class Results:
-    """An append-only JSONL of result rows; the last row of a key is its result.
-
-    The file is never rewritten: a retried point appends its new row, and a line torn by a kill
-    during a write stays where it is (a newline is appended before the next row, so it stands
-    alone and is skipped when read). A file that is not such a JSONL is refused."""
-
-    def __init__(self, path: str | pathlib.Path):
-        self.path = pathlib.Path(path)
-        self.rows: dict[str, dict] = {}
-        self._needs_newline = False
-        if self.path.is_dir():
-            raise InvalidInput("out", f"{self.path} is a directory; give a results file, e.g. --out results/sweep.jsonl")
-        if self.path.exists():
-            self._load()
-
-    def _load(self):
-        raw = self.path.read_bytes()
-        for number, line in enumerate(raw.split(b"\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                if line.lstrip().startswith(b"{"):
-                    continue  # torn by a kill during a write
-                row = None
-            if not (isinstance(row, dict) and isinstance(row.get("key"), str) and "status" in row):
-                raise InvalidInput("out", f"{self.path}:{number} is not a sweep result row; give a new "
-                                   "file or one this sweep wrote")
-            self.rows[row["key"]] = row
-        self._needs_newline = bool(raw) and not raw.endswith(b"\n")
-
-    def append(self, row: dict):
-        """Append ``row`` as one line in one write, synced to disk."""
-        line = ("\n" if self._needs_newline else "") + json.dumps(row, default=str) + "\n"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self._needs_newline = False
-        self.rows[row["key"]] = row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,8 +208,11 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
-            raise InvalidInput("timeout", f"{args.timeout}: give seconds > 0, e.g. --timeout 600")
+        if args.timeout is not None:  # the sweep file's timeout_s, given on the command line
+            try:
+                coerce(SweepFile, next(f for f in knobs(SweepFile) if f.name == "timeout_s"), args.timeout)
+            except InvalidInput as error:
+                raise InvalidInput("timeout", str(error).split(": ", 1)[1]) from None
         sweep = load_sweep(args.sweep_file)
         keyed = [(point_key(p, sweep), p) for p in points(sweep)]
         if args.index is not None and not 0 <= args.index < len(keyed):
@@ -269,6 +221,8 @@ def main(argv=None) -> int:
         # process 0 records results and reports progress.
         writer = distributed.detect().process_id == 0
         results = Results(args.out if writer else os.devnull)
+        if not args.dry_run:
+            results.create()
     except InvalidInput as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -281,7 +235,8 @@ def main(argv=None) -> int:
         f"{len(pending)} to run")
     if args.dry_run:
         for k, p in keyed:
-            print(k, results.rows.get(k, {}).get("status", "pending"), " ".join(bench_args(p)))
+            shown = p.get("mesh_error") or " ".join(bench_args(p))
+            print(k, results.rows.get(k, {}).get("status", "pending"), shown)
         return 0
     run_pending(pending, keyed, sweep, results, args.timeout or sweep.timeout_s, writer, log)
     counts = {s: sum(1 for k, _ in keyed if results.rows[k]["status"] == s) for s in STATUSES}

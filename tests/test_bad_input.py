@@ -25,10 +25,10 @@ EXIT = {"ok": 0, "error": 1, "invalid": 2, "oom": 3, "compile_error": 4}
 QUICK = ["--seq_len", "16", "--global_batch", "2", "--steps", "1", "--warmup", "0", "--dtype", "float32"]
 
 
-def cli(*args, timeout=120):
-    """Run ``python -m ARGS`` from the project root; returns the finished process."""
+def cli(*args, timeout=120, cwd=ROOT):
+    """Run ``python -m ARGS`` (from the project root unless ``cwd``); returns the finished process."""
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
-                          env=clean_env(), cwd=ROOT)
+                          env=clean_env(PYTHONPATH=str(ROOT)), cwd=cwd)
 
 
 def assert_clean(proc, codes=(0, 2)):
@@ -49,14 +49,15 @@ def assert_clean(proc, codes=(0, 2)):
     (["--micro_batch", "1.5"], "--micro_batch: '1.5' is not an integer"),
     (["--warmup", "-1"], "--warmup: -1 is below the least allowed value 0"),
     (["--mesh", "dp=100000"], "--mesh: dp=100000 needs 100000 devices; CPU emulation builds at most 8192"),
-    (["--num_devices", "100000"], "--num_devices: 100000 is above the largest allowed value 8192"),
+    (["--num_devices", "100000"], "--num_devices: 100000 is above the largest allowed value 8,192"),
     (["--checkpoint_dir", "README.md"], "--checkpoint_dir: README.md is a file"),
     (["--output", "jaxlayouts"], "--output: jaxlayouts is a directory"),
     (["--profile_dir", "README.md/traces"], "--profile_dir: README.md/traces cannot be created"),
     (["--norestore=1"], "--flags: "),
     (["--colour", "red"], "--flags: Unknown command line flag 'colour'"),
     (["extra"], "--flags: unexpected arguments ['extra']"),
-    (["--seq_len", "100000000000", "--global_batch", "4096"], "--global_batch: 7 steps of 4096 x 100000000001"),
+    (["--seq_len", "100000000000"], "--seq_len: 100000000000 is above the largest allowed value 16,777,216"),
+    (["--seq_len", "1048576", "--global_batch", "4096"], "--global_batch: 7 steps of 4096 x 1048577 tokens take"),
 ])
 def test_bench_flags_are_checked_before_any_device(args, knob):
     proc = cli("jaxlayouts.bench", *args, timeout=60)
@@ -183,7 +184,8 @@ def test_workers_die_when_the_launcher_is_killed(tmp_path):
 
 
 NASTY = ["", "-1", "0", "nan", "-inf", "1e309", "abc", "2.5", "99999999999999999999", "true", "dp=0",
-         "dp=-1,tp=-1", "/nonexistent/x", "README.md", "jaxlayouts", "{", "'", "dp=2 mbs=0"]
+         "dp=-1,tp=-1", "/nonexistent/x", "README.md", "jaxlayouts", "{", "'", "dp=2 mbs=0", "dp=2,dp=4",
+         "/proc/x", "٢"]
 
 
 def _mutations(text: str, rng: random.Random) -> str:
@@ -244,12 +246,16 @@ def test_fuzz_every_entry_point_for_a_bounded_time(tmp_path):
     seed = int(os.environ.get("JAXLAYOUTS_FUZZ_SEED", "20261130"))
     budget_s = float(os.environ.get("JAXLAYOUTS_FUZZ_SECONDS", "45"))
     rng = random.Random(seed)
+    work = tmp_path / "cwd"  # relative paths among the random values land here, never in the checkout
+    work.mkdir()
+    listed = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=ROOT).stdout.splitlines()
+    tracked = _digest([ROOT / name for name in listed])
     start, n = time.perf_counter(), 0
     while time.perf_counter() - start < budget_s:
         args, files, codes = _fuzz_case(rng, tmp_path, n)
         before = _digest(files)
         try:
-            proc = cli(*args, timeout=90)
+            proc = cli(*args, timeout=90, cwd=work)
         except subprocess.TimeoutExpired:
             pytest.fail(f"seed {seed} case {n}: {args} hung")
         assert proc.returncode in codes, (seed, n, args, proc.returncode, proc.stderr[-1500:])
@@ -260,3 +266,68 @@ def test_fuzz_every_entry_point_for_a_bounded_time(tmp_path):
             assert EXIT[result["status"]] == proc.returncode
         n += 1
     assert n >= 8, f"only {n} fuzz cases ran in {budget_s} s"
+    assert _digest(tracked) == tracked, "a fuzz case changed a file of the checkout"
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by an adversarial review: each once a traceback, a changed file or nonsense reported ok
+
+
+def _bench_row(tmp_path, **changes) -> pathlib.Path:
+    row = json.loads((ROOT / "configs/hardware/measured/h200-2026-11-30.jsonl").read_text().splitlines()[0])
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({**row, **changes}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"seq_len": "abc"}, "--seq_len: 'abc' is not an integer"),
+    ({"mfu": 5.0}, "mfu is 5.0; it must be a fraction in (0, 1]"),
+    ({"mfu": -0.3}, "mfu is -0.3"),
+    ({"memory": [1]}, "memory.device_peak_bytes is 'not a mapping'"),
+    ({"dtype": "int4"}, "--dtype: unknown dtype 'int4'"),
+    ({"step_time_s": "fast"}, "step_time_s is 'fast'"),
+    ({"global_batch": 0}, "--global_batch: 0 is below the least allowed value 1"),
+])
+def test_plan_validate_checks_every_field_of_a_bench_row(tmp_path, changes, message):
+    proc = cli("jaxlayouts.plan", "validate", str(_bench_row(tmp_path, **changes)), "--hardware", "h200", timeout=60)
+    assert_clean(proc, codes=(2,))
+    assert "rows.jsonl:1: " in proc.stderr and message in proc.stderr, proc.stderr
+
+
+def test_an_output_that_is_not_a_results_file_is_left_alone(tmp_path):
+    model = tmp_path / "model.yaml"
+    model.write_text((ROOT / "configs/models/tiny.yaml").read_text())
+    before = model.read_text()
+    proc = cli("jaxlayouts.bench", f"--model={model}", f"--output={model}", "--micro_batch=0", timeout=60)
+    assert_clean(proc, codes=(2,))
+    assert model.read_text() == before and "is not a result row" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["jaxlayouts.plan", "validate", "tests/data/study_rows.csv", "--predictions", "tests/data/study_rows.csv"],
+     "--predictions: tests/data/study_rows.csv is the file being validated"),
+    (["jaxlayouts.plan", "validate", "tests"], "--file: tests: cannot read it as text"),
+    (["jaxlayouts.plan", "--explain", "dp=8 mbs=1", "--gpus", "16"], "--gpus: 16, but the layout to explain uses 8"),
+    (["jaxlayouts.launch", "2", "--", "/nonexistent/command"], "launch: cannot start '/nonexistent/command'"),
+    (["jaxlayouts.gpu_check", "--dry-run", "--budget_s", "inf"], "argument --budget_s: inf"),
+    (["jaxlayouts.sweep", "configs/sweeps/cpu_smoke.yaml", "--out", "/proc/x.jsonl"], "--out: /proc/x.jsonl: cannot be written"),
+    (["jaxlayouts.sweep", "configs/sweeps/cpu_smoke.yaml", "--out", "r.jsonl", "--timeout", "1e300"],
+     "--timeout: 1e+300 is above the largest allowed value"),
+    (["jaxlayouts.report", "tests/data/study_rows.csv", "--out", "README.md"], "--out: 'README.md' is not a folder"),
+])
+def test_more_bad_input_exits_2_with_the_knob_named(args, message):
+    before = _digest([ROOT / "README.md", ROOT / "tests/data/study_rows.csv"])
+    proc = cli(*args, timeout=60)
+    assert_clean(proc, codes=(2,))
+    assert message in proc.stderr + proc.stdout, proc.stderr
+    assert _digest([ROOT / "README.md", ROOT / "tests/data/study_rows.csv"]) == before
+
+
+def test_repeated_yaml_keys_and_mesh_axes_are_refused(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text((ROOT / "configs/models/tiny.yaml").read_text() + "num_layers: 100000\n")
+    with pytest.raises(InvalidInput, match="repeated keys \\['num_layers'\\]"):
+        load_model_config(str(path))
+    with pytest.raises(InvalidInput, match="dp is given twice"):
+        config.run_config(config.check_values(config.values_with(mesh="dp=3,dp=1")))

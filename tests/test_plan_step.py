@@ -80,7 +80,7 @@ def test_bench_rows_are_read_or_named(tmp_path):
     with pytest.raises(InvalidInput, match=r"rows.jsonl:1: a bench row needs .*missing \['layout'\]"):
         read_rows(str(path))
     path.write_text(json.dumps({**good, "mfu": None}) + "\n")
-    with pytest.raises(InvalidInput, match="an ok row without mfu"):
+    with pytest.raises(InvalidInput, match="mfu is None; it must be a fraction .*an ok row needs one"):
         read_rows(str(path))
     path.write_text("{not json\n")
     with pytest.raises(InvalidInput, match="rows.jsonl:1: not a JSON bench row"):

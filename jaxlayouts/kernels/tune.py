@@ -31,6 +31,7 @@ import numpy as np
 from jaxlayouts.kernels import tuning
 from jaxlayouts.kernels.flash_attention import flash_attention
 from jaxlayouts.kernels.rms_norm import rms_norm_pallas
+from jaxlayouts.schema import creatable
 from jaxlayouts.timing import timed
 
 TOLERANCE = 2e-2
@@ -187,6 +188,15 @@ def parse(argv) -> argparse.Namespace:
         parser.error(f"--warmup {args.warmup}: must be at least 0")
     if args.dry_run and args.write and args.table == tuning.TABLE:
         parser.error(f"--dry-run --write needs --table PATH: {tuning.TABLE} holds GPU measurements only")
+    if args.write and (args.table.is_dir() or not creatable(args.table)):
+        parser.error(f"--table {args.table}: a folder or not writable; give a JSON file, e.g. --table tuned.json")
+    if args.table.is_file():
+        try:
+            table = json.loads(args.table.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            table = None
+        if not isinstance(table, dict):
+            parser.error(f"--table {args.table}: not a tuned table (a JSON object by device kind)")
     if args.dry_run:
         args.seq_lens, args.heads, args.kv_heads, args.head_dim, args.tokens = [24], 2, 1, 16, 24
         args.widths, args.rows, args.warmup, args.iters = [96], 20, 0, 1

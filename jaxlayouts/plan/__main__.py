@@ -123,7 +123,9 @@ def validate_command(path: str, hw, as_json: bool):
     result["calibration"] = dataclasses.asdict(hw.calibration)
     result["calibration_source"] = hw.calibration_source
     result = finite_json(result)
-    if not as_json:
+    if as_json:
+        print(json.dumps(result))
+    else:
         memory = f"; memory error {_cell(result['memory_mape'], '.1%')}" if "memory_mape" in result else ""
         print(f"{result['rows']} rows; OOM accuracy {_cell(result['oom_accuracy'], '.1%')}; MFU error (MAPE) "
               f"{_cell(result['mfu_mape'], '.1%')} on measured-ok rows{memory}; calibration {hw.calibration_source}")
@@ -132,7 +134,6 @@ def validate_command(path: str, hw, as_json: bool):
             top = s["measured_mfu_of_top_ranked"]
             print(f"{name:<62} {_cell(s['spearman'], '.3f'):>8} {_cell(s['best_measured_mfu'], '.1%'):>13} "
                   f"{(f'{top:.1%}' if top is not None else s['top_ranked_status']):>19}")
-    print(json.dumps(result))
 
 
 def _cell(value, spec: str) -> str:
@@ -154,6 +155,11 @@ def check_flags(validating: bool) -> None:
     if FLAGS.predictions and not pathlib.Path(FLAGS.predictions).resolve().parent.is_dir():
         raise InvalidInput("predictions", f"{FLAGS.predictions}: its folder does not exist; give a path "
                            "in an existing folder, e.g. --predictions predictions.csv")
+    if FLAGS.predictions and pathlib.Path(FLAGS.predictions).is_dir():
+        raise InvalidInput("predictions", f"{FLAGS.predictions} is a folder; give a file, e.g. --predictions "
+                           "predictions.csv")
+    if FLAGS.explain is not None and not FLAGS.explain.strip():
+        raise InvalidInput("explain", "is empty; give a layout's text form, e.g. --explain \"dp=8 mbs=1\"")
     positive = {"gpus": FLAGS.gpus, "top": FLAGS.top}
     for name, value in positive.items():
         if value < 1:
@@ -180,18 +186,26 @@ def main(argv):
             if argv[1] != "validate" or len(argv) != 3:
                 raise InvalidInput("command", f"unknown arguments {argv[1:]}; the one subcommand is "
                                    "'validate FILE.csv'")
+            if FLAGS.predictions and pathlib.Path(FLAGS.predictions).resolve() == pathlib.Path(argv[2]).resolve():
+                raise InvalidInput("predictions", f"{FLAGS.predictions} is the file being validated; give "
+                                   "another file, e.g. --predictions predictions.csv")
             return validate_command(argv[2], hw, FLAGS.json)
         model = load_model_config(values["model"])
         seq_len, global_batch = values["seq_len"], values["global_batch"]
         if FLAGS.explain:
             layout = Layout.parse(FLAGS.explain)
+            if layout.num_devices > MAX_GPUS:
+                raise InvalidInput("explain", f"{layout.num_devices} GPUs; the planner costs at most {MAX_GPUS}")
+            if FLAGS["gpus"].present and FLAGS.gpus != layout.num_devices:
+                raise InvalidInput("gpus", f"{FLAGS.gpus}, but the layout to explain uses {layout.num_devices}; "
+                                   "drop --gpus with --explain or make them agree")
             run = RunConfig(model=model, layout=layout, seq_len=seq_len, global_batch=global_batch)
             validate(run, layout.num_devices, platform="gpu")
             prediction = cost.predict(cost.Workload.from_run(run), hw)
             print(json.dumps(row(run, prediction)) if FLAGS.json else explain(run, hw, prediction))
             return
-    except (InvalidInput, FileNotFoundError) as error:
-        print(f"invalid: {error}", file=sys.stderr)
+    except InvalidInput as error:
+        config.print_invalid(error)
         sys.exit(2)
     start = time.perf_counter()
     runs = list(candidates(model, FLAGS.gpus, seq_len, global_batch, hw.gpus_per_node))
@@ -203,7 +217,7 @@ def main(argv):
     elapsed = time.perf_counter() - start
     top = ranked[:FLAGS.top]
     if FLAGS.verify:
-        top = verify(top, runs, FLAGS.verify)
+        top = verify(top, runs, FLAGS.verify, hw)
     if not FLAGS.json:
         print(f"{len(ranked)} layouts of {model.name} on {FLAGS.gpus} x {hw.name} ranked in {elapsed:.1f} s "
               f"(predicted; calibration {hw.calibration_source})")
@@ -213,25 +227,32 @@ def main(argv):
             print(f"{i:>3} {r['layout']:<96} {r['mfu']:6.1%} {r['step_time_s']:8.2f} "
                   f"{r['memory_gib']['total']:8.1f}  {', '.join(r['dominant'])}{flag}")
             if "compiled" in r:
-                print(f"    compiled (XLA, CPU emulation): {r['compiled']['peak_gib']:.3f} GiB peak per device "
-                      f"(analytic without runtime overhead {r['compiled']['analytic_gib']:.3f}), "
-                      f"{r['compiled']['collective_gib_per_step']:.3f} GiB of collectives per step")
-    print(json.dumps({"model": model.name, "gpus": FLAGS.gpus, "hardware": hw.name,
-                      "candidates": len(ranked), "seconds": elapsed, "top": top}))
+                print(f"    compiled (XLA, CPU emulation): {r['compiled']['peak_gib']:.4g} GiB peak per device "
+                      f"(analytic without runtime overhead {r['compiled']['analytic_gib']:.4g}), "
+                      f"{r['compiled']['collective_gib_per_step']:.4g} GiB of collectives per step")
+                if r["compiled"]["exceeds_usable"]:
+                    print(f"    WARNING: the compiled peak exceeds the {hw.usable_bytes / 2**30:.4g} GiB the allocator "
+                          f"may use on {hw.name}. {r['compiled']['which_to_trust']}")
+    if FLAGS.json:
+        print(json.dumps({"model": model.name, "gpus": FLAGS.gpus, "hardware": hw.name,
+                          "candidates": len(ranked), "seconds": elapsed, "top": top}))
 
 
-def verify(top: list[dict], runs: list[RunConfig], count: int) -> list[dict]:
-    """Ahead-of-time compile the first ``count`` layouts on emulated CPU devices."""
+def verify(top: list[dict], runs: list[RunConfig], count: int, hw) -> list[dict]:
+    """Ahead-of-time compile the first ``count`` layouts on emulated CPU devices (explore), and
+    flag each whose compiled peak exceeds what the allocator may use (``hw.usable_bytes``)."""
     from jaxlayouts import devices
-    devices.emulate_cluster(FLAGS.gpus)
-    from jaxlayouts.explore import explore
+    from jaxlayouts.explore import XLA_CPU_DEVICE_LIMIT, explore  # plan's one use of explore: --verify
+    devices.emulate_cluster(min(FLAGS.gpus, XLA_CPU_DEVICE_LIMIT))
     by_text = {str(r.layout): r for r in runs}
     for r in top[:count]:
         report = explore(by_text[r["layout"]], FLAGS.hardware)
         compiled, analytic = report["memory"]["compiled"], report["memory"]["analytic"]
         r["compiled"] = {"peak_gib": compiled["peak"] / 2**30,
                          "analytic_gib": (analytic["total"] - analytic["overhead"]) / 2**30,
-                         "collective_gib_per_step": sum(c["bytes"] * c["count"] for c in report["collectives"]) / 2**30}
+                         "collective_gib_per_step": sum(c["bytes"] * c["count"] for c in report["collectives"]) / 2**30,
+                         "exceeds_usable": compiled["peak"] > hw.usable_bytes,
+                         "which_to_trust": report["memory"]["notes"][-1]}
     return top
 
 

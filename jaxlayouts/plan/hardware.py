@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 
 import yaml
 
@@ -106,6 +107,14 @@ def load_hardware(name_or_path: str) -> Hardware:
         raise InvalidInput("hardware", f"unknown hardware {name_or_path!r}; choose one of "
                            f"{', '.join(hardware_names())} or give a YAML path with the same fields")
     hardware = from_mapping(Hardware, load_yaml(path, "hardware"), path, "hardware")
+    for field in ("name", "calibration_from"):
+        value = getattr(hardware, field)
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise InvalidInput("hardware", f"{path}: {field} {value!r} is not a plain name (letters, digits, "
+                               "'.', '_', '-'): it names calibration files, e.g. h200")
+    if hardware.calibration_from and not calibration_path(hardware.calibration_from).is_file():
+        raise InvalidInput("hardware", f"{path}: calibration_from {hardware.calibration_from!r} has no calibration "
+                           f"file; choose one of {', '.join(p.name.split('.')[0] for p in HARDWARE_DIR.glob('*.calibration.yaml'))}")
     for candidate in (calibration_path(hardware.calibration_from or hardware.name),
                       calibration_path(BASE_CALIBRATION)):
         if candidate.is_file():

@@ -22,13 +22,17 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import io
 import json
+import math
+import pathlib
 import warnings
 
 import numpy as np
 import scipy.optimize
 import scipy.stats
 
+from jaxlayouts import config
 from jaxlayouts.layout import InvalidInput, Layout, RunConfig, load_model_config
 from jaxlayouts.plan.cost import (GIB, Prediction, Workload, memory, predict, stage_memory, stages,
                                 tp_activation_surcharge)
@@ -42,6 +46,8 @@ KERNELS = {"torch": ("unfused", False), "fused": ("fused", False), "flash_attent
 TOKENS_PER_STEP = 4 * 2 ** 20
 REQUIRED = ("sweep", "model", "seq_len", "world_size", "micro_batch_size", "tp", "pp", "sequence_parallel",
             "activation_checkpointing", "kernel", "status", "mfu")
+STUDY_STATUSES = ("ok", "oom", "error", "unavailable")
+"""The statuses the study's published table uses."""
 MEMORY_CONSTANTS = ("activation_factor", "tp_activation_factor", "overhead_gib")
 
 
@@ -52,20 +58,25 @@ def read_rows(path: str) -> list[dict]:
     """Rows measured ok or oom: the study's CSV, or bench rows from a ``.jsonl``/``.json`` file."""
     if path.endswith((".jsonl", ".json")):
         return read_bench_rows(path)
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
     missing = [c for c in REQUIRED if rows and c not in rows[0]]
     if not rows or missing:
         raise InvalidInput("file", f"{path}: expected the study's CSV columns; missing {missing or 'rows'}")
-    kept = [(number, r) for number, r in enumerate(rows, 2) if r["status"] in ("ok", "oom")]
-    for number, row in kept:
+    for number, row in enumerate(rows, 2):
         check_study_row(row, f"{path}:{number}")
-    return [row for _, row in kept]
+    return [row for row in rows if row["status"] in ("ok", "oom")]
 
 
 def check_study_row(row: dict, where: str) -> None:
     """Every field a study row is costed and scored by is present, and its numbers are numbers:
-    sizes positive integers, an ok row's MFU a fraction in (0, 1]."""
+    its status one of the study's, its flags the study's words, an ok row's MFU a fraction in
+    (0, 1], a step time positive."""
+    choices = {"status": STUDY_STATUSES, "sequence_parallel": ("True", "False"),
+               "activation_checkpointing": ("disabled", "every_layer")}
+    for column, allowed in choices.items():
+        if row.get(column) not in allowed:
+            raise InvalidInput("file", f"{where}: {column} is {row.get(column)!r}; the study writes one of "
+                               f"{', '.join(allowed)}")
     empty = [c for c in REQUIRED if row.get(c) in (None, "") and (c != "mfu" or row["status"] == "ok")]
     if empty:
         raise InvalidInput("file", f"{where}: no value for {empty}; a study row fills every column it has "
@@ -76,15 +87,19 @@ def check_study_row(row: dict, where: str) -> None:
         raise InvalidInput("file", f"{where}: mfu {row['mfu']!r} is not a number, e.g. 0.55") from None
     if mfu is not None and not 0 < mfu <= 1:
         raise InvalidInput("file", f"{where}: mfu {mfu} is not a fraction in (0, 1], e.g. 0.55")
+    try:
+        step = float(row["step_time_s"]) if row.get("step_time_s") not in (None, "") else None
+    except ValueError:
+        step = math.nan
+    if step is not None and not (math.isfinite(step) and step > 0):
+        raise InvalidInput("file", f"{where}: step_time_s {row['step_time_s']!r} is not a positive number of seconds")
 
 
 def read_bench_rows(path: str) -> list[dict]:
     """Bench result rows (``bench.describe`` + ``bench.benchmark`` fields), one JSON object a
     line, as rows with ``sweep``, ``status``, ``mfu`` and the workload of their layout."""
     rows = []
-    with open(path) as f:
-        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
-    for number, line in lines:
+    for number, line in ((i, line) for i, line in enumerate(read_text(path).splitlines(), 1) if line.strip()):
         try:
             raw = json.loads(line)
         except json.JSONDecodeError as error:
@@ -94,12 +109,7 @@ def read_bench_rows(path: str) -> list[dict]:
             raise InvalidInput("file", f"{path}:{number}: a bench row needs {list(BENCH_REQUIRED)}; missing {missing}")
         if raw["status"] not in ("ok", "oom"):
             continue
-        if raw["status"] == "ok" and not raw.get("mfu"):
-            raise InvalidInput("file", f"{path}:{number}: an ok row without mfu (a device with no known peak); "
-                               "rerun the bench with --peak_tflops")
-        run = RunConfig(model=_model_config(raw["model"]), layout=Layout.parse(raw["layout"]),
-                        seq_len=int(raw["seq_len"]), global_batch=int(raw["global_batch"]), dtype=raw["dtype"])
-        peak = (raw.get("memory") or {}).get("device_peak_bytes")
+        run, peak = check_bench_row(raw, f"{path}:{number}")
         rows.append({"sweep": raw.get("sweep") or f"{raw['model']} on {raw.get('num_devices', 1)} x "
                                                    f"{raw.get('device_kind', 'device')}",
                      "status": raw["status"], "mfu": raw.get("mfu"), "layout": raw["layout"],
@@ -108,6 +118,43 @@ def read_bench_rows(path: str) -> list[dict]:
     if not rows:
         raise InvalidInput("file", f"{path}: no bench rows measured ok or oom")
     return rows
+
+
+def read_text(path: str) -> str:
+    """A file's text; a missing, unreadable or non-UTF-8 one is :class:`InvalidInput`."""
+    try:
+        return pathlib.Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidInput("file", f"{path}: cannot read it as text ({type(error).__name__}: "
+                           f"{getattr(error, 'strerror', None) or error}); give the study's CSV or bench JSON "
+                           "lines") from None
+
+
+def check_bench_row(raw: dict, where: str) -> tuple[RunConfig, float | None]:
+    """A bench row's run (its knobs checked as the bench checks them) and device peak bytes;
+    an ok row's MFU must be a fraction in (0, 1] and its step time a positive number."""
+    try:
+        values = config.check_values(config.values_with(
+            model=raw["model"], seq_len=raw["seq_len"], global_batch=raw["global_batch"], dtype=raw["dtype"]))
+        if not isinstance(raw["layout"], str):
+            raise InvalidInput("layout", f"{raw['layout']!r} is not a layout's text form")
+        run = RunConfig(model=_model_config(values["model"]), layout=Layout.parse(raw["layout"]),
+                        seq_len=values["seq_len"], global_batch=values["global_batch"], dtype=values["dtype"])
+    except InvalidInput as error:
+        raise InvalidInput("file", f"{where}: {error}") from None
+    memory = raw.get("memory") if raw.get("memory") is not None else {}
+    peak = memory.get("device_peak_bytes") if isinstance(memory, dict) else "not a mapping"
+    checks = {"mfu": (raw.get("mfu"), raw["status"] == "ok", lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+              "step_time_s": (raw.get("step_time_s"), False, lambda v: v > 0, "a positive number of seconds"),
+              "memory.device_peak_bytes": (peak, False, lambda v: v >= 0, "a number of bytes")}
+    for name, (value, required, valid, what) in checks.items():
+        if value is None and not required:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not (number and valid(value)):
+            hint = " (an ok row needs one: rerun the bench with --peak_tflops)" if name == "mfu" else ""
+            raise InvalidInput("file", f"{where}: {name} is {value!r}; it must be {what}{hint}")
+    return run, peak
 
 
 def workload(row: dict) -> Workload:
@@ -234,13 +281,13 @@ def fit(rows: list[dict], hw: Hardware, rounds: int = 3, log=print) -> Hardware:
         time_names = step_constants(rows)
         base = read_calibration(calibration_path(BASE_CALIBRATION))  # never a fit of these rows
         hw = dataclasses.replace(hw, calibration=dataclasses.replace(
-            base, **STEP_START, **KERNEL_BENCH_PRIORS.get(hw.name, {})))
+            base, **STEP_START, **KERNEL_BENCH_PRIORS.get(hw.calibration_from or hw.name, {})))
         hw = fit_memory_peaks(rows, hw)
     else:
         hw, time_names = fit_memory(rows, hw), list(STUDY_TIME_CONSTANTS)
     ok = [r for r in rows if r["status"] == "ok"]
     for round_ in range(rounds):
-        x0 = np.log([max(getattr(hw.calibration, n), 1e-6) for n in time_names])
+        x0 = np.log([max(_start(hw.calibration, n), 1e-6) for n in time_names])
         bounds = [(np.log(1e-3), 0.0) if n in FRACTIONS else (x - np.log(20), x + np.log(20))
                   for n, x in zip(time_names, x0)]
         x0 = np.clip(x0, *np.array(bounds).T)
@@ -253,6 +300,13 @@ def fit(rows: list[dict], hw: Hardware, rounds: int = 3, log=print) -> Hardware:
         log(f"round {round_ + 1}: OOM accuracy {evaluate(rows, hw)['oom_accuracy']:.4f}, "
             f"MFU error {result.fun:.4f} ({result.nfev} evaluations)")
     return hw
+
+
+def _start(c, name: str) -> float:
+    """A constant's value to fit from; an unset kernel efficiency starts at FlashAttention-2's,
+    as the cost model reads it (``cost._flash_efficiency``)."""
+    value = getattr(c, name)
+    return c.flash2_efficiency if value is None else value
 
 
 def leave_one_out(rows: list[dict], hw: Hardware, rounds: int = 3) -> list[Prediction]:
