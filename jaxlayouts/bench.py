@@ -67,13 +67,29 @@ def check_before_devices(values: dict, opts: BenchOptions) -> None:
         return
     run = config.run_config(values)
     validate(run, run.layout.num_devices)
-    batch_bytes = (opts.warmup + opts.steps) * run.global_batch * (run.seq_len + 1) * 4
+    check_host_memory(run, opts)
+
+
+STATE_BYTES_PER_PARAMETER = 16
+"""float32 master weights, gradients and AdamW's two moments: the least a training step holds."""
+
+
+def check_host_memory(run: RunConfig, opts: BenchOptions) -> None:
+    """On CPU emulation every device lives in this host's memory: refuse a run whose batches, or
+    whose training state alone, would not fit in it, before anything is allocated."""
     host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    batch_bytes = (opts.warmup + opts.steps) * run.global_batch * (run.seq_len + 1) * 4
     if batch_bytes > HOST_MEMORY_SHARE * host_bytes:
         raise InvalidInput("global_batch", f"{opts.warmup + opts.steps} steps of {run.global_batch} x "
-                           f"{run.seq_len + 1} tokens take {batch_bytes / 2**30:.3g} GiB of host memory, more "
-                           f"than {HOST_MEMORY_SHARE:.0%} of this machine's {host_bytes / 2**30:.3g} GiB; "
+                           f"{run.seq_len + 1} tokens take {batch_bytes / 2**30:.4g} GiB of host memory, more "
+                           f"than {HOST_MEMORY_SHARE:.0%} of this machine's {host_bytes / 2**30:.4g} GiB; "
                            "lower --global_batch, --seq_len or --steps")
+    state_bytes = STATE_BYTES_PER_PARAMETER * run.model.n_params
+    if not devices.accelerator_present() and state_bytes > host_bytes:
+        raise InvalidInput("model", f"training {run.model.name} on emulated CPU devices needs at least "
+                           f"{state_bytes / 2**30:.4g} GiB of this host's memory ({STATE_BYTES_PER_PARAMETER} bytes "
+                           f"per parameter) and it has {host_bytes / 2**30:.4g} GiB; run it on GPUs, or look at "
+                           "its layout without memory: python -m jaxlayouts.explore with the same flags")
 
 
 def prepare_devices(values: dict, opts: BenchOptions) -> int:

@@ -1,0 +1,64 @@
+"""Explore from Python: the notebook's calls, the report's views, placement, and any scale."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from conftest import clean_env, make_run
+
+from jaxlayouts.explore import XLA_CPU_DEVICE_LIMIT, compiled_run
+from jaxlayouts.explore_view import placement
+from jaxlayouts.schema import InvalidInput
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "docs" / "explore.ipynb"
+
+
+def test_the_notebook_runs_top_to_bottom_in_a_fresh_python(tmp_path):
+    """The notebook's code cells, in order, in a new interpreter with no environment set up, on
+    the tiny model (its first cell holds the run's sizes)."""
+    cells = ["".join(c["source"]) for c in json.loads(NOTEBOOK.read_text())["cells"] if c["cell_type"] == "code"]
+    assert cells[0].startswith("# The run") and "MODEL, SEQ_LEN, GLOBAL_BATCH =" in cells[0]
+    cells[0] = 'MODEL, SEQ_LEN, GLOBAL_BATCH = "tiny", 32, 64'
+    script = "\n".join(cells) + "\nprint(r.text()); print(c.text())\nc.figure.savefig('compare.png')\n"
+    env = {k: v for k, v in clean_env().items() if k not in ("JAX_PLATFORMS",)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "layers/attn/wq 4x128x8x16 float32" in out and "32 distinct shard(s) of 4x16x2x16, each on 1" in out
+    assert "residual 8x32x128 bfloat16" in out and "8 distinct shard(s) of 1x32x128, each on 4" in out
+    assert "dp=1,fsdp=16,tp=2,pp=1" in out and "predicted_mfu" in out
+    assert "XLA:CPU lowers every reduce-scatter" in out  # fsdp shards: the compiled peak is an upper bound
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
+
+
+def test_placement_names_each_shard_and_its_devices():
+    entry = {"shape": [8, 6], "shard_shape": [4, 3], "spec_axes": [["fsdp"], ["tp"]]}
+    shards = placement(entry, {"dp": 2, "fsdp": 2, "tp": 2, "pp": 1})
+    assert shards == [("[0:4, 0:3]", "dp=*, fsdp=0, tp=0"), ("[0:4, 3:6]", "dp=*, fsdp=0, tp=1"),
+                      ("[4:8, 0:3]", "dp=*, fsdp=1, tp=0"), ("[4:8, 3:6]", "dp=*, fsdp=1, tp=1")]
+    both = {"shape": [8], "shard_shape": [2], "spec_axes": [["fsdp", "tp"]]}  # the first axis is major
+    assert [s for s, _ in placement(both, {"dp": 1, "fsdp": 2, "tp": 2, "pp": 1})] == ["[0:2]", "[2:4]", "[4:6]", "[6:8]"]
+
+
+def test_layouts_beyond_the_cpu_limit_compile_with_fewer_replicas():
+    run = make_run(f"dp={2 * XLA_CPU_DEVICE_LIMIT}", global_batch=4 * XLA_CPU_DEVICE_LIMIT)
+    smaller, note = compiled_run(run)
+    assert smaller.layout.mesh["dp"] == XLA_CPU_DEVICE_LIMIT and smaller.global_batch == 2 * XLA_CPU_DEVICE_LIMIT
+    assert smaller.grad_accum_steps == run.grad_accum_steps and "only the dp groups are 2x smaller" in note
+    assert compiled_run(make_run("dp=2"))[1] is None
+    with pytest.raises(InvalidInput, match="the other axes use at most that many"):
+        compiled_run(make_run(f"fsdp={2 * XLA_CPU_DEVICE_LIMIT}", global_batch=2 * XLA_CPU_DEVICE_LIMIT))
+
+
+def test_the_command_line_prints_text_or_json_not_both():
+    args = [sys.executable, "-m", "jaxlayouts.explore", "--mesh", "dp=2,tp=2", "--seq_len", "32", "--global_batch", "4"]
+    text = subprocess.run(args, capture_output=True, text=True, timeout=300, env=clean_env(), cwd=ROOT)
+    assert text.returncode == 0 and not text.stdout.strip().splitlines()[-1].startswith("{")
+    assert "collectives per step" in text.stdout and "predicted" in text.stdout
+    data = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=300, env=clean_env(), cwd=ROOT)
+    assert data.returncode == 0 and len(data.stdout.strip().splitlines()) == 1
+    assert json.loads(data.stdout)["layout"].startswith("dp=2,fsdp=1,tp=2,pp=1")
