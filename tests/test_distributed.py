@@ -33,6 +33,8 @@ def test_restore_under_another_layout_and_device_count(tmp_path):
     code, first, proc = run_bench("--mesh", "dp=2,fsdp=2,tp=2", "--steps", "2", "--checkpoint_dir", ckpt,
                               "--checkpoint_every", "2", *QUICK)
     assert code == 0, proc.stderr[-3000:]
+    saved = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if "checkpoint: saving" in line]
+    assert saved == [f"checkpoint: saving step 2 to {ckpt}"] and _complete_steps(pathlib.Path(ckpt)) == [2]
     code, resumed, proc = run_bench("--mesh", "fsdp=2,tp=2", "--zero", "1", "--steps", "2", "--checkpoint_dir", ckpt,
                                 "--restore", *QUICK)
     assert code == 0, proc.stderr[-3000:]

@@ -254,6 +254,11 @@ def test_plan_verifies_its_top_layout_by_compiling_it():
     first, second = result["top"]
     assert first["compiled"]["peak_gib"] > 0 and first["compiled"]["collective_gib_per_step"] > 0
     assert "compiled" not in second
+    assert first["compiled"]["exceeds_usable"] is False  # a tiny model on an A100
+    proc, _ = run_module("jaxlayouts.plan", "--model", "tiny", "--gpus", "8", "--seq_len", "256",
+                         "--global_batch", "32", "--top", "1", "--verify", "1", "--memory_fraction", "1e-9")
+    assert proc.returncode == 0 and "WARNING: the compiled peak exceeds the" in proc.stdout
+    assert "trust it" in proc.stdout or "better guide" in proc.stdout  # and says which figure to trust
 
 
 def test_plan_explains_a_layout_and_rejects_bad_input():
@@ -293,7 +298,7 @@ def test_explore_reports_shardings_memory_and_collectives():
     assert params["layers/mlp/w1"]["spec"] == "P('pp', None, 'tp')"
     assert params["layers/mlp/w1"]["logical_axes"] == ["layers", "embed", "mlp"]
     assert params["layers/mlp/w1"]["bytes_per_device"] == 4 * 128 * 384 * 4 // 4  # 4 layers / pp / tp
-    assert set(report["memory"]) == {"compiled", "analytic"}
+    assert set(report["memory"]) == {"compiled", "analytic", "notes"}
     assert report["memory"]["compiled"]["peak"] > report["memory"]["compiled"]["parameters"] > 0
     kinds = {(c["kind"], tuple(c["axes"])) for c in report["collectives"]}
     assert ("collective-permute", ("pp",)) in kinds and ("all-reduce", ("tp",)) in kinds

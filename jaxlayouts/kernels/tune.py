@@ -179,7 +179,7 @@ def parse(argv) -> argparse.Namespace:
     parser.add_argument("--iters", type=_positive, default=10)
     parser.add_argument("--write", action="store_true", help="record the winners in --table")
     parser.add_argument("--table", type=Path, default=tuning.TABLE, help="tuned table (default: %(default)s)")
-    parser.add_argument("--dry-run", action="store_true",
+    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="tiny shapes, two candidates each, interpret mode on CPU: checks the harness only")
     args = parser.parse_args(argv)
     if args.heads % args.kv_heads:
