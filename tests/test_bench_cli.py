@@ -69,6 +69,13 @@ def test_bad_input_is_invalid_before_compiling(args, knob):
     assert proc.stdout.startswith("INVALID: " + knob)
 
 
+def test_out_of_memory_message_tells_its_numbers_apart():
+    from jaxlayouts.bench import OutOfMemory, check_fits
+    from jaxlayouts.config import BenchOptions
+    with pytest.raises(OutOfMemory, match="compiled peak 0.0401 GiB per device exceeds the device memory 0.04 GiB"):
+        check_fits({"compiled_peak_bytes_per_device": 0.0401 * 2**30}, None, BenchOptions(device_memory_gb=0.04))
+
+
 def test_oom_messages_are_classified():
     assert is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.2GiB"))
     assert is_oom(RuntimeError("CUDA_ERROR_OUT_OF_MEMORY: out of memory"))

@@ -23,6 +23,8 @@ def test_two_processes_give_the_losses_of_one(tmp_path):
     assert code == 0, proc.stderr[-3000:]
     assert multi["num_processes"] == 2 and multi["num_devices"] == 8
     assert "mesh over 2 processes: dp=2 (2 across x 1 inside)" in proc.stderr
+    assert "[Gloo]" not in proc.stdout and "[Gloo]" in proc.stderr  # library chatter kept off stdout
+    assert proc.stdout.count('"status": "ok"') == 1  # process 0 alone reports
     code, single, _ = run_bench("--mesh", "dp=2,fsdp=2,tp=2", "--steps", "3", *QUICK)
     assert code == 0 and single["num_processes"] == 1
     np.testing.assert_allclose(multi["losses"], single["losses"], rtol=1e-5)
