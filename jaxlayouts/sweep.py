@@ -85,7 +85,7 @@ def points(sweep: SweepFile) -> list[dict]:
     """Every grid point as bench knob values (base, then grid, then the derived mesh), each once.
     A point whose mesh cannot be derived keeps its degrees and fails validation as a row."""
     names = list(sweep.grid)
-    unique = [list(dict.fromkeys(map(_hashable, sweep.grid[n]))) for n in names]
+    unique = [list({_hashable(v): v for v in sweep.grid[n]}.values()) for n in names]  # first-seen order
     out, seen = [], set()
     for values in itertools.product(*unique):
         point = {**sweep.base, **dict(zip(names, values))}
