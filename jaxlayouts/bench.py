@@ -224,12 +224,15 @@ def train_steps(trainer, compiled, state, first_step: int, opts: BenchOptions, s
             f"loss {losses[-1]:.4f}  {elapsed:.3f} s")
         done = first_step + step + 1
         if saver and done % opts.checkpoint_every == 0:
-            saver.save(done, state, {"next_step": done, "layout": str(run.layout), "model": run.model.name,
-                                     "seed": run.seed, "global_batch": run.global_batch, "seq_len": run.seq_len})
-            log(f"  checkpoint: saving step {done} to {opts.checkpoint_dir}")
+            if saver.save(done, state, {"next_step": done, "layout": str(run.layout), "model": run.model.name,
+                                        "seed": run.seed, "global_batch": run.global_batch, "seq_len": run.seq_len}):
+                log(f"  checkpoint: saving step {done} to {opts.checkpoint_dir}")
     if opts.profile_dir:
         jax.profiler.stop_trace()
-        log(profile.report(opts.profile_dir, opts.steps))
+        try:
+            log(profile.report(opts.profile_dir, opts.steps))
+        except Exception as error:  # the summary is a reading aid: it never costs the measurement
+            log(f"profile: trace written to {opts.profile_dir}; its summary failed ({type(error).__name__}: {error})")
     return losses, step_times
 
 

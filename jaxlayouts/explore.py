@@ -66,34 +66,35 @@ def layout(model: str = "tiny", *, layout: str | None = None, hardware: str = "a
     """The report for one layout: ``model`` and any bench knob as a keyword (``mesh="fsdp=8,tp=4"``,
     ``seq_len=2048``, ...), or ``layout=`` the layout's text form. Arranges the emulated devices
     itself; where JAX already started with too few, compiles in a child process (and says so)."""
-    run = _run(model, layout, values)
+    run, checked = _run(model, layout, values)
     load_hardware(hardware)
     count = compiled_run(run)[0].layout.num_devices
     if _devices_ready(count):
         return Report(explore(run, hardware))
-    return Report(_in_child_process(run, hardware, count))
+    return Report(_in_child_process(checked, hardware, count))
 
 
 def compare(layouts: list[str], *, model: str = "tiny", hardware: str = "a100-80gb", **values) -> Comparison:
     """Several layouts (text forms, or meshes such as ``"fsdp=8,tp=4"``) of one run side by side:
     memory per device, collective bytes by mesh axis, predicted step time and MFU, and a figure."""
-    runs = [_run(model, text, values) for text in layouts]
+    runs = [_run(model, text, values)[0] for text in layouts]
     _devices_ready(max(compiled_run(run)[0].layout.num_devices for run in runs))
     return Comparison([layout(model, layout=text, hardware=hardware, **values) for text in layouts])
 
 
-def _run(model: str, text: str | None, values: dict) -> RunConfig:
-    """A checked run from keywords; ``text`` is a layout's text form or a bare mesh."""
+def _run(model: str, text: str | None, values: dict) -> tuple[RunConfig, dict]:
+    """A checked run and its knob values from keywords; ``text`` is a layout's text form (or a bare
+    mesh): the fields it names override the keywords."""
     overrides = dict(values)
     if text is not None:
         parsed = Layout.parse(text)
-        overrides["mesh"] = mesh_text(parsed.mesh)
-        if len(text.split()) > 1:  # a whole layout, not only a mesh
-            overrides.update({f.name: getattr(parsed, f.name) for f in knobs(Layout) if f.name != "mesh"})
+        named = {item.partition("=")[0] for item in text.split()[1:]}
+        overrides.update({f.name: getattr(parsed, f.name) for f in knobs(Layout)
+                          if f.metadata["key"] in named}, mesh=mesh_text(parsed.mesh))
     checked = config.check_values(config.values_with(model=model, **overrides))
     run = config.run_config(checked, checked["num_devices"])
     validate(run, run.layout.num_devices)
-    return run
+    return run, checked
 
 
 def _devices_ready(count: int) -> bool:
@@ -104,11 +105,11 @@ def _devices_ready(count: int) -> bool:
     return jax.default_backend() == "cpu" and jax.device_count() >= count
 
 
-def _in_child_process(run: RunConfig, hardware: str, count: int) -> dict:
+def _in_child_process(values: dict, hardware: str, count: int) -> dict:
+    """The report compiled by ``python -m jaxlayouts.explore`` with the same knob values."""
     import jax
     print(f"explore: JAX already started with {jax.device_count()} {jax.default_backend()} device(s); "
           f"compiling on {count} emulated CPU devices in a child process")
-    values = {**config.describe(run), "model": run.model.name, "mesh": mesh_text(run.layout.mesh)}
     args = [f"--{name}={values[name]}" if not isinstance(values[name], bool) else f"--{'' if values[name] else 'no'}{name}"
             for name in CLI_KNOBS if values.get(name) is not None]
     proc = subprocess.run([sys.executable, "-m", "jaxlayouts.explore", *args, f"--hardware={hardware}", "--json"],
@@ -164,7 +165,7 @@ def explore(run: RunConfig, hardware: str = "a100-80gb", devices_=None) -> dict:
     report = {
         "layout": str(run.layout), "model": run.model.name, "num_devices": run.layout.num_devices,
         "mesh": dict(run.layout.mesh), "hardware": hw.name, "compiled_as": note,
-        "params": parameter_table(trainer), "activations": activation_table(target, trainer),
+        "params": parameter_table(trainer), "activations": activation_table(run, trainer),
         "memory": memory_report(run, trainer, compiled_memory(compiled), cost.memory(workload, hw)),
         "collectives": collective_table(hlo.collectives(compiled.as_text(), dict(mesh.shape))),
         "model_flops_per_step": flops.model_flops_per_token(run.model, run.seq_len) * run.tokens_per_step,
@@ -198,16 +199,25 @@ def parameter_table(trainer) -> list[dict]:
 
 
 def activation_table(run: RunConfig, trainer) -> list[dict]:
-    """The main activations of one micro-batch in the compute dtype, laid out by the compute rules."""
+    """The main activations of one micro-batch in the compute dtype, laid out by the compute rules
+    (per device as ``trainer`` compiled them; global shapes those of ``run``, which may have more
+    dp replicas than the compiled layout)."""
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
 
     from jaxlayouts.mesh import spec
-    m, rows = run.model, run.layout.micro_batch * run.layout.data_parallel
-    shapes = {"residual": (rows, run.seq_len, m.d_model), "attention_heads": (rows, run.seq_len, m.num_heads, m.head_dim),
-              "mlp_hidden": (rows, run.seq_len, m.d_ff), "logits": (rows, run.seq_len, m.vocab_size)}
-    return [_shard_row(name, logical, NamedSharding(trainer.mesh, spec(logical, trainer.compute_rules)),
-                       shapes[name], jnp.dtype(run.dtype)) for name, logical in ACTIVATIONS.items()]
+
+    def shapes(r: RunConfig) -> dict:
+        m, rows = r.model, r.layout.micro_batch * r.layout.data_parallel
+        return {"residual": (rows, r.seq_len, m.d_model), "attention_heads": (rows, r.seq_len, m.num_heads, m.head_dim),
+                "mlp_hidden": (rows, r.seq_len, m.d_ff), "logits": (rows, r.seq_len, m.vocab_size)}
+    compiled, full, dtype = shapes(trainer.run), shapes(run), jnp.dtype(run.dtype)
+    table = []
+    for name, logical in ACTIVATIONS.items():
+        row = _shard_row(name, logical, NamedSharding(trainer.mesh, spec(logical, trainer.compute_rules)),
+                         compiled[name], dtype)
+        table.append({**row, "shape": list(full[name]), "bytes": math.prod(full[name]) * dtype.itemsize})
+    return table
 
 
 def _state_bytes(tree, shardings) -> int:

@@ -26,7 +26,7 @@ from jaxlayouts.distributed import ENV_PREFIX
 
 
 PARENT_PID_VARIABLE = f"{ENV_PREFIX}DIE_WITH_PARENT"
-LIBRARY_CHATTER = ("[Gloo]",)
+LIBRARY_CHATTER = (b"[Gloo]",)
 """Line prefixes that libraries print to stdout (gloo's "Rank 0 is connected to 1 peer ranks")."""
 
 
@@ -61,7 +61,7 @@ def launch(num_processes: int, command: list[str], grace_s: float = 10.0) -> int
                                   PARENT_PID_VARIABLE: str(os.getpid())})  # killed with the launcher
         env.pop("XLA_FLAGS", None)  # each process asks for its own share of the devices
         try:
-            procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, bufsize=1))
+            procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE))
         except OSError as error:
             _stop(procs, grace_s)
             print(f"launch: cannot start {command[0]!r}: {error.strerror}; give a command that runs, e.g. "
@@ -77,6 +77,8 @@ def launch(num_processes: int, command: list[str], grace_s: float = 10.0) -> int
             failed = [c for c in codes if c not in (None, 0)]
             if failed:
                 _stop(procs, grace_s)
+                for thread in forwarders:
+                    thread.join(timeout=grace_s)
                 print(f"launch: a process exited with {failed[0]}; stopped the others", file=sys.stderr)
                 return failed[0] if failed[0] > 0 else 128 - failed[0]
             if all(c == 0 for c in codes):
@@ -90,12 +92,17 @@ def launch(num_processes: int, command: list[str], grace_s: float = 10.0) -> int
 
 
 def forward_output(stream, is_first: bool) -> None:
-    """Pass a worker's stdout on: process 0's result lines to stdout, everything else (the other
-    processes' output, the collectives library's connection chatter) to stderr."""
+    """Pass a worker's stdout on, as bytes: process 0's lines to stdout, everything else (the other
+    processes' output, the collectives library's connection chatter) to stderr. The pipe is read
+    to its end whatever happens to the reader's own streams, so a worker never blocks on it."""
     for line in stream:
         to_stdout = is_first and not line.startswith(LIBRARY_CHATTER)
-        (sys.stdout if to_stdout else sys.stderr).write(line)
-        (sys.stdout if to_stdout else sys.stderr).flush()
+        target = sys.stdout if to_stdout else sys.stderr
+        try:
+            target.buffer.write(line)
+            target.flush()
+        except (OSError, ValueError):  # our stdout or stderr is gone (a closed pipe): drop the line
+            pass
 
 
 def _stop(procs, grace_s: float):

@@ -91,13 +91,18 @@ def _line(path: pathlib.Path, number: int, read):
 
 def _checked(row: Row) -> Row:
     """``row`` if its measured fields are numbers (or null) and its sizes non-negative, else
-    ValueError naming the field."""
+    ValueError naming the field. A row that measured nothing (invalid, error, timeout) may hold
+    the bad values that made it fail: those read as null, and the row still counts."""
+    measured = row["status"] in ("ok", "oom")
     for field in ("step_time_s", "mfu", "tflops_per_device", "memory_bytes", "tp", "pp", "num_devices",
                   "micro_batch", "seq_len"):
         value = row[field]
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if not measured:
+                row[field] = None
+                continue
             raise ValueError(f"{field} is {value!r}; a result gives a non-negative number or null")
     if row["mfu"] is not None and row["mfu"] > 1:
         raise ValueError(f"mfu is {row['mfu']!r}; MFU is a fraction of the peak, at most 1")

@@ -168,7 +168,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, but a mapping that repeats a key is an error (YAML keeps the last)."""
 
     def construct_mapping(self, node, deep=False):
-        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value
+                if key.tag != "tag:yaml.org,2002:merge"]  # keys written here; '<<' merges may be overridden
         repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
         if repeated:
             raise yaml.constructor.ConstructorError(None, None, f"repeated keys {repeated}", node.start_mark)
@@ -186,14 +187,16 @@ def creatable(path: pathlib.Path) -> bool:
     return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
 
 
-def load_yaml(path: pathlib.Path, knob_name: str) -> dict:
-    """A YAML file's top-level mapping; anything else (repeated keys too) is :class:`InvalidInput`
-    for ``knob_name``."""
+def load_yaml(path: pathlib.Path, knob_name: str, empty_ok: bool = False) -> dict:
+    """A YAML file's top-level mapping (``{}`` for an empty file where ``empty_ok``); anything else
+    (repeated keys too) is :class:`InvalidInput` for ``knob_name``."""
     try:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise InvalidInput(knob_name, f"{path}: cannot read it as YAML ({first})") from None
+    if data is None and empty_ok:
+        return {}
     if not isinstance(data, dict):
         raise InvalidInput(knob_name, f"{path}: expected a mapping of field: value, found "
                            f"{type(data).__name__}")

@@ -64,7 +64,7 @@ def load_sweep(path: str | pathlib.Path) -> SweepFile:
     path = pathlib.Path(path)
     if not path.is_file():
         raise InvalidInput("sweep_file", f"no sweep file {path}; see configs/sweeps/ for examples")
-    sweep = from_mapping(SweepFile, {"name": path.stem, **load_yaml(path, "sweep_file")}, path, "sweep_file")
+    sweep = from_mapping(SweepFile, {"name": path.stem, **load_yaml(path, "sweep_file", empty_ok=True)}, path, "sweep_file")
     if not all(isinstance(rule, dict) for rule in sweep.skip):
         raise InvalidInput("sweep_file", f"{path}: skip: give a list of partial points, e.g. "
                            "skip: [{sequence_parallel: true, tp: 1}]")

@@ -330,3 +330,35 @@ def test_repeated_yaml_keys_and_mesh_axes_are_refused(tmp_path):
         load_model_config(str(path))
     with pytest.raises(InvalidInput, match="dp is given twice"):
         config.run_config(config.check_values(config.values_with(mesh="dp=3,dp=1")))
+
+
+def test_results_files_with_failed_points_still_validate_and_report(tmp_path):
+    """A sweep's results hold failed points (no run fields, or the bad values that failed them),
+    torn lines and retried keys: plan validate and report read the rest."""
+    rows = (ROOT / "configs/hardware/measured/h200-2026-11-30.jsonl").read_text()
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(rows + '{"status": "timeout", "error": "x", "key": "k", "point": {"micro_batch": -1}}\n'
+                     '{"status": "invalid", "error": "--seq_len", "key": "j", "point": {"seq_len": "x"}}\n'
+                     '{"key": "c", "sta')
+    proc = cli("jaxlayouts.plan", "validate", str(mixed), "--hardware", "h200", "--json", timeout=120)
+    assert_clean(proc, codes=(0,))
+    assert json.loads(proc.stdout)["rows"] == 7
+    proc = cli("jaxlayouts.report", str(mixed), "--out", str(tmp_path / "report"), timeout=120)
+    assert_clean(proc, codes=(0,))
+    assert "| timeout |" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_yaml_merge_keys_still_load(tmp_path):
+    from jaxlayouts.schema import load_yaml
+    path = tmp_path / "s.yaml"
+    path.write_text("shared: &shared {model: tiny, seq_len: 32}\nbase: {<<: *shared, seq_len: 64}\n")
+    assert load_yaml(path, "sweep_file")["base"] == {"model": "tiny", "seq_len": 64}
+
+
+def test_the_launcher_never_blocks_its_workers_on_a_closed_stdout():
+    proc = subprocess.Popen([sys.executable, "-m", "jaxlayouts.launch", "1", "--", sys.executable, "-c",
+                             "for i in range(200000): print(i)"], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=clean_env(), cwd=ROOT)
+    assert proc.stdout.readline().strip() == b"0"
+    proc.stdout.close()  # as `| head -1` does
+    assert proc.wait(timeout=60) == 0

@@ -38,9 +38,10 @@ def test_the_notebook_runs_top_to_bottom_in_a_fresh_python(tmp_path):
 def test_too_few_devices_in_this_process_compile_in_a_child(capsys):
     """The tests' JAX started with 8 devices: a 16-device layout compiles in a child process."""
     from jaxlayouts import explore
-    report = explore.layout("tiny", mesh="dp=4,tp=4", seq_len=32, global_batch=4, zero=0)
+    report = explore.layout("tiny", mesh="dp=4,tp=4", seq_len=32, global_batch=4, zero=0, vocab_size=1024)
     assert "compiling on 16 emulated CPU devices in a child process" in capsys.readouterr().out
     assert report["num_devices"] == 16 and report["layout"].startswith("dp=4,fsdp=1,tp=4,pp=1")
+    assert {p["name"]: p["shape"] for p in report["params"]}["embedding"] == [1024, 128]  # every knob reaches it
     assert any(c["axes"] == ["tp"] for c in report["collectives"])
 
 

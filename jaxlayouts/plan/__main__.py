@@ -226,7 +226,9 @@ def main(argv):
             flag = "" if r["fits"] else "  (does not fit)"
             print(f"{i:>3} {r['layout']:<96} {r['mfu']:6.1%} {r['step_time_s']:8.2f} "
                   f"{r['memory_gib']['total']:8.1f}  {', '.join(r['dominant'])}{flag}")
-            if "compiled" in r:
+            if "not_compiled" in r.get("compiled", {}):
+                print(f"    not compiled: {r['compiled']['not_compiled']}")
+            elif "compiled" in r:
                 print(f"    compiled (XLA, CPU emulation): {r['compiled']['peak_gib']:.4g} GiB peak per device "
                       f"(analytic without runtime overhead {r['compiled']['analytic_gib']:.4g}), "
                       f"{r['compiled']['collective_gib_per_step']:.4g} GiB of collectives per step")
@@ -246,7 +248,11 @@ def verify(top: list[dict], runs: list[RunConfig], count: int, hw) -> list[dict]
     devices.emulate_cluster(min(FLAGS.gpus, XLA_CPU_DEVICE_LIMIT))
     by_text = {str(r.layout): r for r in runs}
     for r in top[:count]:
-        report = explore(by_text[r["layout"]], FLAGS.hardware)
+        try:
+            report = explore(by_text[r["layout"]], FLAGS.hardware)
+        except InvalidInput as error:  # a layout explore cannot compile on CPU: say why, go on
+            r["compiled"] = {"not_compiled": str(error)}
+            continue
         compiled, analytic = report["memory"]["compiled"], report["memory"]["analytic"]
         r["compiled"] = {"peak_gib": compiled["peak"] / 2**30,
                          "analytic_gib": (analytic["total"] - analytic["overhead"]) / 2**30,

@@ -98,17 +98,24 @@ def check_study_row(row: dict, where: str) -> None:
 def read_bench_rows(path: str) -> list[dict]:
     """Bench result rows (``bench.describe`` + ``bench.benchmark`` fields), one JSON object a
     line, as rows with ``sweep``, ``status``, ``mfu`` and the workload of their layout."""
-    rows = []
+    latest = {}  # the last row of a sweep point counts (a retry appends its new row)
     for number, line in ((i, line) for i, line in enumerate(read_text(path).splitlines(), 1) if line.strip()):
         try:
             raw = json.loads(line)
         except json.JSONDecodeError as error:
+            if line.lstrip().startswith("{"):
+                continue  # a line torn by a kill during a write (``results.py`` leaves it in place)
             raise InvalidInput("file", f"{path}:{number}: not a JSON bench row ({error})") from None
-        missing = [k for k in BENCH_REQUIRED if k not in raw] if isinstance(raw, dict) else list(BENCH_REQUIRED)
+        if not isinstance(raw, dict) or "status" not in raw:
+            raise InvalidInput("file", f"{path}:{number}: not a bench or sweep result row (no status)")
+        latest[raw["key"] if isinstance(raw.get("key"), str) else number] = (number, raw)
+    rows = []
+    for number, raw in latest.values():
+        if raw["status"] not in ("ok", "oom"):
+            continue  # a point that failed, timed out or was invalid: nothing measured to compare
+        missing = [k for k in BENCH_REQUIRED if k not in raw]
         if missing:
             raise InvalidInput("file", f"{path}:{number}: a bench row needs {list(BENCH_REQUIRED)}; missing {missing}")
-        if raw["status"] not in ("ok", "oom"):
-            continue
         run, peak = check_bench_row(raw, f"{path}:{number}")
         rows.append({"sweep": raw.get("sweep") or f"{raw['model']} on {raw.get('num_devices', 1)} x "
                                                    f"{raw.get('device_kind', 'device')}",
