@@ -82,6 +82,6 @@ def test_bench_rows_are_read_or_named(tmp_path):
     path.write_text(json.dumps({**good, "mfu": None}) + "\n")
     with pytest.raises(InvalidInput, match="mfu is None; it must be a fraction .*an ok row needs one"):
         read_rows(str(path))
-    path.write_text("{not json\n")
+    path.write_text("not json\n")  # (a line starting with "{" that does not parse is a torn write: skipped)
     with pytest.raises(InvalidInput, match="rows.jsonl:1: not a JSON bench row"):
         read_rows(str(path))
