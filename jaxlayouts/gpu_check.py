@@ -49,6 +49,7 @@ from jaxlayouts import sweep
 from jaxlayouts.kernels.triton_versions import installed
 from jaxlayouts.launch import PARENT_PID_VARIABLE
 from jaxlayouts.layout import CONFIG_DIR
+from jaxlayouts.results import Results
 
 PEERS = ("torch_compile", "torch_eager")
 TOOLS = ("jaxlayouts",) + PEERS
@@ -461,7 +462,7 @@ def main(argv=None) -> int:
             break
         stem = f"{slug(found['device_kind'])}-{header['date']}-{n}"
     paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("jsonl", "raw.jsonl", "json", "md")}
-    results = sweep.Results(paths["jsonl"])
+    results = Results(paths["jsonl"])
     tasks = plan(grid, torch_missing())
     records: list[dict] = []
 

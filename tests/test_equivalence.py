@@ -68,7 +68,6 @@ def test_remat_policies_order_activation_memory(devices):
     shape where saved activations (not logits) set the peak."""
     import dataclasses
 
-
     from jaxlayouts.layout import REMAT_CHOICES, load_model_config
     from jaxlayouts.mesh import build_mesh
     from jaxlayouts.remat import POLICIES

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from jaxlayouts import report, sweep
+from jaxlayouts.results import Results
 from jaxlayouts.schema import InvalidInput
 
 CPU_SMOKE = "configs/sweeps/cpu_smoke.yaml"
@@ -71,24 +72,24 @@ def test_invalid_points_are_found_without_launching(tmp_path):
 
 def test_results_are_only_appended_torn_lines_stay_and_retries_append(tmp_path):
     path = tmp_path / "r.jsonl"
-    results = sweep.Results(path)
+    results = Results(path)
     results.append({"key": "a", "status": "ok"})
     results.append({"key": "b", "status": "oom"})
     with open(path, "a") as f:
         f.write('{"key": "c", "sta')  # killed in the middle of a write
     written = path.read_text()
-    reloaded = sweep.Results(path)
+    reloaded = Results(path)
     assert set(reloaded.rows) == {"a", "b"} and path.read_text() == written  # loading changes nothing
     reloaded.append({"key": "b", "status": "ok"})  # a retry appends; the last row of a key counts
     lines = path.read_text().splitlines()
     assert path.read_text().startswith(written) and lines[2] == '{"key": "c", "sta'
-    assert sweep.Results(path).rows["b"]["status"] == "ok" and len(lines) == 4
+    assert Results(path).rows["b"]["status"] == "ok" and len(lines) == 4
 
 
 def test_a_complete_last_row_without_newline_is_kept(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text('{"key": "a", "status": "ok"}\n{"key": "b", "status": "ok"}')
-    results = sweep.Results(path)
+    results = Results(path)
     assert set(results.rows) == {"a", "b"}
     results.append({"key": "c", "status": "ok"})
     assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b", "c"]

@@ -48,7 +48,6 @@ REQUIRED = ("sweep", "model", "seq_len", "world_size", "micro_batch_size", "tp",
             "activation_checkpointing", "kernel", "status", "mfu")
 STUDY_STATUSES = ("ok", "oom", "error", "unavailable")
 """The statuses the study's published table uses."""
-MEMORY_CONSTANTS = ("activation_factor", "tp_activation_factor", "overhead_gib")
 
 
 BENCH_REQUIRED = ("model", "layout", "seq_len", "global_batch", "dtype", "status")
