@@ -24,9 +24,10 @@ import numpy as np
 from jaxlayouts.layout import MESH_AXES, Layout
 
 ENV_PREFIX = "JAXLAYOUTS_"
-ACROSS_NODES_PREFERENCE = ("dp", "pp", "fsdp", "tp")
+ACROSS_NODES_PREFERENCE = ("dp", "pp", "fsdp", "cp", "tp")
 """Which axes span processes (nodes) first: data replicas and pipeline stages communicate least
-per byte of compute; tensor parallelism most, so it stays inside a node whenever it can."""
+per byte of compute; the cp ring passes K/V once per layer and overlaps it with attention;
+tensor parallelism communicates most, so it stays inside a node whenever it can."""
 
 
 @dataclasses.dataclass(frozen=True)

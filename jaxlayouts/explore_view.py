@@ -11,7 +11,7 @@ import html
 import itertools
 import json
 
-from jaxlayouts.layout import MESH_AXES
+from jaxlayouts.layout import MESH_AXES, mesh_text
 
 GIB, MIB = 2**30, 2**20
 MEMORY_ROWS = (
@@ -55,7 +55,7 @@ def placement(entry: dict, mesh: dict) -> list[tuple[str, str]]:
             for axis in dims or ():
                 index = index * mesh[axis] + at[axis]
             slices.append(f"{index * shard}:{min((index + 1) * shard, size)}")
-        devices = ", ".join(f"{a}={at[a]}" if a in at else f"{a}=*" for a in MESH_AXES if mesh[a] > 1) or "the one device"
+        devices = ", ".join(f"{a}={at[a]}" if a in at else f"{a}=*" for a in MESH_AXES if mesh.get(a, 1) > 1) or "the one device"
         out.append((f"[{', '.join(slices)}]", devices))
     return out
 
@@ -137,7 +137,7 @@ class Report:
         shards = placement(entry, mesh)
         replicas = self.data["num_devices"] // len(shards)
         lines = [f"{name} {'x'.join(map(str, entry['shape']))} {entry['dtype']}, spec {entry['spec']} over "
-                 f"{', '.join(f'{a}={mesh[a]}' for a in MESH_AXES)}: {len(shards)} distinct shard(s) of "
+                 f"{mesh_text(mesh)}: {len(shards)} distinct shard(s) of "
                  f"{'x'.join(map(str, entry['shard_shape']))}, each on {replicas} device(s)"]
         lines += [f"  {slices:<40} on {where}" for slices, where in shards[:limit]]
         if len(shards) > limit:

@@ -18,9 +18,14 @@ import pathlib
 from jaxlayouts.kernels import triton_versions
 from jaxlayouts.schema import InvalidInput, check_instance, checked, from_mapping, knob, knobs, load_yaml
 
-MESH_AXES = ("dp", "fsdp", "tp", "pp")
-"""Mesh axes in mesh order: data replicas, ZeRO/FSDP shards, tensor parallel, pipeline stages.
-``tp`` is innermost so that on a GPU cluster it stays inside a node."""
+MESH_AXES = ("dp", "fsdp", "cp", "tp", "pp")
+"""Mesh axes in mesh order: data replicas, ZeRO/FSDP shards, context parallel (the sequence split
+over a ring), tensor parallel, pipeline stages. ``tp`` sits inside ``cp`` so that on a GPU
+cluster it stays inside a node before the ring does."""
+
+OPTIONAL_AXES = ("cp",)
+"""Axes the text form writes only when their size is not 1, so that layouts written before the
+axis existed keep their text (and their result keys)."""
 
 DATA_AXES = ("dp", "fsdp")
 """The axes the batch is split over."""
@@ -31,6 +36,9 @@ ACTIVATION_AXES = ("batch", "act_seq", "seq", "act_embed", "act_heads", "act_mlp
 
 REMAT_CHOICES = ("none", "full", "selective", "dots", "save_all_but_ffn", "offload")
 ATTENTION_CHOICES = ("xla", "cudnn", "pallas", "pallas_jax")
+RING_ATTENTION = ("xla", "pallas")
+"""Attention implementations that run per ring step under cp > 1: they return (or compute) the
+log-sum-exp that merges one key block's result with the others'."""
 NORM_CHOICES = ("xla", "pallas", "triton")
 GPU_ONLY = {("attention", "cudnn"): "use --attention pallas or xla",
             ("norm", "triton"): "use --norm pallas or xla",
@@ -105,7 +113,7 @@ def load_model_config(name_or_path: str, **overrides) -> ModelConfig:
 
 
 def parse_mesh(text: str, num_devices: int | None = None) -> dict[str, int]:
-    """Parse ``"dp=8,tp=4,pp=1"`` into all four axes (missing ones are 1).
+    """Parse ``"dp=8,tp=4,pp=1"`` into every mesh axis (missing ones are 1).
 
     One axis may be ``-1``: it takes the devices the others leave, which needs ``num_devices``.
     """
@@ -143,7 +151,9 @@ def parse_mesh(text: str, num_devices: int | None = None) -> dict[str, int]:
 
 
 def mesh_text(mesh: dict[str, int]) -> str:
-    return ",".join(f"{axis}={mesh[axis]}" for axis in MESH_AXES)
+    """``"dp=8,fsdp=1,tp=4,pp=1"``: every axis, an optional one (``cp``) only when it is not 1."""
+    return ",".join(f"{axis}={mesh.get(axis, 1)}" for axis in MESH_AXES
+                    if axis not in OPTIONAL_AXES or mesh.get(axis, 1) != 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +165,8 @@ class Layout:
     """How one step is parallelised. ``zero`` shards over the ``fsdp`` axis: 1 = optimizer state
     and fp32 master weights, 2 = + gradients, 3 = + parameters (gathered per layer)."""
 
-    mesh: dict = knob({"dp": 1}, "Mesh degrees over dp,fsdp,tp,pp, e.g. dp=8,tp=4,pp=1; -1 = the rest.",
+    mesh: dict = knob({"dp": 1}, "Mesh degrees over dp,fsdp,cp,tp,pp, e.g. dp=8,tp=4,pp=1 or dp=2,cp=4,tp=2; "
+                      "-1 = the rest.",
                       example="dp=8,tp=4,pp=1")
     micro_batch: int = knob(1, "Sequences per data shard per accumulation step.", key="mbs", low=1)
     zero: int | None = knob(None, "ZeRO stage over the fsdp axis (0-3); default 3 if fsdp>1 else 0.",
@@ -250,7 +261,7 @@ class RunConfig:
 def validate(run: RunConfig, num_devices: int, platform: str | None = None) -> None:
     """Raise :class:`InvalidInput` for the first thing that cannot work, before any compile."""
     m, lay = run.model, run.layout
-    dp, fsdp, tp, pp = (lay.mesh[a] for a in MESH_AXES)
+    dp, fsdp, cp, tp, pp = (lay.mesh[a] for a in MESH_AXES)
     if lay.num_devices != num_devices:
         raise InvalidInput("mesh", f"{mesh_text(lay.mesh)} uses {lay.num_devices} devices but "
                            f"{num_devices} are present; make the product {num_devices} "
@@ -280,10 +291,12 @@ def validate(run: RunConfig, num_devices: int, platform: str | None = None) -> N
                                  f"choose a tp that divides it, e.g. tp={math.gcd(size, tp)}")
     if m.num_heads % m.num_kv_heads:
         raise InvalidInput("model", f"num_kv_heads={m.num_kv_heads} must divide num_heads={m.num_heads}")
-    if lay.sequence_parallel and run.seq_len % tp:
-        raise InvalidInput("seq_len", f"sequence parallelism splits the sequence over tp={tp}, "
+    _validate_context_parallel(run)
+    if lay.sequence_parallel and run.seq_len % (cp * tp):
+        split = f"cp*tp={cp}*{tp}={cp * tp}" if cp > 1 else f"tp={tp}"
+        raise InvalidInput("seq_len", f"sequence parallelism splits the sequence over {split}, "
                            f"but seq_len={run.seq_len} is not divisible by it; "
-                           f"e.g. --seq_len {run.seq_len // tp * tp or tp}")
+                           f"e.g. --seq_len {_multiple(run.seq_len, math.lcm(cp * tp, 2 * cp if cp > 1 else 1))}")
     if lay.sequence_parallel and tp == 1:
         raise InvalidInput("sequence_parallel", "sequence parallelism works inside the tp group, "
                            "which has size 1; add tp>1 to --mesh or drop --sequence_parallel")
@@ -293,6 +306,31 @@ def validate(run: RunConfig, num_devices: int, platform: str | None = None) -> N
                            f"{dp}*{fsdp}*{lay.micro_batch}={shards}; e.g. --global_batch "
                            f"{max(1, run.global_batch // shards) * shards}")
     _validate_pipeline(run)
+
+
+def _multiple(value: int, of: int) -> int:
+    """The nearest multiple of ``of`` at or below ``value`` (``of`` itself if none is)."""
+    return value // of * of or of
+
+
+def _validate_context_parallel(run: RunConfig) -> None:
+    """Ring attention over ``cp`` (see ``parallel/ring_attention.py``): each device holds two of
+    the sequence's ``2 cp`` chunks, and each ring step runs an attention kernel on one block."""
+    cp, lay = run.layout.mesh["cp"], run.layout
+    if cp == 1:
+        return
+    if run.seq_len % (2 * cp):
+        raise InvalidInput("seq_len", f"context parallelism gives each of cp={cp} devices two of the "
+                           f"sequence's 2*cp={2 * cp} chunks (causal load balance), but seq_len={run.seq_len} "
+                           f"is not divisible by {2 * cp}; e.g. --seq_len {_multiple(run.seq_len, 2 * cp)}")
+    if lay.attention not in RING_ATTENTION:
+        raise InvalidInput("attention", f"{lay.attention} cannot run per ring step under cp={cp}: it returns "
+                           "no log-sum-exp to merge one key block's result with the next; use --attention "
+                           f"{' or '.join(RING_ATTENTION)}")
+    if lay.mesh["pp"] > 1 and lay.attention != "xla":
+        raise InvalidInput("attention", f"{lay.attention} does not run under cp={cp} with pp={lay.mesh['pp']}: "
+                           "inside a pipeline context parallelism all-gathers K/V and attends with XLA "
+                           "(a ring's collective-permutes cannot sit in the stages' branches); use --attention xla")
 
 
 def _validate_pipeline(run: RunConfig) -> None:

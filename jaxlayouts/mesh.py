@@ -5,8 +5,8 @@ Every parameter and activation in the model carries *logical* axis names (``embe
 haliax's "parameter" vs "compute" mappings:
 
 * ``compute_rules``: how tensors are laid out while a layer computes (Megatron TP: heads and FFN
-  columns on ``tp``; the batch on ``dp`` x ``fsdp``; with sequence parallelism the residual stream's
-  sequence axis on ``tp``).
+  columns on ``tp``; the batch on ``dp`` x ``fsdp``; with context parallelism every sequence axis
+  on ``cp``; with sequence parallelism the residual stream's sequence axis also on ``tp``).
 * ``state_rules``: how stored state is laid out: the compute rules plus ``embed -> fsdp``, which is
   the ZeRO shard. Which pieces of state use it depends on the ZeRO stage (see ``train.py``).
 
@@ -30,7 +30,7 @@ Rules = tuple[tuple[str, object], ...]
 
 
 def build_mesh(layout: Layout, devices=None) -> Mesh:
-    """A mesh with axes ``dp, fsdp, tp, pp`` (classic GSPMD propagation: ``AxisType.Auto``).
+    """A mesh with axes ``dp, fsdp, cp, tp, pp`` (classic GSPMD propagation: ``AxisType.Auto``).
     When the devices span several processes (nodes), each process holds a block of the inner
     axes, so ``tp`` stays inside a node (see ``distributed.split_over_nodes``)."""
     shape = tuple(layout.mesh[a] for a in MESH_AXES)
@@ -54,8 +54,8 @@ def compute_rules(layout: Layout, *, batch_axes=DATA_AXES, overrides: dict | Non
         "head_dim": None,
         "mlp": "tp",
         "batch": batch_axes,
-        "act_seq": "tp" if layout.sequence_parallel else None,
-        "seq": None,
+        "act_seq": _sequence_axes(layout, inside_layer=False),
+        "seq": _sequence_axes(layout, inside_layer=True),
         "act_embed": None,
         "act_heads": "tp",
         "act_mlp": "tp",
@@ -63,6 +63,16 @@ def compute_rules(layout: Layout, *, batch_axes=DATA_AXES, overrides: dict | Non
     }
     rules.update(overrides or {})
     return tuple(rules.items())
+
+
+def _sequence_axes(layout: Layout, inside_layer: bool):
+    """Mesh axes of the sequence: ``cp`` everywhere under context parallelism (two chunks per
+    device, see ``parallel/ring_attention.py``), and for the residual stream (not a layer's
+    input) also ``tp`` under sequence parallelism."""
+    axes = ("cp",) if layout.mesh["cp"] > 1 else ()
+    if layout.sequence_parallel and not inside_layer:
+        axes += ("tp",)
+    return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
 def state_rules(layout: Layout, *, overrides: dict | None = None) -> Rules:
@@ -114,6 +124,22 @@ def constrain(x, logical: tuple):
     mesh, rules = context
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(logical, rules)))
 
+
+
+def _context_axis_size(axis: str) -> int:
+    context = _CONTEXT.get()
+    return 1 if context is None else dict(context[0].shape).get(axis, 1)
+
+
+def context_parallel_size() -> int:
+    """The ``cp`` degree the model is traced under (1 outside :func:`sharding_context`): the
+    sequence is then in ring order and attention runs as ring attention."""
+    return _context_axis_size("cp")
+
+
+def pipeline_stages() -> int:
+    """The ``pp`` degree the model is traced under (1 outside :func:`sharding_context`)."""
+    return _context_axis_size("pp")
 
 
 def per_shard(fn, in_axes: tuple, out_axes: tuple):

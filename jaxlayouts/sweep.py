@@ -31,7 +31,7 @@ import time
 from jaxlayouts import config, distributed
 from jaxlayouts.results import Results
 from jaxlayouts.launch import PARENT_PID_VARIABLE
-from jaxlayouts.layout import MAX_EMULATED_DEVICES, MESH_AXES, validate
+from jaxlayouts.layout import MAX_EMULATED_DEVICES, MESH_AXES, mesh_text, validate
 from jaxlayouts.schema import InvalidInput, coerce, from_mapping, knob, knobs, load_yaml
 
 NOT_FROM_SWEEP = ("output", "num_devices", "coordinator_address", "num_processes", "process_id")
@@ -113,7 +113,7 @@ def resolve_mesh(point: dict, sweep: SweepFile) -> dict:
         point["mesh_error"] = f"give either mesh or degrees ({', '.join(degrees)}), not both"
     elif "mesh" not in point:
         degrees.setdefault(sweep.data_axis, -1)
-        point["mesh"] = ",".join(f"{axis}={degrees.get(axis, 1)}" for axis in MESH_AXES)
+        point["mesh"] = mesh_text(degrees)
     return point
 
 

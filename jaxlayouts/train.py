@@ -36,6 +36,7 @@ from jaxlayouts.layout import DATA_AXES, Layout, RunConfig
 from jaxlayouts.mesh import compute_rules, sharding_context, spec, state_rules
 from jaxlayouts.model.llama import Llama
 from jaxlayouts.parallel.pipeline import Pipeline, storage_order
+from jaxlayouts.parallel.ring_attention import zigzag_order
 
 BATCH_SPEC = PartitionSpec(None, DATA_AXES, None)
 """Device batch ``[accum_steps, micro-batch rows of all shards, seq_len + 1]``."""
@@ -123,10 +124,20 @@ class Trainer:
 
     # -- step ----------------------------------------------------------------------------------
 
-    def loss(self, params, tokens):
-        """Mean next-token cross-entropy of ``tokens [batch, seq_len + 1]``."""
-        logits = self.model.apply({"params": params}, tokens[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    def loss(self, params, inputs, targets):
+        """Mean next-token cross-entropy of ``inputs, targets [batch, seq_len]``."""
+        logits = self.model.apply({"params": params}, inputs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    def inputs_and_targets(self, batch):
+        """``batch [..., seq_len + 1]`` -> the model's inputs and their next tokens, each
+        ``[..., seq_len]`` and, under context parallelism, in ring order (``zigzag_order``)."""
+        inputs, targets = batch[..., :-1], batch[..., 1:]
+        cp = self.run.layout.mesh["cp"]
+        if cp > 1:
+            order = zigzag_order(self.run.seq_len, cp)
+            inputs, targets = inputs[..., order], targets[..., order]
+        return inputs, targets
 
     def gradients(self, master_params, batch):
         """Mean loss gradients (float32, laid out like the master weights) and per-micro-batch
@@ -136,11 +147,12 @@ class Trainer:
         params = jax.tree.map(lambda p: p.astype(self.dtype), master_params)
         params = jax.lax.with_sharding_constraint(params, self.master_shardings)
         params = jax.lax.with_sharding_constraint(params, self.compute_shardings)
+        inputs, targets = self.inputs_and_targets(batch)
         if self.pipeline is not None:
-            return self.pipeline.gradients(params, batch)
+            return self.pipeline.gradients(params, inputs, targets)
         if self.run.layout.zero >= 2:
-            return self._sharded_accumulation(params, batch)
-        return self._per_shard_accumulation(params, batch)
+            return self._sharded_accumulation(params, inputs, targets)
+        return self._per_shard_accumulation(params, inputs, targets)
 
     def step(self, state: TrainState, batch):
         """One optimizer step; returns the new state and the mean loss."""
@@ -151,40 +163,40 @@ class Trainer:
                                opt_state=opt_state)
         return new_state, losses.mean()
 
-    def _sharded_accumulation(self, params, batch):
+    def _sharded_accumulation(self, params, inputs, targets):
         """ZeRO 2/3: reduce-scatter each micro-batch's gradients into a sharded accumulator."""
-        def micro_step(acc, tokens):
+        def micro_step(acc, micro_batch):
             with sharding_context(self.mesh, self.compute_rules):
-                loss, grads = jax.value_and_grad(self.loss)(params, tokens)
+                loss, grads = jax.value_and_grad(self.loss)(params, *micro_batch)
             grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
             grads = jax.lax.with_sharding_constraint(grads, self.grad_shardings)
             return jax.tree.map(jnp.add, acc, grads), loss
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         zeros = jax.lax.with_sharding_constraint(zeros, self.grad_shardings)
-        grads, losses = jax.lax.scan(micro_step, zeros, batch)
-        return jax.tree.map(lambda g: g / batch.shape[0], grads), losses
+        grads, losses = jax.lax.scan(micro_step, zeros, (inputs, targets))
+        return jax.tree.map(lambda g: g / inputs.shape[0], grads), losses
 
-    def _per_shard_accumulation(self, params, batch):
+    def _per_shard_accumulation(self, params, inputs, targets):
         """ZeRO 0/1: each data shard accumulates locally; one reduction per step."""
         shards = self.run.layout.data_parallel
         per_shard_sharding = jax.tree.map(
             lambda names: NamedSharding(self.mesh, PartitionSpec(DATA_AXES, *spec(tuple(names), self.compute_rules))),
             self.logical_axes, is_leaf=_is_spec)
-        shard_grads = jax.vmap(jax.value_and_grad(self.loss), in_axes=(None, 0),
+        shard_grads = jax.vmap(jax.value_and_grad(self.loss), in_axes=(None, 0, 0),
                                spmd_axis_name=DATA_AXES)
 
-        def micro_step(acc, tokens):
-            tokens = tokens.reshape(shards, -1, tokens.shape[-1])
+        def micro_step(acc, micro_batch):
+            by_shard = (x.reshape(shards, -1, x.shape[-1]) for x in micro_batch)
             with sharding_context(self.mesh, self.replica_rules):
-                loss, grads = shard_grads(params, tokens)
+                loss, grads = shard_grads(params, *by_shard)
             grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
             return jax.lax.with_sharding_constraint(grads, per_shard_sharding), loss.mean()
 
         zeros = jax.tree.map(lambda p: jnp.zeros((shards, *p.shape), jnp.float32), params)
         zeros = jax.lax.with_sharding_constraint(zeros, per_shard_sharding)
-        acc, losses = jax.lax.scan(micro_step, zeros, batch)
-        grads = jax.tree.map(lambda g: g.sum(0) / (shards * batch.shape[0]), acc)
+        acc, losses = jax.lax.scan(micro_step, zeros, (inputs, targets))
+        grads = jax.tree.map(lambda g: g.sum(0) / (shards * inputs.shape[0]), acc)
         return jax.lax.with_sharding_constraint(grads, self.master_shardings), losses
 
     # -- compile -------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ def test_layouts_report_the_same_losses_as_one_device(tmp_path):
     np.testing.assert_allclose(hybrid["losses"], single["losses"], rtol=1e-4)
     # the harness emulated exactly the devices each mesh needs
     assert (hybrid["num_devices"], single["num_devices"]) == (8, 1)
-    assert hybrid["mesh"] == {"dp": 2, "fsdp": 2, "tp": 2, "pp": 1} and hybrid["zero"] == 3
+    assert hybrid["mesh"] == {"dp": 2, "fsdp": 2, "cp": 1, "tp": 2, "pp": 1} and hybrid["zero"] == 3
     for field in ("status", "error", "model", "n_params", "platform", "device_kind", "seq_len",
                   "global_batch", "micro_batch", "grad_accum_steps", "remat", "attention",
                   "sequence_parallel", "dtype", "compile_time_s", "step_time_s", "step_times_s",

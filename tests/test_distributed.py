@@ -111,7 +111,7 @@ def test_an_unreachable_coordinator_is_an_error_not_a_hang():
 
 def test_tp_stays_inside_a_node_and_crossing_is_warned():
     inside, across = distributed.split_over_nodes(Layout(mesh=parse_mesh("dp=2,fsdp=4,tp=8")).mesh, 4)
-    assert across == {"dp": 2, "fsdp": 2, "tp": 1, "pp": 1} and inside["tp"] == 8
+    assert across == {"dp": 2, "fsdp": 2, "cp": 1, "tp": 1, "pp": 1} and inside["tp"] == 8
     assert "WARNING" not in distributed.describe_topology(Layout(mesh=parse_mesh("dp=4,tp=8")), 4)
     text = distributed.describe_topology(Layout(mesh=parse_mesh("dp=1,tp=16")), 2)
     assert "tp=16 (2 across x 8 inside)" in text and "WARNING: tp crosses" in text

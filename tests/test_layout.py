@@ -9,8 +9,8 @@ from jaxlayouts.layout import InvalidInput, Layout, load_model_config, parse_mes
 
 
 def test_parse_mesh_fills_missing_axes_and_the_rest():
-    assert parse_mesh("dp=8,tp=4") == {"dp": 8, "fsdp": 1, "tp": 4, "pp": 1}
-    assert parse_mesh("dp=-1,tp=2", num_devices=16) == {"dp": 8, "fsdp": 1, "tp": 2, "pp": 1}
+    assert parse_mesh("dp=8,tp=4") == {"dp": 8, "fsdp": 1, "cp": 1, "tp": 4, "pp": 1}
+    assert parse_mesh("dp=-1,tp=2", num_devices=16) == {"dp": 8, "fsdp": 1, "cp": 1, "tp": 2, "pp": 1}
 
 
 @pytest.mark.parametrize("text, message", [

@@ -12,10 +12,15 @@ Shapes: ``q [batch, seq, heads, head_dim]``, ``k, v [batch, seq, kv_heads, head_
   padded keys out).
 
 Kernels are opaque to XLA's partitioner, so they run per shard: batch over the data axes, heads
-over ``tp``; the layout never gathers heads.
+over ``tp``; the layout never gathers heads. Under context parallelism (``cp > 1``) every
+implementation that can run per block (``xla``, ``pallas``) runs inside ring attention
+(:mod:`jaxlayouts.parallel.ring_attention`), per shard over ``cp`` as well; inside a pipeline
+(``pp > 1``) it is all-gather context parallelism with ``xla`` (:func:`gathered_attention`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -23,19 +28,22 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxlayouts.kernels import interpret_mode
 from jaxlayouts.kernels.flash_attention import flash_attention
-from jaxlayouts.mesh import per_shard
+from jaxlayouts.mesh import context_parallel_size, per_shard, pipeline_stages
 from jaxlayouts.model.axes import HEADS
-from jaxlayouts.model.matmul import einsum_f32
+from jaxlayouts.model.matmul import grouped_scores
+from jaxlayouts.parallel.ring_attention import ring_attention, zigzag_order
 
 
-def xla_attention(q, k, v):
-    """Reference attention with materialised scores (fp32 softmax; dS rounded to q's dtype)."""
+def xla_attention(q, k, v, q_positions=None, k_positions=None):
+    """Reference attention with materialised scores (fp32 softmax; dS rounded to q's dtype).
+    Query ``i`` sees key ``j`` when ``q_positions[i] >= k_positions[j]`` (default: their indices)."""
     b, t, n, d = q.shape
     kv = k.shape[2]
-    q = q.reshape(b, t, kv, n // kv, d)
-    scores = einsum_f32("btkgd,bskd->bkgts", q, k)
-    scores = scores * (d ** -0.5)
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    scores = grouped_scores(q, k)
+    if q_positions is None:
+        causal = jnp.tril(jnp.ones((t, k.shape[1]), dtype=bool))
+    else:
+        causal = q_positions[:, None] >= k_positions[None, :]
     scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
     probs = checkpoint_name(jax.nn.softmax(scores, axis=-1).astype(v.dtype), "attention_probs")
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -57,12 +65,32 @@ def pallas_jax_attention(q, k, v):
     return out[:, :t]
 
 
+def gathered_attention(q, k, v, axis: str = "cp"):
+    """All-gather context parallelism (Llama 3, Dubey et al. 2024, Sec. 3.3.2) for this device's
+    zigzag chunks: K/V all-gathered over ``axis`` (the backward reduce-scatters dK/dV), the
+    causal mask read from the sequence positions. Pipelines use it instead of the ring: their
+    stages run different branches of one program, and a collective-permute there would have to be
+    taken by every device (XLA's rendezvous waits for all of them); an all-gather's groups are
+    per stage."""
+    size, q_len = jax.lax.axis_size(axis), q.shape[1]
+    k, v = (jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v))
+    positions = jnp.asarray(zigzag_order(k.shape[1], size))
+    mine = jax.lax.dynamic_slice_in_dim(positions, jax.lax.axis_index(axis) * q_len, q_len)
+    return xla_attention(q, k, v, mine, positions)
+
+
 IMPLEMENTATIONS = {"xla": xla_attention, "cudnn": cudnn_attention, "pallas": flash_attention,
                    "pallas_jax": pallas_jax_attention}
 
 
 def attention(q, k, v, implementation: str):
-    """Causal attention with ``implementation``; kernels run on each device's shard."""
+    """Causal attention with ``implementation``; kernels run on each device's shard. Under
+    context parallelism (cp > 1) it is ring attention, each block with ``implementation``."""
+    if context_parallel_size() > 1:
+        ring = functools.partial(ring_attention, implementation=implementation)
+        if pipeline_stages() > 1:
+            ring = gathered_attention
+        return per_shard(ring, (HEADS, HEADS, HEADS), HEADS)(q, k, v)
     fn = IMPLEMENTATIONS[implementation]
     if implementation == "xla":
         return fn(q, k, v)

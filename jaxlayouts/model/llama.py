@@ -10,6 +10,9 @@ compute, which under ZeRO-3 is the per-layer all-gather.
 Sequence parallelism (Korthikanti et al. 2022) needs no code here: the residual stream is named
 ``act_seq`` and the layer inputs/outputs ``seq``, so when ``act_seq -> tp`` the compiler turns
 the tensor-parallel all-reduces into all-gather (before the projections) and reduce-scatter (after).
+Context parallelism needs little: with ``seq -> cp`` the sequence arrives in ring order, rotary
+embeddings take their positions from that order, and attention is ring attention
+(:mod:`jaxlayouts.parallel.ring_attention`).
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxlayouts.layout import ModelConfig
-from jaxlayouts.mesh import constrain
+from jaxlayouts.mesh import constrain, context_parallel_size
 from jaxlayouts.model.attention import attention
 from jaxlayouts.model.axes import HEADS, LAYER_INPUT, RESIDUAL
 from jaxlayouts.model.matmul import einsum_f32
 from jaxlayouts.model.norm import rms_norm
+from jaxlayouts.parallel.ring_attention import zigzag_order
 from jaxlayouts.remat import POLICIES as REMAT, WEIGHT_TAG
 
 
@@ -41,10 +45,12 @@ def weight(module: nn.Module, name: str, shape: tuple, axes: tuple, dtype, scale
 
 
 def rotary(x, theta: float):
-    """Rotary position embedding (Su et al. 2021), rotating the two halves of each head."""
+    """Rotary position embedding (Su et al. 2021), rotating the two halves of each head; under
+    context parallelism the sequence is in ring order, so positions come from that order."""
     t, d = x.shape[1], x.shape[-1]
     freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-    angles = jnp.arange(t, dtype=jnp.float32)[:, None] * freqs[None, :]
+    positions = jnp.asarray(zigzag_order(t, context_parallel_size()), jnp.float32)
+    angles = positions[:, None] * freqs[None, :]
     cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

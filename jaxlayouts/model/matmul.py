@@ -35,3 +35,12 @@ def _backward(spec, inputs, cotangent):
 
 
 einsum_f32.defvjp(_forward, _backward)
+
+
+def grouped_scores(q, k):
+    """Scaled attention scores ``[batch, kv_heads, group, q_seq, k_seq]`` in float32 of ``q [b,
+    q_seq, heads, d]`` and ``k [b, k_seq, kv_heads, d]``: grouped-query attention groups the query
+    heads of each K/V head, so K is never repeated."""
+    b, t, n, d = q.shape
+    kv = k.shape[2]
+    return einsum_f32("btkgd,bskd->bkgts", q.reshape(b, t, kv, n // kv, d), k) * (d ** -0.5)

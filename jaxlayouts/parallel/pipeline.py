@@ -251,9 +251,9 @@ class Pipeline:
     def _other_specs(self):
         return {k: v for k, v in self.compute_specs.items() if k != "layers"}
 
-    def gradients(self, params, batch):
+    def gradients(self, params, inputs, targets):
         """Mean-loss gradients (float32, laid out by ``grad_specs``) and per-micro-batch losses of
-        ``batch [accum_steps, rows, seq_len + 1]``; ``params`` in the compute dtype and layout."""
+        ``inputs, targets [accum_steps, rows, seq_len]``; ``params`` in the compute dtype and layout."""
         manual = lambda specs: jax.tree.map(manual_part, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
         body = jax.shard_map(
             self._local_gradients, mesh=self.mesh,
@@ -261,4 +261,4 @@ class Pipeline:
             out_specs=(manual(self.grad_specs), PartitionSpec()),
             axis_names=set(MANUAL_AXES), check_vma=False)
         with sharding_context(self.mesh, self.rules):
-            return body(params, batch[..., :-1], batch[..., 1:])
+            return body(params, inputs, targets)

@@ -179,7 +179,7 @@ class Trainer:
         """How many GPUs of one tp, data or pp group share a node: node boundaries fall on dp,
         then pp, fsdp and tp (``distributed.split_over_nodes``)."""
         data = {"dp": w.data_parallel, "fsdp": 1} if w.zero == 0 else {"dp": 1, "fsdp": w.data_parallel}
-        mesh = {**data, "tp": w.tp, "pp": w.pp}
+        mesh = {**data, "cp": 1, "tp": w.tp, "pp": w.pp}
         try:
             inside, _ = split_over_nodes(mesh, max(1, w.devices // gpus_per_node))
         except ValueError:  # fewer GPUs than a node, or no even split: treat as one node
