@@ -99,9 +99,8 @@ def xla_block_backward(q, k, v, o, lse, do, *, causal: bool):
 
 BLOCKS = {
     "xla": (xla_block_forward, xla_block_backward),
+    "pallas": (pallas.flash_attention_forward, pallas.flash_attention_backward),
 }
-if hasattr(pallas, "flash_attention_forward"):  # TEMPORARY until the kernel branch lands
-    BLOCKS["pallas"] = (pallas.flash_attention_forward, pallas.flash_attention_backward)
 """Per-block (forward, backward) of each ``--attention`` that can run per ring step."""
 
 
