@@ -94,7 +94,7 @@ def _checked(row: Row) -> Row:
     ValueError naming the field. A row that measured nothing (invalid, error, timeout) may hold
     the bad values that made it fail: those read as null, and the row still counts."""
     measured = row["status"] in ("ok", "oom")
-    for field in ("step_time_s", "mfu", "tflops_per_device", "memory_bytes", "tp", "pp", "num_devices",
+    for field in ("step_time_s", "mfu", "tflops_per_device", "memory_bytes", "cp", "tp", "pp", "num_devices",
                   "micro_batch", "seq_len"):
         value = row[field]
         if value is None:
@@ -130,7 +130,7 @@ def _from_bench(r: dict) -> Row:
         "source": "jaxlayouts", "model": r.get("model", point.get("model")),
         "seq_len": r.get("seq_len", point.get("seq_len")), "num_devices": r.get("num_devices"),
         "layout": r.get("layout") or _point_text(point), "status": r["status"], "error": r.get("error"),
-        "tp": mesh.get("tp"), "pp": mesh.get("pp"), "micro_batch": r.get("micro_batch", point.get("micro_batch")),
+        "cp": mesh.get("cp", 1), "tp": mesh.get("tp"), "pp": mesh.get("pp"), "micro_batch": r.get("micro_batch", point.get("micro_batch")),
         "remat": r.get("remat", point.get("remat")), "kernel": kernel,
         "sequence_parallel": r.get("sequence_parallel", point.get("sequence_parallel")),
         "step_time_s": r.get("step_time_s"), "mfu": r.get("mfu"),
@@ -155,7 +155,7 @@ def _from_study(r: dict) -> Row:
         "num_devices": world, "status": r["status"], "error": None,
         "layout": f"dp={world // (tp * pp)},tp={tp},pp={pp} mbs={r['micro_batch_size']} sp={int(sp)} "
                   f"remat={remat} kernel={r['kernel']}",
-        "tp": tp, "pp": pp, "micro_batch": int(r["micro_batch_size"]), "remat": remat,
+        "cp": 1, "tp": tp, "pp": pp, "micro_batch": int(r["micro_batch_size"]), "remat": remat,
         "kernel": r["kernel"], "sequence_parallel": sp, "step_time_s": number(r["step_time_s"]),
         "mfu": number(r["mfu"]), "tflops_per_device": number(r.get("tflops_megatron")), "memory_bytes": None,
     }

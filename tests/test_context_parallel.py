@@ -15,6 +15,7 @@ from jaxlayouts.analysis import hlo
 from jaxlayouts.layout import InvalidInput, load_model_config, validate
 from jaxlayouts.mesh import build_mesh
 from jaxlayouts.model.attention import xla_attention
+from jaxlayouts.parallel import ring_attention as ring_attention_module
 from jaxlayouts.parallel.ring_attention import ring_attention, zigzag_order
 from jaxlayouts.train import Trainer
 
@@ -39,8 +40,11 @@ def _ring_on_devices(implementation, cp, q, k, v):
     return out[:, np.argsort(order)]
 
 
-@pytest.mark.parametrize("implementation, cp", [("xla", 2), ("xla", 4), ("pallas", 2)])
-def test_ring_attention_equals_causal_attention_and_its_gradients(implementation, cp):
+@pytest.mark.parametrize("implementation, cp, query_rows", [("xla", 2, 1024), ("xla", 4, 1024), ("xla", 2, 4),
+                                                              ("pallas", 2, 1024)])
+def test_ring_attention_equals_causal_attention_and_its_gradients(implementation, cp, query_rows, monkeypatch):
+    """query_rows=4: XLA blocks run 4 query rows at a time (the 12-row causal block in 3 chunks)."""
+    monkeypatch.setattr(ring_attention_module, "QUERY_ROWS", query_rows)
     keys = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(keys[0], (2, 24, 4, 16), jnp.float32)  # grouped-query: 4 heads on 2 K/V heads
     k, v = (jax.random.normal(key, (2, 24, 2, 16), jnp.float32) for key in keys[1:3])

@@ -64,30 +64,49 @@ def zigzag_order(seq_len: int, cp: int) -> np.ndarray:
 # One block: queries against one K/V block, returning the log-sum-exp
 
 
-def _grouped_scores(q, k, causal):
-    """Scaled scores ``[b, kv_heads, group, tq, tk]`` in float32, causal within the block if asked."""
+QUERY_ROWS = 1024
+"""Query rows per XLA block computation: a long block runs in chunks of this many rows (a scan),
+so its materialised scores are ``rows x keys``, not ``tq x keys`` (Rabe & Staats 2021)."""
+
+
+def _grouped_scores(q, k, first_row):
+    """Scaled scores ``[b, kv_heads, group, tq, tk]`` in float32; causal when ``first_row`` (the
+    position of ``q``'s first row among ``k``'s) is given."""
     s = grouped_scores(q, k)
-    if causal:
-        s = jnp.where(jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool)), s, MASK_VALUE)
+    if first_row is not None:
+        visible = first_row + jnp.arange(q.shape[1])[:, None] >= jnp.arange(k.shape[1])[None, :]
+        s = jnp.where(visible, s, MASK_VALUE)
     return s
 
 
-def xla_block_forward(q, k, v, *, causal: bool):
-    """``(o [b, tq, h, d], lse [b, h, tq])`` of one block with einsums (the scores materialised)."""
+def _by_rows(x, axis: int = 1):
+    """Split the query axis into ``QUERY_ROWS`` chunks, leading: ``[chunks, ..., rows, ...]``."""
+    t = x.shape[axis]
+    rows = QUERY_ROWS if t > QUERY_ROWS and t % QUERY_ROWS == 0 else t
+    shape = (*x.shape[:axis], t // rows, rows, *x.shape[axis + 1:])
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _from_rows(x, axis: int = 1):
+    """Inverse of :func:`_by_rows`."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2:])
+
+
+def _rows_forward(q, k, v, first_row):
     b, tq, h, d = q.shape
-    s = _grouped_scores(q, k, causal)
+    s = _grouped_scores(q, k, first_row)
     lse = jax.nn.logsumexp(s, axis=-1)
     p = jnp.exp(s - lse[..., None]).astype(v.dtype)
     o = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32)
     return o.reshape(b, tq, h, d).astype(q.dtype), lse.reshape(b, h, tq)
 
 
-def xla_block_backward(q, k, v, o, lse, do, *, causal: bool):
-    """float32 ``(dq, dk, dv)`` of one block given the row's final ``o`` and ``lse``."""
+def _rows_backward(q, k, v, o, lse, do, first_row):
     b, tq, h, d = q.shape
     kv = k.shape[2]
     grouped = lambda x: x.reshape(b, tq, kv, h // kv, d)
-    p = jnp.exp(_grouped_scores(q, k, causal) - lse.reshape(b, kv, h // kv, tq)[..., None])
+    p = jnp.exp(_grouped_scores(q, k, first_row) - lse.reshape(b, kv, h // kv, tq)[..., None])
     delta = jnp.einsum("btkgd,btkgd->bkgt", grouped(o).astype(jnp.float32), grouped(do).astype(jnp.float32))
     f32 = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
     dv = f32("bkgts,btkgd->bskd", p.astype(do.dtype), grouped(do))
@@ -95,6 +114,30 @@ def xla_block_backward(q, k, v, o, lse, do, *, causal: bool):
     ds = (p * (dp - delta[..., None]) * d ** -0.5).astype(q.dtype)
     dq = f32("bkgts,bskd->btkgd", ds, k).reshape(b, tq, h, d)
     return dq, f32("bkgts,btkgd->bskd", ds, grouped(q)), dv
+
+
+def xla_block_forward(q, k, v, *, causal: bool):
+    """``(o [b, tq, h, d], lse [b, h, tq])`` of one block with einsums, ``QUERY_ROWS`` query rows
+    at a time."""
+    chunks = _by_rows(q)
+    first_rows = jnp.arange(chunks.shape[0]) * chunks.shape[2]
+    o, lse = jax.lax.map(lambda c: _rows_forward(c[0], k, v, c[1] if causal else None), (chunks, first_rows))
+    return _from_rows(o), _from_rows(lse, axis=2)
+
+
+def xla_block_backward(q, k, v, o, lse, do, *, causal: bool):
+    """float32 ``(dq, dk, dv)`` of one block given the row's final ``o`` and ``lse``, ``QUERY_ROWS``
+    query rows at a time (dK, dV summed over them)."""
+    def rows(dkv, chunk):
+        q, o, lse, do, first_row = chunk
+        dq, dk, dv = _rows_backward(q, k, v, o, lse, do, first_row if causal else None)
+        return (dkv[0] + dk, dkv[1] + dv), dq
+
+    chunks = (_by_rows(q), _by_rows(o), _by_rows(lse, axis=2), _by_rows(do))
+    first_rows = jnp.arange(chunks[0].shape[0]) * chunks[0].shape[2]
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    (dk, dv), dq = jax.lax.scan(rows, (zeros, zeros), (*chunks, first_rows))
+    return _from_rows(dq), dk, dv
 
 
 BLOCKS = {
