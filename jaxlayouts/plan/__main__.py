@@ -2,7 +2,7 @@
 
     python -m jaxlayouts.plan --model llama-65b --gpus 128 --seq_len 2048 --global_batch 2048 --hardware a100-80gb
     python -m jaxlayouts.plan ... --explain "dp=4,tp=8,pp=4 mbs=1 remat=none attn=pallas norm=pallas"
-    python -m jaxlayouts.plan ... --verify 3      # ahead-of-time compile of the top 3 (explore)
+    python -m jaxlayouts.plan ... --verify 3      # ahead-of-time compile of the top 3 (analysis/compiled.py)
     python -m jaxlayouts.plan validate ../shared/paper-data/calibration_runs.csv --hardware a100-80gb [--fit] [--predictions OUT.csv]
     python -m jaxlayouts.plan validate configs/hardware/measured/h200-2026-11-30.jsonl --hardware h200 [--fit]
 
@@ -24,7 +24,8 @@ import time
 
 from absl import app, flags
 
-from jaxlayouts import config
+from jaxlayouts import config, devices
+from jaxlayouts.analysis.compiled import XLA_CPU_DEVICE_LIMIT, compile_step, which_figure_to_trust
 from jaxlayouts.layout import MAX_EMULATED_DEVICES, InvalidInput, Layout, RunConfig, load_model_config, validate
 from jaxlayouts.plan import cost
 from jaxlayouts.plan.hardware import check_memory_fraction, load_hardware, save_calibration
@@ -39,7 +40,7 @@ flags.DEFINE_integer("gpus", 64, "Number of GPUs.")
 flags.DEFINE_string("hardware", "a100-80gb", "Hardware description under configs/hardware/ or a YAML path.")
 flags.DEFINE_integer("top", 10, "How many layouts to print.")
 flags.DEFINE_string("explain", None, "Explain one layout (its text form) instead of ranking.")
-flags.DEFINE_integer("verify", 0, "Ahead-of-time compile the top N layouts on emulated devices (explore).")
+flags.DEFINE_integer("verify", 0, "Ahead-of-time compile the top N layouts on emulated devices.")
 flags.DEFINE_bool("json", False, "Print one JSON object (last stdout line).")
 flags.DEFINE_bool("fit", False, "validate: re-fit the calibration constants on the file and save them.")
 flags.DEFINE_string("predictions", None, "validate: also write every row with its predictions to this CSV.")
@@ -107,6 +108,7 @@ def explain(run: RunConfig, hw, p: cost.Prediction) -> str:
 
 
 def validate_command(path: str, hw, as_json: bool):
+    # imported here, not at the top: scipy's import would add 0.6 s to every plan that does not validate
     from jaxlayouts.plan.validate import evaluate, fit, leave_one_out, predict_rows, read_rows, write_predictions
     rows = read_rows(path)
     if FLAGS.fit:
@@ -241,24 +243,24 @@ def main(argv):
 
 
 def verify(top: list[dict], runs: list[RunConfig], count: int, hw) -> list[dict]:
-    """Ahead-of-time compile the first ``count`` layouts on emulated CPU devices (explore), and
-    flag each whose compiled peak exceeds what the allocator may use (``hw.usable_bytes``)."""
-    from jaxlayouts import devices
-    from jaxlayouts.explore import XLA_CPU_DEVICE_LIMIT, explore  # plan's one use of explore: --verify
+    """Ahead-of-time compile the first ``count`` layouts on emulated CPU devices
+    (``analysis/compiled.py``, which explore's report is built on too), and flag each whose
+    compiled peak exceeds what the allocator may use (``hw.usable_bytes``)."""
     devices.emulate_cluster(min(FLAGS.gpus, XLA_CPU_DEVICE_LIMIT))
     by_text = {str(r.layout): r for r in runs}
     for r in top[:count]:
+        run = by_text[r["layout"]]
         try:
-            report = explore(by_text[r["layout"]], FLAGS.hardware)
-        except InvalidInput as error:  # a layout explore cannot compile on CPU: say why, go on
+            step = compile_step(run)
+        except InvalidInput as error:  # a layout that cannot compile on CPU: say why, go on
             r["compiled"] = {"not_compiled": str(error)}
             continue
-        compiled, analytic = report["memory"]["compiled"], report["memory"]["analytic"]
-        r["compiled"] = {"peak_gib": compiled["peak"] / 2**30,
+        peak, analytic = step.memory["compiled_peak_bytes_per_device"], cost.memory(cost.Workload.from_run(run), hw)
+        r["compiled"] = {"peak_gib": peak / 2**30,
                          "analytic_gib": (analytic["total"] - analytic["overhead"]) / 2**30,
-                         "collective_gib_per_step": sum(c["bytes"] * c["count"] for c in report["collectives"]) / 2**30,
-                         "exceeds_usable": compiled["peak"] > hw.usable_bytes,
-                         "which_to_trust": report["memory"]["notes"][-1]}
+                         "collective_gib_per_step": sum(c.bytes * c.executions for c in step.collectives) / 2**30,
+                         "exceeds_usable": peak > hw.usable_bytes,
+                         "which_to_trust": which_figure_to_trust(run.layout, step.backend)}
     return top
 
 
