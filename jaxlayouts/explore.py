@@ -24,6 +24,10 @@ device holds and does exactly what it would in the full layout, so per-device me
 collective sizes are those of the full layout (only the dp groups are smaller); the report says so.
 The compile itself is ``analysis/compiled.py``'s, which the planner's ``--verify`` shares.
 JAX is imported inside the functions: the devices must be arranged before JAX starts.
+
+Under context parallelism (``cp`` > 1) the activations' sequence axis is sharded over ``cp``, the
+collectives show ring attention's collective-permutes over ``cp`` (all-gathers inside pipelines),
+and the report's ``context_parallel`` paragraph says what the planner charges for them.
 """
 
 from __future__ import annotations
@@ -139,6 +143,9 @@ def explore(run: RunConfig, hardware: str = "a100-80gb", devices_=None) -> dict:
         "model_flops_per_step": flops.model_flops_per_token(run.model, run.seq_len) * run.tokens_per_step,
         "predicted": {"step_time_s": prediction.step_time_s, "mfu": prediction.mfu, "fits": prediction.fits},
     }
+    context = cost.context_parallel_text(workload, prediction)
+    if context:  # under cp > 1 only: other reports keep their keys
+        report["context_parallel"] = context
     report["memory"]["notes"] = memory_notes(run, report["memory"], step.backend)
     return report
 

@@ -7,7 +7,8 @@
     python -m jaxlayouts.plan validate configs/hardware/measured/h200-2026-11-30.jsonl --hardware h200 [--fit]
 
 The layout space: tp (inside a node) x pp x data axis (dp with ZeRO-0, or fsdp with ZeRO-1/2/3),
-micro-batch, sequence parallelism, remat, attention and norm kernels, pipeline schedule. Every
+micro-batch, sequence parallelism, remat, attention and norm kernels, pipeline schedule, and for
+long sequences context parallelism (``cp``, see :data:`CP_MIN_TOKENS_PER_DEVICE`). Every
 candidate passes the same validation as the bench, is scored by ``plan/cost.py`` and ranked by
 predicted MFU among those predicted to fit. With ``--json`` the last stdout line is one object.
 """
@@ -26,7 +27,8 @@ from absl import app, flags
 
 from jaxlayouts import config, devices
 from jaxlayouts.analysis.compiled import XLA_CPU_DEVICE_LIMIT, compile_step, which_figure_to_trust
-from jaxlayouts.layout import MAX_EMULATED_DEVICES, InvalidInput, Layout, RunConfig, load_model_config, validate
+from jaxlayouts.layout import (MAX_EMULATED_DEVICES, RING_ATTENTION, InvalidInput, Layout, RunConfig, load_model_config,
+                               validate)
 from jaxlayouts.plan import cost
 from jaxlayouts.plan.hardware import check_memory_fraction, load_hardware, save_calibration
 from jaxlayouts.schema import finite_json
@@ -56,6 +58,15 @@ KERNELS = (("xla", "xla"), ("pallas", "xla"), ("pallas", "pallas"))
 
 MAX_GPUS = 2**20
 """The largest cluster the planner enumerates (a million GPUs: far past any cluster built)."""
+CP_MIN_TOKENS_PER_DEVICE = 8192
+"""Context parallelism is enumerated for long sequences only: cp = 2, 4, 8, ... while each device
+keeps at least this many tokens of a sequence (``seq_len / cp >= 8192``), so a sequence of at most
+8192 tokens gets exactly the candidates it had before cp existed. Why 8192: Llama 3 (Dubey et al.
+2024, Sec. 3.3.2, Table 4) trains without CP at 8,192 tokens and with cp = 16 at 131,072, i.e.
+8,192 tokens per device; and Ring Attention hides a step's K/V send only while a block's compute
+outlasts it (Liu et al. 2023, Sec. 3: the block grows with the ratio of FLOP/s to link bandwidth),
+which ``plan/cost.py`` charges (``context_parallel_time``). Fewer tokens per device buy memory the
+other axes can buy with less exposed communication."""
 
 
 def _divisors(n: int) -> list[int]:
@@ -63,18 +74,36 @@ def _divisors(n: int) -> list[int]:
     return sorted(set(small + [n // k for k in small]))
 
 
+def context_parallel_degrees(seq_len: int, gpus: int) -> list[int]:
+    """cp = 1, then powers of two while ``seq_len / cp >= CP_MIN_TOKENS_PER_DEVICE``, cp divides
+    the GPUs and the sequence splits into 2 cp zigzag chunks (``layout._validate_context_parallel``)."""
+    degrees, cp = [1], 2
+    while seq_len // cp >= CP_MIN_TOKENS_PER_DEVICE and gpus % cp == 0 and seq_len % (2 * cp) == 0:
+        degrees.append(cp)
+        cp *= 2
+    return degrees
+
+
+def _context_parallel_attention(attention: str, pp: int) -> bool:
+    """Whether ``attention`` runs under cp > 1 (``layout._validate_context_parallel``): per ring step
+    (``RING_ATTENTION``), and only ``xla`` inside pipelines; checked before building a layout."""
+    return attention in RING_ATTENTION and (pp == 1 or attention == "xla")
+
+
 def candidates(model, gpus: int, seq_len: int, global_batch: int, gpus_per_node: int):
-    """Every valid layout of the space (see the module docstring) as RunConfigs."""
-    for tp, pp in itertools.product(_divisors(min(gpus, gpus_per_node)), _divisors(gpus)):
-        data = gpus // (tp * pp) if gpus % (tp * pp) == 0 else 0
+    """Every valid layout of the space (see the module docstring) as RunConfigs, cp = 1 first."""
+    for cp, tp, pp in itertools.product(context_parallel_degrees(seq_len, gpus),
+                                        _divisors(min(gpus, gpus_per_node)), _divisors(gpus)):
+        data = gpus // (cp * tp * pp) if gpus % (cp * tp * pp) == 0 else 0
         if not data or global_batch % data or model.num_layers % pp:
-            continue  # validation would reject every layout of this (tp, pp): skip them unbuilt
-        meshes = [({"dp": data, "tp": tp, "pp": pp}, 0)]
+            continue  # validation would reject every layout of this (cp, tp, pp): skip them unbuilt
+        meshes = [({"dp": data, "cp": cp, "tp": tp, "pp": pp}, 0)]
         if data > 1:
-            meshes += [({"fsdp": data, "tp": tp, "pp": pp}, zero) for zero in (1, 2, 3)]
+            meshes += [({"fsdp": data, "cp": cp, "tp": tp, "pp": pp}, zero) for zero in (1, 2, 3)]
         schedules = [("1f1b", 1)] if pp == 1 else [("1f1b", 1), ("gpipe", 1), ("circular", 2)]
+        kernels = [k for k in KERNELS if cp == 1 or _context_parallel_attention(k[0], pp)]
         for (mesh, zero), mbs, sp, remat, (attn, norm), (schedule, v) in itertools.product(
-                meshes, MICRO_BATCHES, (False, True), REMATS, KERNELS, schedules):
+                meshes, MICRO_BATCHES, (False, True), REMATS, kernels, schedules):
             layout = Layout(mesh=mesh, micro_batch=mbs, zero=zero, sequence_parallel=sp, remat=remat,
                             attention=attn, norm=norm, pipeline_schedule=schedule, virtual_stages=v)
             run = RunConfig(model=model, layout=layout, seq_len=seq_len, global_batch=global_batch)
@@ -102,6 +131,9 @@ def explain(run: RunConfig, hw, p: cost.Prediction) -> str:
     lines = [f"{run.layout} on {run.layout.num_devices} x {hw.name}: predicted MFU {p.mfu:.1%}, "
              f"step {p.step_time_s:.2f} s", "time per step:"]
     lines += [f"  {k:<16} {v:8.3f} s  {v / p.step_time_s:6.1%}" for k, v in sorted(p.time_s.items(), key=lambda kv: -kv[1])]
+    context = cost.context_parallel_text(cost.Workload.from_run(run), p)
+    if context:
+        lines.append(f"context parallelism: {context}")
     lines.append(f"memory per GPU ({'fits' if p.fits else 'DOES NOT FIT'} in {p.usable_bytes / 2**30:.1f} GiB):")
     lines += [f"  {k:<16} {v / 2**30:8.2f} GiB" for k, v in p.memory_bytes.items()]
     return "\n".join(lines)
@@ -221,8 +253,11 @@ def main(argv):
     if FLAGS.verify:
         top = verify(top, runs, FLAGS.verify, hw)
     if not FLAGS.json:
+        cps = context_parallel_degrees(seq_len, FLAGS.gpus)
+        with_cp = (f"; cp up to {cps[-1]}: at least {CP_MIN_TOKENS_PER_DEVICE} tokens per device"
+                   if len(cps) > 1 else "")
         print(f"{len(ranked)} layouts of {model.name} on {FLAGS.gpus} x {hw.name} ranked in {elapsed:.1f} s "
-              f"(predicted; calibration {hw.calibration_source})")
+              f"(predicted; calibration {hw.calibration_source}{with_cp})")
         print(f"{'#':>3} {'layout':<96} {'MFU':>6} {'step s':>8} {'GiB/GPU':>8}  dominant terms")
         for i, r in enumerate(top, 1):
             flag = "" if r["fits"] else "  (does not fit)"
