@@ -22,12 +22,16 @@ XLA's CPU client compiles for at most 2048 devices in one process. A larger layo
 with fewer data-parallel replicas (``dp``) and the global batch cut in the same proportion: every
 device holds and does exactly what it would in the full layout, so per-device memory, shardings and
 collective sizes are those of the full layout (only the dp groups are smaller); the report says so.
+The compile itself is ``analysis/compiled.py``'s, which the planner's ``--verify`` shares.
 JAX is imported inside the functions: the devices must be arranged before JAX starts.
+
+Under context parallelism (``cp`` > 1) the activations' sequence axis is sharded over ``cp``, the
+collectives show ring attention's collective-permutes over ``cp`` (all-gathers inside pipelines),
+and the report's ``context_parallel`` paragraph says what the planner charges for them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import subprocess
@@ -35,17 +39,17 @@ import sys
 
 from absl import app, flags
 
-from jaxlayouts import config, devices
-from jaxlayouts.analysis.memory import compiled_memory
+from jaxlayouts import config, devices, flops
+# XLA_CPU_DEVICE_LIMIT is not used here but stays importable from explore, as before
+from jaxlayouts.analysis.compiled import XLA_CPU_DEVICE_LIMIT  # noqa: F401
+from jaxlayouts.analysis.compiled import compile_step, compiled_run, which_figure_to_trust
 from jaxlayouts.explore_view import Comparison, Report
 from jaxlayouts.layout import MAX_EMULATED_DEVICES, Layout, RunConfig, mesh_text, parse_mesh, validate
+from jaxlayouts.plan import cost
 from jaxlayouts.plan.hardware import load_hardware
 from jaxlayouts.schema import InvalidInput, knobs
 
 FLAGS = flags.FLAGS
-XLA_CPU_DEVICE_LIMIT = 2048
-"""The most devices XLA's CPU client compiles for in one process (beyond it: "Multiprocess
-computations aren't implemented on the CPU backend"; seen with jax 0.10.2)."""
 CLI_KNOBS = tuple(n for n in config.KNOB_NAMES if n not in config.NOT_A_RUN_KNOB or n == "num_devices")
 """The knobs the command line takes: the run's, and the cluster size for a ``-1`` axis."""
 ACTIVATIONS = {
@@ -123,55 +127,26 @@ def _in_child_process(values: dict, hardware: str, count: int) -> dict:
 # The report
 
 
-def compiled_run(run: RunConfig) -> tuple[RunConfig, str | None]:
-    """The run to compile (the run itself, or one with fewer ``dp`` replicas when it needs more
-    devices than XLA:CPU compiles for) and a note saying which."""
-    count, dp = run.layout.num_devices, run.layout.mesh["dp"]
-    if count <= XLA_CPU_DEVICE_LIMIT:
-        return run, None
-    for k in range(2, dp + 1):
-        if dp % k == 0 and count // k <= XLA_CPU_DEVICE_LIMIT and run.global_batch % k == 0:
-            lay = dataclasses.replace(run.layout, mesh={**run.layout.mesh, "dp": dp // k})
-            smaller = dataclasses.replace(run, layout=lay, global_batch=run.global_batch // k)
-            return smaller, (f"compiled as {mesh_text(lay.mesh)} with global batch {smaller.global_batch} "
-                             f"(XLA:CPU compiles at most {XLA_CPU_DEVICE_LIMIT} devices): each device holds and "
-                             f"does what it would in the full {count}-device layout; only the dp groups are "
-                             f"{k}x smaller")
-    most = math.prod(v for a, v in run.layout.mesh.items() if a != "dp")
-    raise InvalidInput("mesh", f"{mesh_text(run.layout.mesh)}: XLA:CPU compiles at most {XLA_CPU_DEVICE_LIMIT} "
-                       f"devices, and explore can stand fewer dp replicas in only when the other axes use at "
-                       f"most that many (these use {most}); plan --explain costs any size")
-
-
 def explore(run: RunConfig, hardware: str = "a100-80gb", devices_=None) -> dict:
     """The report of ``run`` as a dict (see the module docstring), compiled on ``devices_``
     (default: the first devices JAX has; they only need to exist, nothing is allocated)."""
-    import jax
-
-    from jaxlayouts import flops
-    from jaxlayouts.analysis import hlo
-    from jaxlayouts.mesh import build_mesh
-    from jaxlayouts.plan import cost
-    from jaxlayouts.train import Trainer
-
-    validate(run, run.layout.num_devices)
-    target, note = compiled_run(run)
-    mesh = build_mesh(target.layout, list(devices_ if devices_ is not None else jax.devices())[:target.layout.num_devices])
-    trainer = Trainer(target, mesh)
-    compiled = trainer.lower().compile()
+    step = compile_step(run, devices_)
     hw = load_hardware(hardware)
     workload = cost.Workload.from_run(run)
     prediction = cost.predict(workload, hw)
     report = {
         "layout": str(run.layout), "model": run.model.name, "num_devices": run.layout.num_devices,
-        "mesh": dict(run.layout.mesh), "hardware": hw.name, "compiled_as": note,
-        "params": parameter_table(trainer), "activations": activation_table(run, trainer),
-        "memory": memory_report(run, trainer, compiled_memory(compiled), cost.memory(workload, hw)),
-        "collectives": collective_table(hlo.collectives(compiled.as_text(), dict(mesh.shape))),
+        "mesh": dict(run.layout.mesh), "hardware": hw.name, "compiled_as": step.note,
+        "params": parameter_table(step.trainer), "activations": activation_table(run, step.trainer),
+        "memory": memory_report(run, step.trainer, step.memory, cost.memory(workload, hw)),
+        "collectives": collective_table(step.collectives),
         "model_flops_per_step": flops.model_flops_per_token(run.model, run.seq_len) * run.tokens_per_step,
         "predicted": {"step_time_s": prediction.step_time_s, "mfu": prediction.mfu, "fits": prediction.fits},
     }
-    report["memory"]["notes"] = memory_notes(run, report["memory"], jax.default_backend())
+    context = cost.context_parallel_text(workload, prediction)
+    if context:  # under cp > 1 only: other reports keep their keys
+        report["context_parallel"] = context
+    report["memory"]["notes"] = memory_notes(run, report["memory"], step.backend)
     return report
 
 
@@ -249,15 +224,8 @@ def memory_notes(run: RunConfig, memory: dict, backend: str) -> list[str]:
              "the weights and the gradient accumulator among its temporaries, where the analytic model lists "
              "them under parameters and gradients.",
              f"The analytic total adds {memory['analytic']['overhead'] / 2**30:.4g} GiB of runtime overhead (CUDA "
-             "context, communication buffers) that XLA does not see."]
-    scatters = run.layout.zero >= 1 or run.layout.sequence_parallel
-    if backend == "cpu" and scatters:
-        notes.append("XLA:CPU lowers every reduce-scatter to a full-size all-reduce plus a slice (the compiled "
-                     "HLO has no reduce-scatter), so its temporaries hold full-size buffers a GPU does not: "
-                     "here the compiled peak is an upper bound, and the analytic figure is the better guide.")
-    else:
-        notes.append("The compiled figure is XLA's own allocation plan for this step: trust it over the "
-                     "analytic model where they differ, and add the runtime overhead.")
+             "context, communication buffers) that XLA does not see.",
+             which_figure_to_trust(run.layout, backend)]
     return notes
 
 

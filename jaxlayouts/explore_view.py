@@ -101,6 +101,8 @@ class Report:
                  f"model FLOPs {d['model_flops_per_step']:.4g} per step",
                  f"predicted   {p['step_time_s']:.4g} s per step, MFU {p['mfu']:.1%} on {d['hardware']} "
                  f"({'fits' if p['fits'] else 'does not fit'}; plan/cost.py)"]
+        if d.get("context_parallel"):
+            lines.append(f"context     {d['context_parallel']}")
         if d.get("compiled_as"):
             lines.append(f"note        {d['compiled_as']}")
         return lines

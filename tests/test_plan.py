@@ -83,7 +83,7 @@ def test_cost_model_moves_the_right_way():
     assert p(tp=2, pp=4, data_parallel=8).time_s["bubble"] > 0 == p().time_s["bubble"]
     # Node placement: tp stays inside a node here; a ring with 8 GPUs on each node uses 8 NICs.
     w = workload(tp=8, pp=4, data_parallel=4)
-    assert w.trainer.per_node(w, 8) == {"tp": 8, "data": 1, "pp": 1}
+    assert w.trainer.per_node(w, 8) == {"tp": 8, "data": 1, "cp": 1, "pp": 1}
     assert STUDY.per_node(workload(tp=1, data_parallel=64, trainer=STUDY), 8)["data"] == 8
     assert hw.link_bandwidth(64, 8) == 8 * hw.link_bandwidth(64, 1) < hw.link_bandwidth(8, 8)
 

@@ -2,12 +2,13 @@
 
     python -m jaxlayouts.plan --model llama-65b --gpus 128 --seq_len 2048 --global_batch 2048 --hardware a100-80gb
     python -m jaxlayouts.plan ... --explain "dp=4,tp=8,pp=4 mbs=1 remat=none attn=pallas norm=pallas"
-    python -m jaxlayouts.plan ... --verify 3      # ahead-of-time compile of the top 3 (explore)
+    python -m jaxlayouts.plan ... --verify 3      # ahead-of-time compile of the top 3 (analysis/compiled.py)
     python -m jaxlayouts.plan validate ../shared/paper-data/calibration_runs.csv --hardware a100-80gb [--fit] [--predictions OUT.csv]
     python -m jaxlayouts.plan validate configs/hardware/measured/h200-2026-11-30.jsonl --hardware h200 [--fit]
 
 The layout space: tp (inside a node) x pp x data axis (dp with ZeRO-0, or fsdp with ZeRO-1/2/3),
-micro-batch, sequence parallelism, remat, attention and norm kernels, pipeline schedule. Every
+micro-batch, sequence parallelism, remat, attention and norm kernels, pipeline schedule, and for
+long sequences context parallelism (``cp``, see :data:`CP_MIN_TOKENS_PER_DEVICE`). Every
 candidate passes the same validation as the bench, is scored by ``plan/cost.py`` and ranked by
 predicted MFU among those predicted to fit. With ``--json`` the last stdout line is one object.
 """
@@ -24,8 +25,10 @@ import time
 
 from absl import app, flags
 
-from jaxlayouts import config
-from jaxlayouts.layout import MAX_EMULATED_DEVICES, InvalidInput, Layout, RunConfig, load_model_config, validate
+from jaxlayouts import config, devices
+from jaxlayouts.analysis.compiled import XLA_CPU_DEVICE_LIMIT, compile_step, which_figure_to_trust
+from jaxlayouts.layout import (MAX_EMULATED_DEVICES, RING_ATTENTION, InvalidInput, Layout, RunConfig, load_model_config,
+                               validate)
 from jaxlayouts.plan import cost
 from jaxlayouts.plan.hardware import check_memory_fraction, load_hardware, save_calibration
 from jaxlayouts.schema import finite_json
@@ -39,7 +42,7 @@ flags.DEFINE_integer("gpus", 64, "Number of GPUs.")
 flags.DEFINE_string("hardware", "a100-80gb", "Hardware description under configs/hardware/ or a YAML path.")
 flags.DEFINE_integer("top", 10, "How many layouts to print.")
 flags.DEFINE_string("explain", None, "Explain one layout (its text form) instead of ranking.")
-flags.DEFINE_integer("verify", 0, "Ahead-of-time compile the top N layouts on emulated devices (explore).")
+flags.DEFINE_integer("verify", 0, "Ahead-of-time compile the top N layouts on emulated devices.")
 flags.DEFINE_bool("json", False, "Print one JSON object (last stdout line).")
 flags.DEFINE_bool("fit", False, "validate: re-fit the calibration constants on the file and save them.")
 flags.DEFINE_string("predictions", None, "validate: also write every row with its predictions to this CSV.")
@@ -55,6 +58,15 @@ KERNELS = (("xla", "xla"), ("pallas", "xla"), ("pallas", "pallas"))
 
 MAX_GPUS = 2**20
 """The largest cluster the planner enumerates (a million GPUs: far past any cluster built)."""
+CP_MIN_TOKENS_PER_DEVICE = 8192
+"""Context parallelism is enumerated for long sequences only: cp = 2, 4, 8, ... while each device
+keeps at least this many tokens of a sequence (``seq_len / cp >= 8192``), so a sequence of at most
+8192 tokens gets exactly the candidates it had before cp existed. Why 8192: Llama 3 (Dubey et al.
+2024, Sec. 3.3.2, Table 4) trains without CP at 8,192 tokens and with cp = 16 at 131,072, i.e.
+8,192 tokens per device; and Ring Attention hides a step's K/V send only while a block's compute
+outlasts it (Liu et al. 2023, Sec. 3: the block grows with the ratio of FLOP/s to link bandwidth),
+which ``plan/cost.py`` charges (``context_parallel_time``). Fewer tokens per device buy memory the
+other axes can buy with less exposed communication."""
 
 
 def _divisors(n: int) -> list[int]:
@@ -62,18 +74,36 @@ def _divisors(n: int) -> list[int]:
     return sorted(set(small + [n // k for k in small]))
 
 
+def context_parallel_degrees(seq_len: int, gpus: int) -> list[int]:
+    """cp = 1, then powers of two while ``seq_len / cp >= CP_MIN_TOKENS_PER_DEVICE``, cp divides
+    the GPUs and the sequence splits into 2 cp zigzag chunks (``layout._validate_context_parallel``)."""
+    degrees, cp = [1], 2
+    while seq_len // cp >= CP_MIN_TOKENS_PER_DEVICE and gpus % cp == 0 and seq_len % (2 * cp) == 0:
+        degrees.append(cp)
+        cp *= 2
+    return degrees
+
+
+def _context_parallel_attention(attention: str, pp: int) -> bool:
+    """Whether ``attention`` runs under cp > 1 (``layout._validate_context_parallel``): per ring step
+    (``RING_ATTENTION``), and only ``xla`` inside pipelines; checked before building a layout."""
+    return attention in RING_ATTENTION and (pp == 1 or attention == "xla")
+
+
 def candidates(model, gpus: int, seq_len: int, global_batch: int, gpus_per_node: int):
-    """Every valid layout of the space (see the module docstring) as RunConfigs."""
-    for tp, pp in itertools.product(_divisors(min(gpus, gpus_per_node)), _divisors(gpus)):
-        data = gpus // (tp * pp) if gpus % (tp * pp) == 0 else 0
+    """Every valid layout of the space (see the module docstring) as RunConfigs, cp = 1 first."""
+    for cp, tp, pp in itertools.product(context_parallel_degrees(seq_len, gpus),
+                                        _divisors(min(gpus, gpus_per_node)), _divisors(gpus)):
+        data = gpus // (cp * tp * pp) if gpus % (cp * tp * pp) == 0 else 0
         if not data or global_batch % data or model.num_layers % pp:
-            continue  # validation would reject every layout of this (tp, pp): skip them unbuilt
-        meshes = [({"dp": data, "tp": tp, "pp": pp}, 0)]
+            continue  # validation would reject every layout of this (cp, tp, pp): skip them unbuilt
+        meshes = [({"dp": data, "cp": cp, "tp": tp, "pp": pp}, 0)]
         if data > 1:
-            meshes += [({"fsdp": data, "tp": tp, "pp": pp}, zero) for zero in (1, 2, 3)]
+            meshes += [({"fsdp": data, "cp": cp, "tp": tp, "pp": pp}, zero) for zero in (1, 2, 3)]
         schedules = [("1f1b", 1)] if pp == 1 else [("1f1b", 1), ("gpipe", 1), ("circular", 2)]
+        kernels = [k for k in KERNELS if cp == 1 or _context_parallel_attention(k[0], pp)]
         for (mesh, zero), mbs, sp, remat, (attn, norm), (schedule, v) in itertools.product(
-                meshes, MICRO_BATCHES, (False, True), REMATS, KERNELS, schedules):
+                meshes, MICRO_BATCHES, (False, True), REMATS, kernels, schedules):
             layout = Layout(mesh=mesh, micro_batch=mbs, zero=zero, sequence_parallel=sp, remat=remat,
                             attention=attn, norm=norm, pipeline_schedule=schedule, virtual_stages=v)
             run = RunConfig(model=model, layout=layout, seq_len=seq_len, global_batch=global_batch)
@@ -101,12 +131,16 @@ def explain(run: RunConfig, hw, p: cost.Prediction) -> str:
     lines = [f"{run.layout} on {run.layout.num_devices} x {hw.name}: predicted MFU {p.mfu:.1%}, "
              f"step {p.step_time_s:.2f} s", "time per step:"]
     lines += [f"  {k:<16} {v:8.3f} s  {v / p.step_time_s:6.1%}" for k, v in sorted(p.time_s.items(), key=lambda kv: -kv[1])]
+    context = cost.context_parallel_text(cost.Workload.from_run(run), p)
+    if context:
+        lines.append(f"context parallelism: {context}")
     lines.append(f"memory per GPU ({'fits' if p.fits else 'DOES NOT FIT'} in {p.usable_bytes / 2**30:.1f} GiB):")
     lines += [f"  {k:<16} {v / 2**30:8.2f} GiB" for k, v in p.memory_bytes.items()]
     return "\n".join(lines)
 
 
 def validate_command(path: str, hw, as_json: bool):
+    # imported here, not at the top: scipy's import would add 0.6 s to every plan that does not validate
     from jaxlayouts.plan.validate import evaluate, fit, leave_one_out, predict_rows, read_rows, write_predictions
     rows = read_rows(path)
     if FLAGS.fit:
@@ -219,8 +253,11 @@ def main(argv):
     if FLAGS.verify:
         top = verify(top, runs, FLAGS.verify, hw)
     if not FLAGS.json:
+        cps = context_parallel_degrees(seq_len, FLAGS.gpus)
+        with_cp = (f"; cp up to {cps[-1]}: at least {CP_MIN_TOKENS_PER_DEVICE} tokens per device"
+                   if len(cps) > 1 else "")
         print(f"{len(ranked)} layouts of {model.name} on {FLAGS.gpus} x {hw.name} ranked in {elapsed:.1f} s "
-              f"(predicted; calibration {hw.calibration_source})")
+              f"(predicted; calibration {hw.calibration_source}{with_cp})")
         print(f"{'#':>3} {'layout':<96} {'MFU':>6} {'step s':>8} {'GiB/GPU':>8}  dominant terms")
         for i, r in enumerate(top, 1):
             flag = "" if r["fits"] else "  (does not fit)"
@@ -241,24 +278,24 @@ def main(argv):
 
 
 def verify(top: list[dict], runs: list[RunConfig], count: int, hw) -> list[dict]:
-    """Ahead-of-time compile the first ``count`` layouts on emulated CPU devices (explore), and
-    flag each whose compiled peak exceeds what the allocator may use (``hw.usable_bytes``)."""
-    from jaxlayouts import devices
-    from jaxlayouts.explore import XLA_CPU_DEVICE_LIMIT, explore  # plan's one use of explore: --verify
+    """Ahead-of-time compile the first ``count`` layouts on emulated CPU devices
+    (``analysis/compiled.py``, which explore's report is built on too), and flag each whose
+    compiled peak exceeds what the allocator may use (``hw.usable_bytes``)."""
     devices.emulate_cluster(min(FLAGS.gpus, XLA_CPU_DEVICE_LIMIT))
     by_text = {str(r.layout): r for r in runs}
     for r in top[:count]:
+        run = by_text[r["layout"]]
         try:
-            report = explore(by_text[r["layout"]], FLAGS.hardware)
-        except InvalidInput as error:  # a layout explore cannot compile on CPU: say why, go on
+            step = compile_step(run)
+        except InvalidInput as error:  # a layout that cannot compile on CPU: say why, go on
             r["compiled"] = {"not_compiled": str(error)}
             continue
-        compiled, analytic = report["memory"]["compiled"], report["memory"]["analytic"]
-        r["compiled"] = {"peak_gib": compiled["peak"] / 2**30,
+        peak, analytic = step.memory["compiled_peak_bytes_per_device"], cost.memory(cost.Workload.from_run(run), hw)
+        r["compiled"] = {"peak_gib": peak / 2**30,
                          "analytic_gib": (analytic["total"] - analytic["overhead"]) / 2**30,
-                         "collective_gib_per_step": sum(c["bytes"] * c["count"] for c in report["collectives"]) / 2**30,
-                         "exceeds_usable": compiled["peak"] > hw.usable_bytes,
-                         "which_to_trust": report["memory"]["notes"][-1]}
+                         "collective_gib_per_step": sum(c.bytes * c.executions for c in step.collectives) / 2**30,
+                         "exceeds_usable": peak > hw.usable_bytes,
+                         "which_to_trust": which_figure_to_trust(run.layout, step.backend)}
     return top
 
 

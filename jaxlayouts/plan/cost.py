@@ -26,6 +26,7 @@ accumulation + optimizer update:
   counted in full. The link is NVLink when the group fits in a node, else InfiniBand through as
   many NICs as the group has GPUs per node (``Trainer.per_node``; ``Hardware.link_bandwidth``).
 * Gradient accumulation: per micro-batch one read-modify-write of the accumulator in HBM.
+* Context parallelism (``cp``; ``parallel/ring_attention.py``): see "Context parallelism" below.
 
 Memory per device (the busiest stage): weights, gradients and AdamW state (this project: fp32
 master + Adam, fp32 accumulator, bf16 compute copy, sharded by ZeRO stage); activations per layer
@@ -36,6 +37,37 @@ Every stage is costed with its own parameters and in-flight micro-batches (1F1B:
 s; GPipe: M), the last with the LM head's logits, and the largest total counts; activations are
 scaled by ``activation_factor`` for fragmentation, and ``overhead_gib`` covers the runtime. A
 layout fits when that is at most what the allocator may use (``Hardware.memory_fraction`` of HBM).
+
+Context parallelism (``cp`` > 1) splits every activation's sequence over ``cp`` devices and
+replicates the parameters over them (ZeRO shards over ``fsdp`` only), so with ``s = T / cp``:
+
+* Memory: activations, logits and kept scores are those of ``s`` tokens (divided by cp); weights,
+  gradients and optimizer state are unchanged. Ring attention (``pp`` = 1) keeps no scores, even
+  with ``--attention xla``: its ``custom_vjp`` saves q, k, v, o and the log-sum-exp and recomputes
+  each block's scores in the backward (xla blocks hold one causal ``2c x 2c`` block's float32
+  scores, their gradient and the probabilities at a time). Inside pipelines (``pp`` > 1, all-gather CP:
+  ``model/attention.gathered_attention``) each layer keeps the ``s x T`` probabilities and the
+  all-gathered K/V of the whole sequence, ``2 b (T - s) kv_heads head_dim`` more elements.
+* Compute: every per-token term runs on ``b s`` tokens. The zigzag order (chunks ``i`` and
+  ``2 cp - 1 - i`` on device ``i``) gives each device ``1 / cp`` of the causal attention FLOPs: a
+  causal ``2c x 2c`` block and ``cp - 1`` unmasked ``c x 2c`` blocks, ``c = T / (2 cp)``. Unfused
+  (xla) blocks compute their masked half too: ``(cp + 1) / (2 cp^2)`` of the full ``T x T``
+  matmuls per device, and their backward recomputes the scores (2.5x the forward's matmuls).
+* Ring communication per layer and micro-batch (Liu et al. 2023, "Ring Attention with Blockwise
+  Transformers", Sec. 3; ``parallel/ring_attention.py``): the forward sends ``cp - 1`` K/V blocks
+  of ``2 b s kv_heads/tp head_dim`` elements in the compute dtype; the backward ``cp - 1`` K/V blocks
+  and ``cp`` float32 dK/dV blocks of the same shape (the last brings each accumulator home).
+  Each step's send runs beside one ``c x 2c`` block of attention compute, so a step exposes only
+  ``max(0, send time - block compute time)`` plus a latency; the last dK/dV send is exposed whole.
+  A send goes to the ring's next device: NVLink when the whole ring is inside a node, else one
+  NIC per GPU. Remat does not repeat the sends (the compiled step has as many collective-permutes
+  with full remat as without). All-gather CP (pp > 1) all-gathers K/V per layer forward (again
+  for each recomputed forward) and reduce-scatters dK/dV backward, not overlapped (ring formulas).
+* Gradients: cp replicates the parameters, so their gradients are summed over cp. The compiled
+  step does this per micro-batch, an all-reduce of every gradient in the compute dtype over
+  ``cp``, apart from the step's data-parallel collectives over dp or fsdp
+  (``Trainer.data_collectives`` lists both; ``tests/test_plan_context_parallel.py`` pins them to
+  the compiled HLO).
 """
 
 from __future__ import annotations
@@ -57,13 +89,15 @@ ATTENTION_CLASS = {"xla": "unfused", "cudnn": "flash2", "pallas": "flash2", "pal
 
 
 class Collective(NamedTuple):
-    """One data-parallel collective of a step: its kind, its buffer in bytes per device (all-reduce
-    and all-gather results, reduce-scatter inputs, as ``analysis/hlo.py`` counts them) and how
-    many times a step runs it."""
+    """One gradient or weight collective of a step: its kind, its buffer in bytes per device
+    (all-reduce and all-gather results, reduce-scatter inputs, as ``analysis/hlo.py`` counts
+    them), how many times a step runs it and the group it runs over: ``data`` (dp or fsdp) or
+    ``cp`` (the context-parallel replicas of the parameters)."""
 
     kind: str        # all-reduce | reduce-scatter | all-gather
     bytes: float
     times: int
+    over: str = "data"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +144,7 @@ class Trainer:
     pipeline_recompute = True       # the pipeline executor re-runs a chunk's forward in its backward tick
     sp_norm_outputs_whole = False   # under SP the norms' outputs stay sequence-sharded
     grad_bytes = 4                  # float32 gradient accumulator
+    context_parallel = True         # has a cp axis (ring attention; all-gather CP in pipelines)
 
     def stages(self, w: Workload) -> tuple[Stage, ...]:
         """The layers split evenly; embedding and head on every stage; the logits on the last."""
@@ -165,26 +200,32 @@ class Trainer:
         in the compute dtype (the step casts each master shard before the gather:
         tests/test_plan.py pins it). ZeRO-2: the reduce-scatter per micro-batch, the all-gather
         once. ZeRO-3: per micro-batch the reduce-scatter and the forward and backward all-gathers
-        of the compute-dtype weights."""
+        of the compute-dtype weights. With cp > 1 the parameters are replicated over cp too: each
+        micro-batch's gradients are all-reduced over cp in the compute dtype before they are
+        accumulated, whatever the ZeRO stage (the compiled step's HLO shows it)."""
         mb, e = w.microbatches, w.dtype_bytes
         if w.zero == 0:
-            return [Collective("all-reduce", 4 * params, 1)]
-        if w.zero == 1 or (w.zero == 2 and w.pp > 1):
-            return [Collective("reduce-scatter", 4 * params, 1), Collective("all-gather", e * params, 1)]
-        if w.zero == 2:
-            return [Collective("reduce-scatter", 4 * params, mb), Collective("all-gather", e * params, 1)]
-        return [Collective("reduce-scatter", 4 * params, mb), Collective("all-gather", e * params, 2 * mb)]
+            table = [Collective("all-reduce", 4 * params, 1)]
+        elif w.zero == 1 or (w.zero == 2 and w.pp > 1):
+            table = [Collective("reduce-scatter", 4 * params, 1), Collective("all-gather", e * params, 1)]
+        elif w.zero == 2:
+            table = [Collective("reduce-scatter", 4 * params, mb), Collective("all-gather", e * params, 1)]
+        else:
+            table = [Collective("reduce-scatter", 4 * params, mb), Collective("all-gather", e * params, 2 * mb)]
+        if w.cp > 1:
+            table.append(Collective("all-reduce", e * params, mb, "cp"))
+        return table
 
     def per_node(self, w: Workload, gpus_per_node: int) -> dict:
-        """How many GPUs of one tp, data or pp group share a node: node boundaries fall on dp,
-        then pp, fsdp and tp (``distributed.split_over_nodes``)."""
+        """How many GPUs of one tp, data, cp or pp group share a node: node boundaries fall on dp,
+        then pp, fsdp, cp and tp (``distributed.split_over_nodes``)."""
         data = {"dp": w.data_parallel, "fsdp": 1} if w.zero == 0 else {"dp": 1, "fsdp": w.data_parallel}
-        mesh = {**data, "cp": 1, "tp": w.tp, "pp": w.pp}
+        mesh = {**data, "cp": w.cp, "tp": w.tp, "pp": w.pp}
         try:
             inside, _ = split_over_nodes(mesh, max(1, w.devices // gpus_per_node))
         except ValueError:  # fewer GPUs than a node, or no even split: treat as one node
             inside = mesh
-        return {"tp": inside["tp"], "data": inside["dp"] * inside["fsdp"], "pp": inside["pp"]}
+        return {"tp": inside["tp"], "data": inside["dp"] * inside["fsdp"], "cp": inside["cp"], "pp": inside["pp"]}
 
 
 JAXLAYOUTS = Trainer()
@@ -201,6 +242,7 @@ class Workload:
     tp: int
     pp: int
     micro_batch: int
+    cp: int = 1                         # context parallel: each sequence split over a ring of cp devices
     sequence_parallel: bool = False
     remat: str = "none"                 # none | full | selective | dots | save_all_but_ffn | offload
     attention: str = "flash2"           # unfused | fused | flash1 | flash2, or a kernel of ATTENTION_CLASS
@@ -212,9 +254,26 @@ class Workload:
     trainer: Trainer = JAXLAYOUTS       # or plan.study.STUDY: the reference study's trainer
     dtype_bytes: int = 2                # compute dtype: bf16 (float32 in CPU tests)
 
+    def __post_init__(self):
+        if self.cp < 1 or self.seq_len % self.cp:
+            raise ValueError(f"cp={self.cp} must be a positive divisor of seq_len={self.seq_len}")
+        if self.cp > 1 and not self.trainer.context_parallel:
+            raise ValueError(f"the {self.trainer.name} trainer has no context parallelism (cp={self.cp})")
+
     @property
     def devices(self) -> int:
-        return self.data_parallel * self.tp * self.pp
+        return self.data_parallel * self.cp * self.tp * self.pp
+
+    @property
+    def local_seq(self) -> int:
+        """Tokens of each sequence on one device: ``seq_len / cp``."""
+        return self.seq_len // self.cp
+
+    @property
+    def ring(self) -> bool:
+        """Whether attention is ring attention (cp > 1 outside pipelines); inside pipelines cp
+        all-gathers K/V instead (``model/attention.gathered_attention``)."""
+        return self.cp > 1 and self.pp == 1
 
     @property
     def microbatches(self) -> int:
@@ -225,8 +284,8 @@ class Workload:
         lay = run.layout
         return cls(model=run.model, seq_len=run.seq_len, global_batch=run.global_batch,
                    data_parallel=lay.data_parallel, tp=lay.mesh["tp"], pp=lay.mesh["pp"],
-                   micro_batch=lay.micro_batch, sequence_parallel=lay.sequence_parallel, remat=lay.remat,
-                   attention=lay.attention, fused_norm=lay.norm != "xla", norm=lay.norm, zero=lay.zero,
+                   micro_batch=lay.micro_batch, cp=lay.mesh["cp"], sequence_parallel=lay.sequence_parallel,
+                   remat=lay.remat, attention=lay.attention, fused_norm=lay.norm != "xla", norm=lay.norm, zero=lay.zero,
                    schedule=lay.pipeline_schedule, virtual_stages=lay.virtual_stages,
                    dtype_bytes=4 if run.dtype == "float32" else 2)
 
@@ -256,9 +315,10 @@ def stages(w: Workload) -> tuple[Stage, ...]:
 
 def layer_activation_bytes(w: Workload, per_layer_input_only: bool = False) -> float:
     """Bytes one layer keeps for the backward pass, per micro-batch on one device
-    (Korthikanti et al. 2022, Sec. 4, for a bf16 LLaMA layer)."""
+    (Korthikanti et al. 2022, Sec. 4, for a bf16 LLaMA layer), for the ``s = T / cp`` tokens of
+    each sequence that the device holds."""
     m, t, e = w.model, w.tp, w.dtype_bytes
-    s, b, h, f = w.seq_len, w.micro_batch, m.d_model, m.d_ff
+    s, b, h, f = w.local_seq, w.micro_batch, m.d_model, m.d_ff
     kv_share = m.num_kv_heads / m.num_heads
     if per_layer_input_only:
         return e * s * b * h / (t if w.sequence_parallel else 1)
@@ -272,10 +332,14 @@ def layer_activation_bytes(w: Workload, per_layer_input_only: bool = False) -> f
         whole = 2 * e * s * b * h
     parallel = e * s * b * h * (2 + 2 * kv_share)   # q, k, v, attention output
     parallel += e * s * b * f * 4                   # gate, up, silu(gate), their product
-    scores = 0.0
-    if attention_class(w) in ("unfused", "fused") and w.remat != "selective":  # selective recomputes them
-        scores = w.trainer.kept_score_bytes(w) * b * m.num_heads * s * s    # scores and probabilities
-    return replicated / (t if w.sequence_parallel else 1) + whole + (parallel + scores) / t
+    scores = gathered = 0.0
+    if attention_class(w) in ("unfused", "fused") and w.remat != "selective" and not w.ring:
+        # scores and probabilities of the device's s queries against all T keys (selective remat
+        # recomputes them; ring attention keeps none)
+        scores = w.trainer.kept_score_bytes(w) * b * m.num_heads * s * w.seq_len
+    if w.cp > 1 and not w.ring and w.remat != "selective":
+        gathered = e * (w.seq_len - s) * b * h * 2 * kv_share  # the other devices' K/V, all-gathered
+    return replicated / (t if w.sequence_parallel else 1) + whole + (parallel + scores + gathered) / t
 
 
 def memory(w: Workload, hw: Hardware) -> dict:
@@ -308,7 +372,11 @@ def _stage_activation_bytes(w: Workload, stage: Stage) -> float:
     else:
         kept = stage.layers * stage.in_flight * layer_activation_bytes(w)
     if stage.head:
-        kept += w.trainer.logits_bytes_per_token(w) * w.micro_batch * w.seq_len
+        kept += w.trainer.logits_bytes_per_token(w) * w.micro_batch * w.local_seq
+    if w.ring and stage.layers and attention_class(w) in ("unfused", "fused"):
+        # ring attention keeps no scores, but its unfused backward holds one causal 2c x 2c block's
+        # float32 scores and their gradient, and the probabilities in the compute dtype, at a time
+        kept += (8 + w.dtype_bytes) * w.micro_batch * w.model.num_heads / w.tp * w.local_seq ** 2
     return kept
 
 
@@ -352,7 +420,7 @@ class LayerTimes(NamedTuple):
 
 def layer_times(w: Workload, hw: Hardware) -> LayerTimes:
     m, c, t = w.model, hw.calibration, w.tp
-    tokens = w.micro_batch * w.seq_len
+    tokens = w.micro_batch * w.local_seq
     weights = layer_matmul_params(m)
     matmul = (_matmul_time(weights["qkv"] / t, (m.num_heads + 2 * m.num_kv_heads) * m.head_dim / t, tokens, hw)
               + _matmul_time(weights["out"] / t, m.d_model, tokens, hw)
@@ -388,22 +456,39 @@ def _flash_efficiency(w: Workload, c: Calibration) -> float:
     kernel = {"cudnn": c.cudnn_efficiency, "pallas": c.pallas_efficiency,
               "pallas_jax": c.pallas_jax_efficiency}.get(w.attention)
     efficiency = c.flash2_efficiency if kernel is None else kernel
-    return efficiency * w.seq_len / (w.seq_len + c.flash_half_seq) if c.flash_half_seq else efficiency
+    keys = w.local_seq  # under cp each ring step's kernel call sees T / cp keys
+    return efficiency * keys / (keys + c.flash_half_seq) if c.flash_half_seq else efficiency
+
+
+def _unfused_share(w: Workload) -> float:
+    """The share of the whole T x T score matmuls one device computes with unfused attention:
+    all of them at cp = 1; 1/cp with all-gather CP (its queries against every key); with ring
+    attention a masked 2c x 2c block and cp - 1 blocks of c x 2c, ``c = T / (2 cp)``:
+    (cp + 1) / (2 cp^2)."""
+    if w.cp == 1:
+        return 1.0
+    return (w.cp + 1) / (2 * w.cp ** 2) if w.ring else 1 / w.cp
 
 
 def _attention_times(w: Workload, hw: Hardware) -> tuple[float, float]:
-    """Forward and backward attention of one layer and micro-batch on one device."""
+    """Forward and backward attention of one layer and micro-batch on one device. Under cp the
+    zigzag order balances the causal work: each device does 1/cp of it (flash kernels skip the
+    masked half; unfused blocks compute it, see ``_unfused_share``)."""
     m, c, t = w.model, hw.calibration, w.tp
     peak = hw.peak_tflops * 1e12
     attention_flops = (flops.attention_forward_flops_per_token(m, w.seq_len) / m.num_layers
                        * w.micro_batch * w.seq_len / t)
     kind = attention_class(w)
     if kind in ("flash1", "flash2"):
-        attention = attention_flops / 2 / (peak * _flash_efficiency(w, c))
+        attention = attention_flops / w.cp / 2 / (peak * _flash_efficiency(w, c))
         return attention, 2.5 * attention
     passes = c.unfused_score_passes if kind == "unfused" else c.fused_score_passes
-    score_bytes = 2 * w.micro_batch * m.num_heads / t * w.seq_len ** 2
-    attention = attention_flops / (peak * c.matmul_efficiency) + passes * score_bytes / hw.hbm_bandwidth
+    share = _unfused_share(w)
+    score_bytes = 2 * w.micro_batch * m.num_heads / t * w.seq_len ** 2 * share
+    matmuls, scores = attention_flops * share / (peak * c.matmul_efficiency), passes * score_bytes / hw.hbm_bandwidth
+    if w.ring:  # ring_attention.xla_block_backward recomputes the scores: five matmuls to the forward's two
+        return matmuls + scores, 2.5 * matmuls + 2 * scores
+    attention = matmuls + scores
     return attention, 2 * attention
 
 
@@ -420,7 +505,7 @@ def recompute_time(w: Workload, layer: LayerTimes) -> float:
 def tensor_parallel_time(w: Workload, hw: Hardware, per_node: dict) -> float:
     """The tensor-parallel collectives of one layer and micro-batch: the trainer's count of
     all-reduces of the b T d activation, two more when full remat repeats the forward."""
-    row_bytes = w.dtype_bytes * w.micro_batch * w.seq_len * w.model.d_model
+    row_bytes = w.dtype_bytes * w.micro_batch * w.local_seq * w.model.d_model
     one = 2 * _ring(row_bytes, w.tp, hw.link_bandwidth(w.tp, per_node["tp"]), hw.collective_latency_s)
     return one * (w.trainer.tp_collectives_per_layer + (2 if w.remat in ("full", "offload") else 0))
 
@@ -428,7 +513,7 @@ def tensor_parallel_time(w: Workload, hw: Hardware, per_node: dict) -> float:
 def head_time(w: Workload, hw: Hardware) -> float:
     """LM head forward and backward plus three float32 passes over the logits (softmax, loss, gradient)."""
     m, t = w.model, w.tp
-    tokens = w.micro_batch * w.seq_len
+    tokens = w.micro_batch * w.local_seq
     head = 3 * _matmul_time(m.d_model * m.vocab_size / t, m.vocab_size / t, tokens, hw)
     return head + 3 * 3 * 4 * tokens * m.vocab_size / t / hw.hbm_bandwidth
 
@@ -442,19 +527,87 @@ def pipeline_p2p_time(w: Workload, hw: Hardware, per_node: dict) -> float:
     """One activation sent forward and one gradient back per tick, each in full."""
     if w.pp == 1:
         return 0.0
-    pp_bytes = w.dtype_bytes * w.micro_batch * w.seq_len * w.model.d_model / (w.tp if w.sequence_parallel else 1)
+    pp_bytes = w.dtype_bytes * w.micro_batch * w.local_seq * w.model.d_model / (w.tp if w.sequence_parallel else 1)
     link = hw.link_bandwidth(2, min(2, per_node["pp"]))
     return 2 * pipeline_ticks(w) * (pp_bytes / link + hw.collective_latency_s)
 
 
 def data_parallel_time(w: Workload, hw: Hardware, per_node: dict) -> float:
-    """The trainer's data-parallel collectives by ring formulas (all-reduce = reduce-scatter +
-    all-gather), the ``dp_overlap`` share hidden behind the backward."""
-    bandwidth = hw.link_bandwidth(w.data_parallel, per_node["data"])
-    ring = lambda bytes_: _ring(bytes_, w.data_parallel, bandwidth, hw.collective_latency_s)
-    total = sum(c.times * (2 if c.kind == "all-reduce" else 1) * ring(c.bytes)
+    """The trainer's gradient and weight collectives, over the data axis and (cp > 1) over cp, by
+    ring formulas (all-reduce = reduce-scatter + all-gather), the ``dp_overlap`` share hidden
+    behind the backward."""
+    group = {"data": w.data_parallel, "cp": w.cp}
+    ring = lambda c: _ring(c.bytes, group[c.over], hw.link_bandwidth(group[c.over], per_node[c.over]),
+                           hw.collective_latency_s)
+    total = sum(c.times * (2 if c.kind == "all-reduce" else 1) * ring(c)
                 for c in w.trainer.data_collectives(w, stage_params(w)))
     return (1 - hw.calibration.dp_overlap) * total
+
+
+def kv_block_bytes(w: Workload, dtype_bytes: int | None = None) -> float:
+    """One device's K and V of one micro-batch, ``2 b (T/cp) kv_heads/tp head_dim`` elements in
+    the compute dtype (or ``dtype_bytes``): what one ring step sends."""
+    m = w.model
+    e = w.dtype_bytes if dtype_bytes is None else dtype_bytes
+    return 2 * w.micro_batch * w.local_seq * m.num_kv_heads / w.tp * m.head_dim * e
+
+
+class ContextTraffic(NamedTuple):
+    """What cp moves per layer and micro-batch on one device."""
+
+    kind: str           # ring (collective-permutes) | all-gather (K/V all-gathered, dK/dV reduce-scattered) | none
+    sends: tuple        # (bytes, times) pairs: each transfer as analysis/hlo.py counts it
+    bytes: float        # their total
+
+
+def context_traffic(w: Workload) -> ContextTraffic:
+    """Ring attention: ``cp - 1`` K/V sends forward, ``cp - 1`` K/V sends and ``cp`` float32
+    dK/dV sends backward (``parallel/ring_attention._ring_backward``). All-gather CP (pp > 1): the
+    whole sequence's K/V all-gathered per forward of the layer (``attention_forwards``) and its
+    dK/dV reduce-scattered once."""
+    if w.cp == 1:
+        return ContextTraffic("none", (), 0.0)
+    kv = kv_block_bytes(w)
+    if w.ring:
+        sends = ((kv, 2 * (w.cp - 1)), (kv_block_bytes(w, 4), w.cp))
+    else:
+        sends = ((w.cp * kv, attention_forwards(w)), (w.cp * kv, 1))
+    return ContextTraffic("ring" if w.ring else "all-gather", sends, sum(b * n for b, n in sends))
+
+
+def attention_forwards(w: Workload) -> int:
+    """How often a layer's attention forward runs per micro-batch: once, once more when remat
+    recomputes it, once more in the pipeline executor's backward tick."""
+    recomputed = w.remat in ("full", "offload", "selective", "dots")
+    return 1 + recomputed + (w.trainer.pipeline_recompute and w.pp > 1)
+
+
+def context_parallel_time(w: Workload, hw: Hardware, per_node: dict) -> float:
+    """Exposed cp communication of one layer and micro-batch (0 at cp = 1).
+
+    Ring attention (Liu et al. 2023, Sec. 3; ``parallel/ring_attention.py``): each of the forward's
+    ``cp - 1`` steps sends one K/V block while the device computes one ``c x 2c`` block of
+    attention, exposing ``max(0, send - block compute)`` plus a latency; each of the backward's
+    ``cp - 1`` steps sends K/V and dK/dV beside one block's backward; the last dK/dV send has
+    nothing left to hide behind. A device's attention is ``cp`` such blocks with a flash kernel
+    (the causal first block counts as one), ``cp + 1`` unfused. The ring's slowest hop sets the
+    pace: NVLink when the ring is inside a node, else one NIC per GPU.
+
+    All-gather CP inside pipelines: its collectives by ring formulas, nothing hidden."""
+    if w.cp == 1:
+        return 0.0
+    latency = hw.collective_latency_s
+    if not w.ring:
+        bandwidth = hw.link_bandwidth(w.cp, per_node["cp"])
+        return sum(n * _ring(b, w.cp, bandwidth, latency) for b, n in context_traffic(w).sends)
+    bandwidth = hw.link_bandwidth(2, 2 if per_node["cp"] >= w.cp else 1)
+    forward, backward = _attention_times(w, hw)
+    blocks = w.cp if attention_class(w) in ("flash1", "flash2") else w.cp + 1
+    kv, dkv = kv_block_bytes(w), kv_block_bytes(w, 4)
+    steps = w.cp - 1
+    exposed = steps * (max(0.0, kv / bandwidth - forward / blocks) + latency)
+    exposed += steps * (max(0.0, (kv + dkv) / bandwidth - backward / blocks) + 2 * latency)
+    return exposed + dkv / bandwidth + latency
 
 
 def optimizer_time(w: Workload, hw: Hardware) -> float:
@@ -474,21 +627,26 @@ def predict(w: Workload, hw: Hardware) -> Prediction:
     recompute = recompute_time(w, layer)
     per_node = w.trainer.per_node(w, hw.gpus_per_node)
     tp_layer = tensor_parallel_time(w, hw, per_node)
+    cp_layer = context_parallel_time(w, hw, per_node)
     layer_fixed = w.trainer.layer_fixed_s(w, hw)
-    per_layer = layer.forward + layer.backward + recompute + tp_layer
+    per_layer = layer.forward + layer.backward + recompute + tp_layer + cp_layer
     head = head_time(w, hw)
     # the slowest stage paces the pipeline
     stage, layers_per_stage = max((s.layers * (per_layer + layer_fixed) + s.head * head, s.layers) for s in stages(w))
     mb = w.microbatches
     totals = {name: layers_per_stage * term * mb
-              for name, term in (("tensor_parallel", tp_layer), ("recompute", recompute), ("fixed", layer_fixed))}
-    time_s = {"compute": stage * mb - totals["tensor_parallel"] - totals["recompute"] - totals["fixed"],
+              for name, term in (("tensor_parallel", tp_layer), ("recompute", recompute), ("fixed", layer_fixed),
+                                 ("context_parallel", cp_layer))}
+    time_s = {"compute": stage * mb - totals["tensor_parallel"] - totals["recompute"] - totals["fixed"]
+              - totals["context_parallel"],
               "recompute": totals["recompute"], w.trainer.fixed_term: totals["fixed"],
               "tensor_parallel": totals["tensor_parallel"],
               "bubble": hw.calibration.bubble_factor * stage * (pipeline_ticks(w) - mb),
               "pipeline_p2p": pipeline_p2p_time(w, hw, per_node),
               "data_parallel": data_parallel_time(w, hw, per_node),
               "grad_accumulation": accumulation_time(w, hw), "optimizer": optimizer_time(w, hw)}
+    if w.cp > 1:  # the ring's exposed sends (all-gather CP's collectives inside pipelines)
+        time_s["context_parallel"] = totals["context_parallel"]
     step = sum(time_s.values())
     model_flops = flops.model_flops_per_token(w.model, w.seq_len) * w.global_batch * w.seq_len
     mem, usable = memory(w, hw), w.trainer.usable_bytes(hw)
@@ -498,24 +656,50 @@ def predict(w: Workload, hw: Hardware) -> Prediction:
 
 def collective_bytes(w: Workload) -> dict:
     """Bytes per device and step that collectives move, by the axes they run over (``tp``,
-    ``data``, ``pp``), counted as ``analysis/hlo.py`` reads a compiled step: each collective at
+    ``data``, ``pp``, ``cp``), counted as ``analysis/hlo.py`` reads a compiled step: each collective at
     its full buffer size (all-reduce and all-gather results, reduce-scatter inputs). Counts follow
     this project's compiled steps: 7 tensor-parallel all-reduces per layer and micro-batch
     (2 forward; 5 backward, since the q, k, v, gate and up input gradients are separate
     collectives) plus one each for the embedding and the LM-head input; the data axis by
     :meth:`Trainer.data_collectives`; pipelines one activation each way per tick and the
-    embedding/head gradients summed over ``pp``."""
+    embedding/head gradients summed over ``pp``; ``cp`` the gradients' all-reduce over cp (also
+    from :meth:`Trainer.data_collectives`) and per layer and micro-batch :func:`context_traffic`."""
     m, t, e = w.model, w.tp, w.dtype_bytes
-    rows = w.micro_batch * w.seq_len * m.d_model * e
+    rows = w.micro_batch * w.local_seq * m.d_model * e
     layers = m.num_layers / w.pp
     per_micro = (7 * layers + 2) * rows if t > 1 else 0.0
     if t > 1 and w.sequence_parallel:  # reduce-scatters where all-reduces were, and all-gathers
         per_micro += (6 * layers + 2) * rows
-    data_bytes = 0.0
+    table = w.trainer.data_collectives(w, stage_params(w))
+    data_bytes = cp_bytes = 0.0
     if w.data_parallel > 1:
-        data_bytes = sum(c.bytes * c.times for c in w.trainer.data_collectives(w, stage_params(w)))
+        data_bytes = sum(c.bytes * c.times for c in table if c.over == "data")
+    if w.cp > 1:
+        cp_bytes = (sum(c.bytes * c.times for c in table if c.over == "cp")
+                    + layers * w.microbatches * context_traffic(w).bytes)
     pp_bytes = 0.0
     if w.pp > 1:
         ticks = 2 * ideal_ticks(w.schedule, w.pp, w.virtual_stages, w.microbatches)
         pp_bytes = 2 * ticks * rows / (t if w.sequence_parallel else 1) + 4 * _embedding_params(w)
-    return {"tp": per_micro * w.microbatches, "data": data_bytes, "pp": pp_bytes}
+    return {"tp": per_micro * w.microbatches, "data": data_bytes, "pp": pp_bytes, "cp": cp_bytes}
+
+
+def context_parallel_text(w: Workload, p: Prediction) -> str | None:
+    """One paragraph on what cp does in ``w`` and costs in its prediction ``p`` (None at cp = 1)."""
+    if w.cp == 1:
+        return None
+    size = lambda b: f"{b / 2**30:.4g} GiB" if b >= 2**30 else f"{b / 2**20:.4g} MiB"
+    traffic, kv = context_traffic(w), kv_block_bytes(w)
+    gradients = sum(c.bytes * c.times for c in w.trainer.data_collectives(w, stage_params(w)) if c.over == "cp")
+    split = (f"cp={w.cp}: each sequence split over {w.cp} devices ({w.local_seq} tokens each, in zigzag "
+             f"order); parameters replicated over cp, their gradients all-reduced over cp every micro-batch "
+             f"({size(gradients)} per step, in data_parallel). ")
+    if traffic.kind == "ring":
+        sends = (f"Ring attention (Liu et al. 2023): per layer and micro-batch {w.cp - 1} K/V send(s) of {size(kv)} "
+                 f"forward, {w.cp - 1} K/V and {w.cp} float32 dK/dV sends of {size(kv_block_bytes(w, 4))} backward "
+                 f"({size(traffic.bytes)} in all), each beside one block of attention")
+    else:
+        sends = (f"Inside the pipeline K/V are all-gathered over cp, {attention_forwards(w)} time(s) per layer and "
+                 f"micro-batch (each forward of it), and dK/dV reduce-scattered: {size(traffic.bytes)} per layer "
+                 "and micro-batch, not overlapped")
+    return split + sends + f"; exposed: {p.time_s['context_parallel']:.4g} s per step (context_parallel)."

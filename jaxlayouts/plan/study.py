@@ -21,6 +21,8 @@ project's step (``plan/cost.py``). ``plan/validate.py`` costs the study's measur
   tp = 1 and all 4 wrongly predicted to fit have tp > 1. A likely cause: PyTorch's caching
   allocator holds tensors handed to collectives on another stream until the collective ends.
 * Ranks ordered as Megatron does, tp, data, pp (pipeline outermost).
+* No context parallelism: the study ran none, and a :class:`Workload` of this trainer with
+  ``cp`` > 1 is refused, so every term here is costed at cp = 1.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Study(Trainer):
     pipeline_recompute = False
     sp_norm_outputs_whole = True
     grad_bytes = 2                  # bf16 gradients
+    context_parallel = False        # the study's trainer has no cp axis
 
     def stages(self, w: Workload) -> tuple[Stage, ...]:
         m, L = w.model, w.model.num_layers

@@ -1,0 +1,97 @@
+"""A run's training step compiled ahead of time on emulated CPU devices, and what XLA planned for
+it: per-device memory (``analysis/memory.py``) and every collective with the mesh axes it spans
+(``analysis/hlo.py``). ``explore`` builds its report on this, and the planner's ``--verify``
+checks its picks with it; both sit above this module, which imports neither.
+
+XLA's CPU client compiles for at most :data:`XLA_CPU_DEVICE_LIMIT` devices in one process. A
+larger layout is compiled with fewer data-parallel replicas (``dp``) and the global batch cut in
+the same proportion (:func:`compiled_run`): every device holds and does exactly what it would in
+the full layout, so per-device memory, shardings and collective sizes are the full layout's.
+
+JAX is imported inside :func:`compile_step`: the emulated devices must be arranged
+(``devices.emulate_cluster``) before JAX starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+from jaxlayouts.analysis import hlo
+from jaxlayouts.analysis.memory import compiled_memory
+from jaxlayouts.layout import Layout, RunConfig, mesh_text, validate
+from jaxlayouts.schema import InvalidInput
+
+XLA_CPU_DEVICE_LIMIT = 2048
+"""The most devices XLA's CPU client compiles for in one process (beyond it: "Multiprocess
+computations aren't implemented on the CPU backend"; seen with jax 0.10.2)."""
+
+
+def compiled_run(run: RunConfig) -> tuple[RunConfig, str | None]:
+    """The run to compile (the run itself, or one with fewer ``dp`` replicas when it needs more
+    devices than XLA:CPU compiles for) and a note saying which."""
+    count, dp = run.layout.num_devices, run.layout.mesh["dp"]
+    if count <= XLA_CPU_DEVICE_LIMIT:
+        return run, None
+    for k in range(2, dp + 1):
+        if dp % k == 0 and count // k <= XLA_CPU_DEVICE_LIMIT and run.global_batch % k == 0:
+            lay = dataclasses.replace(run.layout, mesh={**run.layout.mesh, "dp": dp // k})
+            smaller = dataclasses.replace(run, layout=lay, global_batch=run.global_batch // k)
+            return smaller, (f"compiled as {mesh_text(lay.mesh)} with global batch {smaller.global_batch} "
+                             f"(XLA:CPU compiles at most {XLA_CPU_DEVICE_LIMIT} devices): each device holds and "
+                             f"does what it would in the full {count}-device layout; only the dp groups are "
+                             f"{k}x smaller")
+    most = math.prod(v for a, v in run.layout.mesh.items() if a != "dp")
+    raise InvalidInput("mesh", f"{mesh_text(run.layout.mesh)}: XLA:CPU compiles at most {XLA_CPU_DEVICE_LIMIT} "
+                       f"devices, and explore can stand fewer dp replicas in only when the other axes use at "
+                       f"most that many (these use {most}); plan --explain costs any size")
+
+
+@dataclasses.dataclass
+class CompiledStep:
+    """One run's step as compiled: ``run`` is what was compiled (see :func:`compiled_run`),
+    ``note`` says so when it differs from the run asked for."""
+
+    run: RunConfig
+    note: str | None
+    trainer: object         # train.Trainer
+    compiled: object        # jax.stages.Compiled
+    backend: str            # the platform it was compiled for (cpu when emulated)
+
+    @functools.cached_property
+    def memory(self) -> dict:
+        """XLA's per-device memory analysis (:func:`analysis.memory.compiled_memory`)."""
+        return compiled_memory(self.compiled)
+
+    @functools.cached_property
+    def collectives(self) -> list[hlo.Collective]:
+        """Every collective of the compiled step over at least two devices, with its mesh axes
+        and executions per step."""
+        return [c for c in hlo.collectives(self.compiled.as_text(), dict(self.trainer.mesh.shape)) if c.axes]
+
+
+def compile_step(run: RunConfig, devices_=None) -> CompiledStep:
+    """Validate ``run`` and compile its training step ahead of time on ``devices_`` (default: the
+    first devices JAX has; they only need to exist, nothing is allocated)."""
+    import jax
+
+    from jaxlayouts.mesh import build_mesh
+    from jaxlayouts.train import Trainer
+
+    validate(run, run.layout.num_devices)
+    target, note = compiled_run(run)
+    count = target.layout.num_devices
+    mesh = build_mesh(target.layout, list(devices_ if devices_ is not None else jax.devices())[:count])
+    trainer = Trainer(target, mesh)
+    return CompiledStep(target, note, trainer, trainer.lower().compile(), jax.default_backend())
+
+
+def which_figure_to_trust(layout: Layout, backend: str) -> str:
+    """Whether XLA's compiled peak or the analytic model is the better guide for ``layout``."""
+    if backend == "cpu" and (layout.zero >= 1 or layout.sequence_parallel):
+        return ("XLA:CPU lowers every reduce-scatter to a full-size all-reduce plus a slice (the compiled "
+                "HLO has no reduce-scatter), so its temporaries hold full-size buffers a GPU does not: "
+                "here the compiled peak is an upper bound, and the analytic figure is the better guide.")
+    return ("The compiled figure is XLA's own allocation plan for this step: trust it over the "
+            "analytic model where they differ, and add the runtime overhead.")
