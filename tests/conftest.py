@@ -37,6 +37,13 @@ def run_bench(*args, launcher_processes=None, timeout=300):
     return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1]), proc
 
 
+def run_module(*args, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+                          env=clean_env())
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "null"
+    return proc, json.loads(last) if last.startswith("{") else None
+
+
 SEQ_LEN = 32
 GLOBAL_BATCH = 8
 
