@@ -88,3 +88,16 @@ def step_gradients(devices, mesh: str, **layout):
 def devices():
     assert len(jax.devices()) == 8, "tests expect 8 emulated CPU devices"
     return jax.devices()
+
+
+@pytest.fixture(scope="session")
+def reference(devices):
+    """Per-step losses of the single-device run, which every layout reproduces (test_train,
+    test_parallel_pipeline): computed once per test process."""
+    return train_losses(devices, "dp=1")
+
+
+@pytest.fixture(scope="session")
+def single_device_gradients(devices):
+    """The single-device run's first-step gradients and per-micro-batch losses (step_gradients)."""
+    return step_gradients(devices, "dp=1")

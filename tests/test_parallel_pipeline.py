@@ -7,11 +7,6 @@ from conftest import make_run, step_gradients as gradients, train_losses as loss
 from jaxlayouts.layout import InvalidInput, validate
 
 
-@pytest.fixture(scope="module")
-def reference(devices):
-    return losses(devices, "dp=1")
-
-
 LAYOUTS = [
     ("pp=4", {"pipeline_schedule": "1f1b"}),
     ("dp=2,pp=2", {"pipeline_schedule": "circular", "virtual_stages": 2}),
@@ -28,9 +23,9 @@ def test_pipelined_losses_match_single_device(devices, reference, mesh, kwargs):
 
 
 @pytest.mark.parametrize("mesh, kwargs", [("dp=2,pp=2", {}), ("fsdp=2,tp=2,pp=2", {"zero": 1})])
-def test_pipelined_gradients_match_single_device(devices, mesh, kwargs):
+def test_pipelined_gradients_match_single_device(devices, single_device_gradients, mesh, kwargs):
     """Adam hides a wrongly scaled gradient from the losses: compare the gradients themselves."""
-    expected, expected_losses = gradients(devices, "dp=1")
+    expected, expected_losses = single_device_gradients
     got, got_losses = gradients(devices, mesh, **kwargs)
     np.testing.assert_allclose(got_losses.mean(), expected_losses.mean(), rtol=1e-5)
     for e, g in zip(expected, got):

@@ -8,11 +8,6 @@ from conftest import make_run, step_gradients, train_losses as losses
 from jaxlayouts.bench import benchmark
 
 
-@pytest.fixture(scope="module")
-def reference(devices):
-    return losses(devices, "dp=1")
-
-
 LAYOUTS = [  # pure dp=8, ZeRO-2 and plain tp are covered by the gradient tests below
     ("fsdp=8", {"zero": 1}),
     ("fsdp=8", {"zero": 3}),
@@ -52,8 +47,8 @@ GRADIENT_LAYOUTS = [("dp=8", {}), ("fsdp=8", {"zero": 1}), ("fsdp=4,tp=2", {"zer
 
 
 @pytest.fixture(scope="module")
-def reference_gradients(devices):
-    return step_gradients(devices, "dp=1")[0]
+def reference_gradients(single_device_gradients):
+    return single_device_gradients[0]
 
 
 @pytest.mark.parametrize("mesh, kwargs", GRADIENT_LAYOUTS, ids=[f"{m} {k}" for m, k in GRADIENT_LAYOUTS])
