@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from conftest import clean_env, make_run, run_bench, train_losses as losses
 
 from jaxlayouts.bench import benchmark
@@ -16,7 +17,14 @@ from jaxlayouts.bench import benchmark
 QUICK = ["--dtype", "float32", "--seq_len", "32", "--global_batch", "8", "--warmup", "0"]
 
 
-def test_restore_under_another_layout_and_device_count(tmp_path):
+@pytest.fixture(scope="module")
+def straight(devices):
+    """Four straight steps on one device (what ``bench --mesh dp=1 --steps 4`` with QUICK reports),
+    which a run restored part way must reproduce."""
+    return {"losses": losses(devices, "dp=1", steps=4)}
+
+
+def test_restore_under_another_layout_and_device_count(tmp_path, straight):
     ckpt = str(tmp_path / "ckpt")
     code, first, proc = run_bench("--mesh", "dp=2,fsdp=2,tp=2", "--steps", "2", "--checkpoint_dir", ckpt,
                               "--checkpoint_every", "2", *QUICK)
@@ -28,7 +36,6 @@ def test_restore_under_another_layout_and_device_count(tmp_path):
     assert code == 0, proc.stderr[-3000:]
     assert resumed["first_step"] == 2 and resumed["num_devices"] == 4
     assert resumed["restored_from"].startswith("dp=2,fsdp=2,tp=2,pp=1")
-    code, straight, _ = run_bench("--mesh", "dp=1", "--steps", "4", *QUICK)
     np.testing.assert_allclose(first["losses"] + resumed["losses"], straight["losses"], rtol=1e-5)
 
 
@@ -58,10 +65,10 @@ def test_a_save_killed_part_way_leaves_the_previous_checkpoint(tmp_path):
     assert resumed["first_step"] >= saved[0]
 
 
-def test_checkpoint_restores_across_pipeline_layer_orders(devices, tmp_path):
+def test_checkpoint_restores_across_pipeline_layer_orders(devices, tmp_path, straight):
     """A circular pipeline stores each device's chunks together; a checkpoint it saves restores
     into a plain layout (and back) with every layer in its place."""
-    straight = losses(devices, "dp=1", steps=4)
+    straight = straight["losses"]
     run = make_run("dp=2,pp=2", pipeline_schedule="circular", virtual_stages=2)
     first = benchmark(run, steps=2, warmup=0, devices=devices[:4], checkpoint_dir=str(tmp_path),
                       checkpoint_every=2, log=lambda _: None)
