@@ -9,11 +9,18 @@ from jaxlayouts.mesh import build_mesh
 from jaxlayouts.train import Trainer
 
 
+_COMPILED = {}
+
+
 def compiled_collectives(devices, mesh, **kwargs):
-    run = make_run(mesh, **kwargs)
-    device_mesh = build_mesh(run.layout, devices[:run.layout.num_devices])
-    text = Trainer(run, device_mesh).lower().compile().as_text()
-    return run, hlo.collectives(text, dict(device_mesh.shape))
+    """``(run, collectives of its compiled step)``, each layout compiled once per module."""
+    key = (mesh, tuple(sorted(kwargs.items())))
+    if key not in _COMPILED:
+        run = make_run(mesh, **kwargs)
+        device_mesh = build_mesh(run.layout, devices[:run.layout.num_devices])
+        text = Trainer(run, device_mesh).lower().compile().as_text()
+        _COMPILED[key] = run, hlo.collectives(text, dict(device_mesh.shape))
+    return _COMPILED[key]
 
 
 def forward_layer(found, run):
