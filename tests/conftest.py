@@ -91,6 +91,15 @@ def devices():
 
 
 @pytest.fixture(scope="session")
+def profiled_bench(tmp_path_factory):
+    """One bench run with ``--profile_dir`` (and ``--peak_tflops`` for its MFU), read by
+    test_bench and test_analysis_profile: ``(exit code, JSON result, process, profile dir)``."""
+    profile_dir = tmp_path_factory.mktemp("profile")
+    return (*run_bench("--mesh", "dp=2", "--peak_tflops", "1", "--profile_dir", str(profile_dir), "--seq_len", "32",
+                       "--global_batch", "8", "--steps", "2", "--warmup", "1"), profile_dir)
+
+
+@pytest.fixture(scope="session")
 def reference(devices):
     """Per-step losses of the single-device run, which every layout reproduces (test_train,
     test_parallel_pipeline): computed once per test process."""
