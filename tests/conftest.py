@@ -12,6 +12,10 @@ run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"jaxlayouts-tests-{run_id}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# The steps are tiny and run a few times: without LLVM's optimisations XLA:CPU compiles them in
+# about half the time. The optimised HLO, its collectives and XLA's memory analysis, which the
+# tests read, are the same. Inherited by every subprocess the tests start, sweep points included.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -35,6 +39,13 @@ def run_bench(*args, launcher_processes=None, timeout=300):
         command = [sys.executable, "-m", "jaxlayouts.launch", str(launcher_processes), "--", *command]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=clean_env())
     return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1]), proc
+
+
+def run_module(*args, timeout=300):
+    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+                          env=clean_env())
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "null"
+    return proc, json.loads(last) if last.startswith("{") else None
 
 
 SEQ_LEN = 32
@@ -77,3 +88,25 @@ def step_gradients(devices, mesh: str, **layout):
 def devices():
     assert len(jax.devices()) == 8, "tests expect 8 emulated CPU devices"
     return jax.devices()
+
+
+@pytest.fixture(scope="session")
+def profiled_bench(tmp_path_factory):
+    """One bench run with ``--profile_dir`` (and ``--peak_tflops`` for its MFU), read by
+    test_bench and test_analysis_profile: ``(exit code, JSON result, process, profile dir)``."""
+    profile_dir = tmp_path_factory.mktemp("profile")
+    return (*run_bench("--mesh", "dp=2", "--peak_tflops", "1", "--profile_dir", str(profile_dir), "--seq_len", "32",
+                       "--global_batch", "8", "--steps", "2", "--warmup", "1"), profile_dir)
+
+
+@pytest.fixture(scope="session")
+def reference(devices):
+    """Per-step losses of the single-device run, which every layout reproduces (test_train,
+    test_parallel_pipeline): computed once per test process."""
+    return train_losses(devices, "dp=1")
+
+
+@pytest.fixture(scope="session")
+def single_device_gradients(devices):
+    """The single-device run's first-step gradients and per-micro-batch losses (step_gradients)."""
+    return step_gradients(devices, "dp=1")

@@ -57,11 +57,6 @@ def test_ring_attention_equals_causal_attention_and_its_gradients(implementation
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def reference(devices):
-    return step_gradients(devices, "dp=1")
-
-
 LAYOUTS = [
     ("cp=2", {}),
     ("cp=4", {}),
@@ -73,8 +68,8 @@ LAYOUTS = [
 
 
 @pytest.mark.parametrize("mesh, kwargs", LAYOUTS, ids=[f"{m} {k}" for m, k in LAYOUTS])
-def test_gradients_and_losses_equal_the_single_device_run(devices, reference, mesh, kwargs):
-    expected_grads, expected_losses = reference
+def test_gradients_and_losses_equal_the_single_device_run(devices, single_device_gradients, mesh, kwargs):
+    expected_grads, expected_losses = single_device_gradients
     grads, losses = step_gradients(devices, mesh, **kwargs)
     # with data shards each micro-batch's loss averages several of the reference's micro-batches
     np.testing.assert_allclose(losses.mean(), expected_losses.mean(), rtol=1e-5)

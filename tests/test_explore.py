@@ -1,4 +1,4 @@
-"""Explore from Python: the notebook's calls, the report's views, placement, and any scale."""
+"""Explore from Python and the shell: the notebook's calls, any scale, the report's fields."""
 
 import json
 import pathlib
@@ -6,13 +6,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import clean_env, make_run
+from conftest import clean_env, make_run, run_module
 
 from jaxlayouts.explore import XLA_CPU_DEVICE_LIMIT, compiled_run
-from jaxlayouts.explore_view import placement
 from jaxlayouts.schema import InvalidInput
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
 NOTEBOOK = ROOT / "docs" / "explore.ipynb"
 
 
@@ -45,15 +46,6 @@ def test_too_few_devices_in_this_process_compile_in_a_child(capsys):
     assert any(c["axes"] == ["tp"] for c in report["collectives"])
 
 
-def test_placement_names_each_shard_and_its_devices():
-    entry = {"shape": [8, 6], "shard_shape": [4, 3], "spec_axes": [["fsdp"], ["tp"]]}
-    shards = placement(entry, {"dp": 2, "fsdp": 2, "tp": 2, "pp": 1})
-    assert shards == [("[0:4, 0:3]", "dp=*, fsdp=0, tp=0"), ("[0:4, 3:6]", "dp=*, fsdp=0, tp=1"),
-                      ("[4:8, 0:3]", "dp=*, fsdp=1, tp=0"), ("[4:8, 3:6]", "dp=*, fsdp=1, tp=1")]
-    both = {"shape": [8], "shard_shape": [2], "spec_axes": [["fsdp", "tp"]]}  # the first axis is major
-    assert [s for s, _ in placement(both, {"dp": 1, "fsdp": 2, "tp": 2, "pp": 1})] == ["[0:2]", "[2:4]", "[4:6]", "[6:8]"]
-
-
 def test_layouts_beyond_the_cpu_limit_compile_with_fewer_replicas():
     run = make_run(f"dp={2 * XLA_CPU_DEVICE_LIMIT}", global_batch=4 * XLA_CPU_DEVICE_LIMIT)
     smaller, note = compiled_run(run)
@@ -72,3 +64,17 @@ def test_the_command_line_prints_text_or_json_not_both():
     data = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=300, env=clean_env(), cwd=ROOT)
     assert data.returncode == 0 and len(data.stdout.strip().splitlines()) == 1
     assert json.loads(data.stdout)["layout"].startswith("dp=2,fsdp=1,tp=2,pp=1")
+
+
+def test_explore_reports_shardings_memory_and_collectives():
+    proc, report = run_module("jaxlayouts.explore", "--mesh", "dp=2,tp=2,pp=2", "--dtype", "float32", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    params = {p["name"]: p for p in report["params"]}
+    assert params["layers/mlp/w1"]["spec"] == "P('pp', None, 'tp')"
+    assert params["layers/mlp/w1"]["logical_axes"] == ["layers", "embed", "mlp"]
+    assert params["layers/mlp/w1"]["bytes_per_device"] == 4 * 128 * 384 * 4 // 4  # 4 layers / pp / tp
+    assert set(report["memory"]) == {"compiled", "analytic", "notes"}
+    assert report["memory"]["compiled"]["peak"] > report["memory"]["compiled"]["parameters"] > 0
+    kinds = {(c["kind"], tuple(c["axes"])) for c in report["collectives"]}
+    assert ("collective-permute", ("pp",)) in kinds and ("all-reduce", ("tp",)) in kinds
+    assert report["model_flops_per_step"] == 7084800 * 32 * 256  # 6N + 12 L d T per token at T = 256

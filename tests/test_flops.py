@@ -1,10 +1,11 @@
-"""MFU's formula, against numbers computed by hand."""
+"""MFU's formula and the attention FLOPs, against numbers computed by hand."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from jaxlayouts import flops
+from jaxlayouts.flops import attention_flops
 from jaxlayouts.layout import load_model_config
 from jaxlayouts.model.llama import Llama
 
@@ -37,3 +38,9 @@ def test_peaks_by_device_kind():
     assert flops.peak_tflops("NVIDIA H200") == 989.0
     assert flops.peak_tflops("cpu") is None
     assert flops.mfu(load_model_config("tiny"), 64, 1000.0, 1, None)[1] is None
+
+
+def test_causal_flops_count():
+    # 4 * b * h * T^2 * d / 2 forward, 3.5x that forward + backward
+    assert attention_flops(2, 1024, 8, 128, backward=False) == 2 * 2 * 8 * 1024 ** 2 * 128
+    assert attention_flops(2, 1024, 8, 128, backward=True) == 3.5 * 2 * 2 * 8 * 1024 ** 2 * 128

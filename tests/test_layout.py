@@ -124,3 +124,16 @@ def test_valid_layouts_pass():
     for mesh, kwargs in [("dp=8", {}), ("dp=2,fsdp=2,tp=2", {}), ("dp=2,tp=4", {"sequence_parallel": True}),
                          ("fsdp=8", {"zero": 1})]:
         validate(make_run(mesh, **kwargs), 8, platform="cpu")
+
+
+@pytest.mark.parametrize("knob, value, fragment", [
+    ("norm", "triton", "--norm: triton needs an NVIDIA GPU (platform is cpu); use --norm pallas"),
+    ("attention", "cudnn", "--attention: cudnn needs an NVIDIA GPU (platform is cpu); use --attention pallas"),
+    ("remat", "offload", "--remat: offload needs an NVIDIA GPU (platform is cpu)"),
+    ("norm", "fused", "--norm: unknown implementation 'fused'; choose one of xla, pallas, triton"),
+])
+def test_gpu_only_and_unknown_kernels_are_clear_errors(knob, value, fragment):
+    from conftest import make_run
+    with pytest.raises(InvalidInput) as error:
+        validate(make_run("dp=1", **{knob: value}), 1, platform="cpu")
+    assert fragment in str(error.value)

@@ -160,7 +160,7 @@ def cp_report(devices):
 def test_explore_shows_cp_and_agrees_with_the_model(cp_report):
     """Activations sequence-sharded over cp, ring attention's collective-permutes over cp, the
     planner's paragraph on cp; collective bytes over cp (ring sends and gradient all-reduces) within
-    10% of the compiled HLO's, memory within 25% of XLA's analysis (as tests/test_plan.py checks
+    10% of the compiled HLO's, memory within 25% of XLA's analysis (as tests/test_plan_cost.py checks
     the other axes)."""
     r = cp_report
     specs = {a["name"]: a["spec"] for a in r["activations"]}

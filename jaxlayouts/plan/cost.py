@@ -198,7 +198,7 @@ class Trainer:
         ZeRO-0: one float32 gradient all-reduce. ZeRO-1 (and 2 with pp > 1, whose executor
         accumulates per stage): a float32 gradient reduce-scatter and one all-gather of the weights
         in the compute dtype (the step casts each master shard before the gather:
-        tests/test_plan.py pins it). ZeRO-2: the reduce-scatter per micro-batch, the all-gather
+        tests/test_plan_cost.py pins it). ZeRO-2: the reduce-scatter per micro-batch, the all-gather
         once. ZeRO-3: per micro-batch the reduce-scatter and the forward and backward all-gathers
         of the compute-dtype weights. With cp > 1 the parameters are replicated over cp too: each
         micro-batch's gradients are all-reduced over cp in the compute dtype before they are

@@ -5,8 +5,6 @@ import json
 
 import pytest
 
-from conftest import run_bench
-
 from jaxlayouts.analysis import profile
 
 
@@ -35,9 +33,8 @@ def test_self_time_leaves_out_nested_ops_and_gpu_traces_count_stream_kernels(tmp
     assert profile.self_times(nested) == [50, 30, 15, 5, 40]
 
 
-def test_bench_profile_dir_prints_the_top_ops_and_how_to_open_the_trace(tmp_path):
-    code, result, proc = run_bench("--seq_len", "32", "--global_batch", "2", "--steps", "2", "--warmup", "1",
-                                   "--profile_dir", str(tmp_path))
+def test_bench_profile_dir_prints_the_top_ops_and_how_to_open_the_trace(profiled_bench):
+    code, result, proc, tmp_path = profiled_bench  # a 2-step bench run; tmp_path: its --profile_dir
     assert code == 0, proc.stderr
     summary = profile.top_ops(tmp_path)
     names = [op["name"] for op in summary["ops"]]

@@ -1,15 +1,11 @@
-"""Every layout computes the same training run: per-step losses equal the single-device run's."""
+"""The training step under every layout computes the same run: per-step losses and gradients equal
+the single-device run's, and the run learns."""
 
 import numpy as np
 import pytest
 from conftest import make_run, step_gradients, train_losses as losses
 
 from jaxlayouts.bench import benchmark
-
-
-@pytest.fixture(scope="module")
-def reference(devices):
-    return losses(devices, "dp=1")
 
 
 LAYOUTS = [  # pure dp=8, ZeRO-2 and plain tp are covered by the gradient tests below
@@ -39,7 +35,7 @@ def test_the_run_learns(reference):
 
 
 def test_loss_falls_well_below_chance(devices):
-    run = make_run("dp=1", seq_len=64, global_batch=16)
+    run = make_run("dp=1")  # the reference's step: compiled once
     result = benchmark(run, steps=40, warmup=0, devices=devices[:1], log=lambda _: None)
     chance = np.log(run.model.vocab_size)
     assert result["losses"][0] == pytest.approx(chance, rel=0.05)
@@ -51,8 +47,8 @@ GRADIENT_LAYOUTS = [("dp=8", {}), ("fsdp=8", {"zero": 1}), ("fsdp=4,tp=2", {"zer
 
 
 @pytest.fixture(scope="module")
-def reference_gradients(devices):
-    return step_gradients(devices, "dp=1")[0]
+def reference_gradients(single_device_gradients):
+    return single_device_gradients[0]
 
 
 @pytest.mark.parametrize("mesh, kwargs", GRADIENT_LAYOUTS, ids=[f"{m} {k}" for m, k in GRADIENT_LAYOUTS])
@@ -61,24 +57,3 @@ def test_gradients_match_single_device(devices, reference_gradients, mesh, kwarg
     gradient reduced with the wrong factor: compare the gradients themselves."""
     for expected, got in zip(reference_gradients, step_gradients(devices, mesh, **kwargs)[0]):
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=2e-4, atol=1e-7)
-
-
-def test_remat_policies_order_activation_memory(devices):
-    """XLA's compiled memory analysis: no recomputation > selective > full recomputation, on a
-    shape where saved activations (not logits) set the peak."""
-    import dataclasses
-
-    from jaxlayouts.layout import REMAT_CHOICES, load_model_config
-    from jaxlayouts.mesh import build_mesh
-    from jaxlayouts.remat import POLICIES
-    from jaxlayouts.train import Trainer
-
-    assert set(POLICIES) == set(REMAT_CHOICES)
-    model = dataclasses.replace(load_model_config("tiny"), num_layers=8, d_ff=1024, vocab_size=64)
-    temp = {}
-    for remat in ("none", "selective", "save_all_but_ffn", "full"):
-        run = dataclasses.replace(make_run("dp=1", seq_len=64, global_batch=16, remat=remat), model=model)
-        compiled = Trainer(run, build_mesh(run.layout, devices[:1])).lower().compile()
-        temp[remat] = compiled.memory_analysis().temp_size_in_bytes
-    assert temp["none"] > temp["save_all_but_ffn"] > temp["selective"] > temp["full"]
-    assert temp["none"] > 1.3 * temp["full"]

@@ -37,8 +37,9 @@ def test_layouts_report_the_same_losses_as_one_device(tmp_path):
     assert [r["layout"] for r in rows] == [hybrid["layout"], single["layout"]]
 
 
-def test_peak_flag_gives_mfu_and_profile_dir_gets_a_trace(tmp_path):
-    code, result, proc = run_bench("--mesh", "dp=2", "--peak_tflops", "1", "--profile_dir", str(tmp_path), *QUICK)
+def test_peak_flag_gives_mfu_and_profile_dir_gets_a_trace(profiled_bench):
+    # --mesh dp=2 --peak_tflops 1 --profile_dir with QUICK's sizes; tmp_path: its profile dir
+    code, result, proc, tmp_path = profiled_bench
     assert code == 0, proc.stderr
     assert result["mfu"] == pytest.approx(result["model_tflops_per_device"] / 1.0)
     assert list(tmp_path.rglob("*.xplane.pb"))

@@ -1,0 +1,39 @@
+"""The report: reads the reference study's CSV format, refuses files that are not results."""
+
+import pytest
+
+from jaxlayouts import report
+
+
+def test_report_reads_the_reference_study_format(tmp_path):
+    csv = tmp_path / "runs.csv"
+    csv.write_text(
+        "sweep,model,seq_len,world_size,micro_batch_size,tp,pp,sequence_parallel,activation_checkpointing,"
+        "kernel,status,step_time_s,mfu,tflops_megatron\n"
+        "s,13B,2048,64,1,1,1,False,disabled,flash_attention2,ok,30.0,0.55,180\n"
+        "s,13B,2048,64,1,2,1,False,every_layer,flash_attention2,ok,40.0,0.45,150\n"
+        "s,13B,2048,64,8,2,2,False,disabled,torch,oom,,,\n"
+        "t,13B,2048,32,1,1,1,False,disabled,flash_attention2,ok,55.0,0.60,190\n")
+    rows = report.load(csv)
+    assert rows[1]["remat"] == "full" and rows[1]["layout"] == "dp=32,tp=2,pp=1 mbs=1 sp=0 remat=full kernel=flash_attention2"
+    made = report.write_report(csv, tmp_path / "out")
+    assert "step_time_scaling.png" in made and "tp_pp_heatmap.png" in made
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Metric: MFU" in text
+    assert "| s | `dp=64,tp=1,pp=1 mbs=1 sp=0 remat=none kernel=flash_attention2` | 55.0% | 30 |" in text
+
+
+def test_report_of_a_missing_file_exits_2(tmp_path):
+    assert report.main([str(tmp_path / "none.jsonl"), "--out", str(tmp_path)]) == 2
+
+
+def test_report_rejects_files_that_are_not_results(tmp_path):
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text('{"foo": 1}\n')
+    with pytest.raises(ValueError, match="foreign.jsonl:1 is not a bench or sweep result"):
+        report.load(foreign)
+    table = tmp_path / "table.csv"
+    table.write_text("sweep,model\ns,13B\n")
+    with pytest.raises(ValueError, match="no column .*'tp'"):
+        report.load(table)
+    assert report.main([str(foreign), "--out", str(tmp_path / "out")]) == 2
