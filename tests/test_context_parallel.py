@@ -62,6 +62,8 @@ LAYOUTS = [
     ("cp=4", {}),
     ("cp=2,tp=2", {}),
     ("fsdp=2,cp=2", {"zero": 3, "attention": "pallas"}),
+    ("fsdp=2,cp=2", {"zero": 1, "remat": "selective", "norm": "pallas"}),
+    ("fsdp=2,cp=2", {"zero": 2, "remat": "dots"}),
     ("cp=2,pp=2", {}),  # inside a pipeline: all-gather context parallelism
     ("dp=2,cp=2,tp=2", {"sequence_parallel": True, "remat": "full"}),
 ]

@@ -7,8 +7,7 @@ import dataclasses
 import pathlib
 
 import pytest
-from conftest import make_run
-from test_plan import run_module
+from conftest import make_run, run_module
 
 from jaxlayouts.layout import load_model_config
 from jaxlayouts.plan import cost
