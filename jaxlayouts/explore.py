@@ -40,8 +40,6 @@ import sys
 from absl import app, flags
 
 from jaxlayouts import config, devices, flops
-# XLA_CPU_DEVICE_LIMIT is not used here but stays importable from explore, as before
-from jaxlayouts.analysis.compiled import XLA_CPU_DEVICE_LIMIT  # noqa: F401
 from jaxlayouts.analysis.compiled import compile_step, compiled_run, which_figure_to_trust
 from jaxlayouts.explore_view import Comparison, Report
 from jaxlayouts.layout import MAX_EMULATED_DEVICES, Layout, RunConfig, mesh_text, parse_mesh, validate

@@ -313,6 +313,12 @@ def _multiple(value: int, of: int) -> int:
     return value // of * of or of
 
 
+def attention_runs_under_cp(attention: str, pp: int) -> bool:
+    """Whether ``attention`` can run under cp > 1: per ring step (``RING_ATTENTION``), and only
+    ``xla`` inside a pipeline, where context parallelism all-gathers K/V instead of a ring."""
+    return attention in RING_ATTENTION and (pp == 1 or attention == "xla")
+
+
 def _validate_context_parallel(run: RunConfig) -> None:
     """Ring attention over ``cp`` (see ``parallel/ring_attention.py``): each device holds two of
     the sequence's ``2 cp`` chunks, and each ring step runs an attention kernel on one block."""
@@ -323,11 +329,11 @@ def _validate_context_parallel(run: RunConfig) -> None:
         raise InvalidInput("seq_len", f"context parallelism gives each of cp={cp} devices two of the "
                            f"sequence's 2*cp={2 * cp} chunks (causal load balance), but seq_len={run.seq_len} "
                            f"is not divisible by {2 * cp}; e.g. --seq_len {_multiple(run.seq_len, 2 * cp)}")
-    if lay.attention not in RING_ATTENTION:
+    if not attention_runs_under_cp(lay.attention, pp=1):
         raise InvalidInput("attention", f"{lay.attention} cannot run per ring step under cp={cp}: it returns "
                            "no log-sum-exp to merge one key block's result with the next; use --attention "
                            f"{' or '.join(RING_ATTENTION)}")
-    if lay.mesh["pp"] > 1 and lay.attention != "xla":
+    if not attention_runs_under_cp(lay.attention, lay.mesh["pp"]):
         raise InvalidInput("attention", f"{lay.attention} does not run under cp={cp} with pp={lay.mesh['pp']}: "
                            "inside a pipeline context parallelism all-gathers K/V and attends with XLA "
                            "(a ring's collective-permutes cannot sit in the stages' branches); use --attention xla")

@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import clean_env, make_run, run_module
 
-from jaxlayouts.explore import XLA_CPU_DEVICE_LIMIT, compiled_run
+from jaxlayouts.analysis.compiled import XLA_CPU_DEVICE_LIMIT, compiled_run
 from jaxlayouts.schema import InvalidInput
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

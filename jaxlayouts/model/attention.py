@@ -87,10 +87,9 @@ def attention(q, k, v, implementation: str):
     """Causal attention with ``implementation``; kernels run on each device's shard. Under
     context parallelism (cp > 1) it is ring attention, each block with ``implementation``."""
     if context_parallel_size() > 1:
-        ring = functools.partial(ring_attention, implementation=implementation)
-        if pipeline_stages() > 1:
-            ring = gathered_attention
-        return per_shard(ring, (HEADS, HEADS, HEADS), HEADS)(q, k, v)
+        per_device = (gathered_attention if pipeline_stages() > 1
+                      else functools.partial(ring_attention, implementation=implementation))
+        return per_shard(per_device, (HEADS, HEADS, HEADS), HEADS)(q, k, v)
     fn = IMPLEMENTATIONS[implementation]
     if implementation == "xla":
         return fn(q, k, v)

@@ -27,8 +27,8 @@ from absl import app, flags
 
 from jaxlayouts import config, devices
 from jaxlayouts.analysis.compiled import XLA_CPU_DEVICE_LIMIT, compile_step, which_figure_to_trust
-from jaxlayouts.layout import (MAX_EMULATED_DEVICES, RING_ATTENTION, InvalidInput, Layout, RunConfig, load_model_config,
-                               validate)
+from jaxlayouts.layout import (MAX_EMULATED_DEVICES, InvalidInput, Layout, RunConfig, attention_runs_under_cp,
+                               load_model_config, validate)
 from jaxlayouts.plan import cost
 from jaxlayouts.plan.hardware import check_memory_fraction, load_hardware, save_calibration
 from jaxlayouts.schema import finite_json
@@ -84,12 +84,6 @@ def context_parallel_degrees(seq_len: int, gpus: int) -> list[int]:
     return degrees
 
 
-def _context_parallel_attention(attention: str, pp: int) -> bool:
-    """Whether ``attention`` runs under cp > 1 (``layout._validate_context_parallel``): per ring step
-    (``RING_ATTENTION``), and only ``xla`` inside pipelines; checked before building a layout."""
-    return attention in RING_ATTENTION and (pp == 1 or attention == "xla")
-
-
 def candidates(model, gpus: int, seq_len: int, global_batch: int, gpus_per_node: int):
     """Every valid layout of the space (see the module docstring) as RunConfigs, cp = 1 first."""
     for cp, tp, pp in itertools.product(context_parallel_degrees(seq_len, gpus),
@@ -101,7 +95,7 @@ def candidates(model, gpus: int, seq_len: int, global_batch: int, gpus_per_node:
         if data > 1:
             meshes += [({"fsdp": data, "cp": cp, "tp": tp, "pp": pp}, zero) for zero in (1, 2, 3)]
         schedules = [("1f1b", 1)] if pp == 1 else [("1f1b", 1), ("gpipe", 1), ("circular", 2)]
-        kernels = [k for k in KERNELS if cp == 1 or _context_parallel_attention(k[0], pp)]
+        kernels = [k for k in KERNELS if cp == 1 or attention_runs_under_cp(k[0], pp)]
         for (mesh, zero), mbs, sp, remat, (attn, norm), (schedule, v) in itertools.product(
                 meshes, MICRO_BATCHES, (False, True), REMATS, kernels, schedules):
             layout = Layout(mesh=mesh, micro_batch=mbs, zero=zero, sequence_parallel=sp, remat=remat,
