@@ -88,7 +88,8 @@ class Report:
         compiled, analytic = self.data["memory"]["compiled"], self.data["memory"]["analytic"]
         rows = [[label, _gib(compiled.get(c)) if c else "(in temporaries)" if a == "gradients" else "n/a",
                  _gib(analytic.get(a))] for label, c, a in MEMORY_ROWS]
-        return ["memory per device, GiB", "compiled (XLA)", "analytic (plan/cost.py)"], rows
+        compiler = self.data.get("compiler", "XLA").split(" (")[0]
+        return ["memory per device, GiB", f"compiled ({compiler})", "analytic (plan/cost.py)"], rows
 
     def _collectives(self):
         return (["collective", "mesh axes", "MiB", "per step"],
@@ -98,6 +99,7 @@ class Report:
     def _summary(self) -> list[str]:
         d, p = self.data, self.data["predicted"]
         lines = [f"layout      {d['layout']} ({d['model']}, {d['num_devices']} devices)",
+                 f"compiled    by {d.get('compiler', 'XLA')} for target {d.get('target', 'cpu')}",
                  f"model FLOPs {d['model_flops_per_step']:.4g} per step",
                  f"predicted   {p['step_time_s']:.4g} s per step, MFU {p['mfu']:.1%} on {d['hardware']} "
                  f"({'fits' if p['fits'] else 'does not fit'}; plan/cost.py)"]

@@ -73,7 +73,9 @@ def test_explore_reports_shardings_memory_and_collectives():
     assert params["layers/mlp/w1"]["spec"] == "P('pp', None, 'tp')"
     assert params["layers/mlp/w1"]["logical_axes"] == ["layers", "embed", "mlp"]
     assert params["layers/mlp/w1"]["bytes_per_device"] == 4 * 128 * 384 * 4 // 4  # 4 layers / pp / tp
-    assert set(report["memory"]) == {"compiled", "analytic", "notes"}
+    assert set(report["memory"]) == {"compiled", "analytic", "notes", "usable"}
+    assert report["memory"]["usable"] == 0.75 * 80 * 2**30  # a100-80gb: JAX's 75% of 80 GiB
+    assert (report["target"], report["compiler"]) == ("cpu", "XLA:CPU (emulated devices)")
     assert report["memory"]["compiled"]["peak"] > report["memory"]["compiled"]["parameters"] > 0
     kinds = {(c["kind"], tuple(c["axes"])) for c in report["collectives"]}
     assert ("collective-permute", ("pp",)) in kinds and ("all-reduce", ("tp",)) in kinds

@@ -3,6 +3,7 @@
     python -m jaxlayouts.plan --model llama-65b --gpus 128 --seq_len 2048 --global_batch 2048 --hardware a100-80gb
     python -m jaxlayouts.plan ... --explain "dp=4,tp=8,pp=4 mbs=1 remat=none attn=pallas norm=pallas"
     python -m jaxlayouts.plan ... --verify 3      # ahead-of-time compile of the top 3 (analysis/compiled.py)
+    python -m jaxlayouts.plan ... --verify 3 --target h100-80gb   # ... with XLA:GPU, no GPU needed
     python -m jaxlayouts.plan validate ../shared/paper-data/calibration_runs.csv --hardware a100-80gb [--fit] [--predictions OUT.csv]
     python -m jaxlayouts.plan validate configs/hardware/measured/h200-2026-11-30.jsonl --hardware h200 [--fit]
 
@@ -25,7 +26,7 @@ import time
 
 from absl import app, flags
 
-from jaxlayouts import config, devices
+from jaxlayouts import config, targets
 from jaxlayouts.analysis.compiled import XLA_CPU_DEVICE_LIMIT, compile_step, which_figure_to_trust
 from jaxlayouts.layout import (MAX_EMULATED_DEVICES, InvalidInput, Layout, RunConfig, attention_runs_under_cp,
                                load_model_config, validate)
@@ -42,7 +43,9 @@ flags.DEFINE_integer("gpus", 64, "Number of GPUs.")
 flags.DEFINE_string("hardware", "a100-80gb", "Hardware description under configs/hardware/ or a YAML path.")
 flags.DEFINE_integer("top", 10, "How many layouts to print.")
 flags.DEFINE_string("explain", None, "Explain one layout (its text form) instead of ranking.")
-flags.DEFINE_integer("verify", 0, "Ahead-of-time compile the top N layouts on emulated devices.")
+flags.DEFINE_integer("verify", 0, "Ahead-of-time compile the top N layouts (see --target).")
+flags.DEFINE_string("target", targets.CPU, "--verify compiles for this: cpu (XLA:CPU on emulated devices) or a "
+                    "hardware with a GPU target, e.g. h100-80gb (XLA:GPU without a GPU; needs the [gpu-aot] extra).")
 flags.DEFINE_bool("json", False, "Print one JSON object (last stdout line).")
 flags.DEFINE_bool("fit", False, "validate: re-fit the calibration constants on the file and save them.")
 flags.DEFINE_string("predictions", None, "validate: also write every row with its predictions to this CSV.")
@@ -197,9 +200,13 @@ def check_flags(validating: bool) -> None:
                            "e.g. --gpus 4096")
     if FLAGS.verify < 0:
         raise InvalidInput("verify", f"{FLAGS.verify}: compile the top N >= 0 layouts, e.g. --verify 2")
-    if FLAGS.verify and FLAGS.gpus > MAX_EMULATED_DEVICES:
+    target = targets.resolve(FLAGS.target)
+    if FLAGS.verify and target.is_gpu:
+        targets.check_compiler()
+    if FLAGS.verify and not target.is_gpu and FLAGS.gpus > MAX_EMULATED_DEVICES:
         raise InvalidInput("verify", f"compiles on {FLAGS.gpus} emulated CPU devices; at most "
-                           f"{MAX_EMULATED_DEVICES}: drop --verify or lower --gpus")
+                           f"{MAX_EMULATED_DEVICES}: drop --verify, lower --gpus or compile for a GPU "
+                           "(--target h100-80gb)")
 
 
 def main(argv):
@@ -260,7 +267,7 @@ def main(argv):
             if "not_compiled" in r.get("compiled", {}):
                 print(f"    not compiled: {r['compiled']['not_compiled']}")
             elif "compiled" in r:
-                print(f"    compiled (XLA, CPU emulation): {r['compiled']['peak_gib']:.4g} GiB peak per device "
+                print(f"    compiled ({r['compiled']['compiler']}): {r['compiled']['peak_gib']:.4g} GiB peak per device "
                       f"(analytic without runtime overhead {r['compiled']['analytic_gib']:.4g}), "
                       f"{r['compiled']['collective_gib_per_step']:.4g} GiB of collectives per step")
                 if r["compiled"]["exceeds_usable"]:
@@ -272,20 +279,22 @@ def main(argv):
 
 
 def verify(top: list[dict], runs: list[RunConfig], count: int, hw) -> list[dict]:
-    """Ahead-of-time compile the first ``count`` layouts on emulated CPU devices
-    (``analysis/compiled.py``, which explore's report is built on too), and flag each whose
-    compiled peak exceeds what the allocator may use (``hw.usable_bytes``)."""
-    devices.emulate_cluster(min(FLAGS.gpus, XLA_CPU_DEVICE_LIMIT))
+    """Ahead-of-time compile the first ``count`` layouts for ``--target`` (``analysis/compiled.py``,
+    which explore's report is built on too), and flag each whose compiled peak exceeds what the
+    allocator may use (``hw.usable_bytes``)."""
+    target = targets.resolve(FLAGS.target)
+    targets.prepare(target, min(FLAGS.gpus, XLA_CPU_DEVICE_LIMIT))
+    compiler = f"XLA:GPU for {target.name}" if target.is_gpu else "XLA:CPU, emulated devices"
     by_text = {str(r.layout): r for r in runs}
     for r in top[:count]:
         run = by_text[r["layout"]]
         try:
-            step = compile_step(run)
-        except InvalidInput as error:  # a layout that cannot compile on CPU: say why, go on
+            step = compile_step(run, targets.devices(target, run.layout.num_devices) if target.is_gpu else None)
+        except InvalidInput as error:  # a layout that cannot compile: say why, go on
             r["compiled"] = {"not_compiled": str(error)}
             continue
         peak, analytic = step.memory["compiled_peak_bytes_per_device"], cost.memory(cost.Workload.from_run(run), hw)
-        r["compiled"] = {"peak_gib": peak / 2**30,
+        r["compiled"] = {"compiler": compiler, "peak_gib": peak / 2**30,
                          "analytic_gib": (analytic["total"] - analytic["overhead"]) / 2**30,
                          "collective_gib_per_step": sum(c.bytes * c.executions for c in step.collectives) / 2**30,
                          "exceeds_usable": peak > hw.usable_bytes,
