@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import os
+import re
 import sys
 
 from jaxlayouts import devices as emulated
@@ -49,6 +50,11 @@ class Target:
     def description(self) -> str:
         """The ``GpuTargetConfigProto`` text of one device."""
         return (TARGET_DIR / f"{self.hardware.gpu_target}.txtpb").read_text()
+
+    @property
+    def device_kind(self) -> str:
+        """The device kind the description names (what ``jax.devices()[0].device_kind`` says)."""
+        return re.search(r'device_description_str:\s*"([^"]*)"', self.description)[1]
 
     def topology(self, count: int) -> str:
         """``1 x hosts x GPUs per host`` for ``count`` GPUs, ``gpus_per_node`` per host (as the

@@ -17,9 +17,11 @@ JAX is imported inside :func:`compile_step`: the emulated devices must be arrang
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
+import warnings
 
 from jaxlayouts.analysis import hlo
 from jaxlayouts.analysis.memory import compiled_memory
@@ -96,7 +98,19 @@ def compile_step(run: RunConfig, devices_=None) -> CompiledStep:
     target, note = compiled_run(run) if backend == "cpu" else (run, None)
     mesh = build_mesh(target.layout, devices_[:target.layout.num_devices])
     trainer = Trainer(target, mesh)
-    return CompiledStep(target, note, trainer, trainer.lower().compile(), backend, devices_[0].device_kind)
+    with _deviceless_cache_warnings_off(backend != "cpu"):
+        compiled = trainer.lower().compile()
+    return CompiledStep(target, note, trainer, compiled, backend, devices_[0].device_kind)
+
+
+@contextlib.contextmanager
+def _deviceless_cache_warnings_off(deviceless: bool):
+    """A deviceless executable cannot be loaded back from JAX's persistent compilation cache (there
+    is no client to load it into): JAX then warns and compiles again, which is what we want."""
+    with warnings.catch_warnings():
+        if deviceless:
+            warnings.filterwarnings("ignore", "Error reading persistent compilation cache entry")
+        yield
 
 
 def which_figure_to_trust(layout: Layout, backend: str) -> str:
