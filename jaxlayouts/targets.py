@@ -8,8 +8,8 @@ devices of a cluster of ``hosts x GPUs per host``, described by a ``GpuTargetCon
 (``configs/hardware/targets/NAME.txtpb``, named by the hardware file's ``gpu_target``). The step
 compiled for them is XLA:GPU's own program: its buffer assignment (memory), its collectives
 (reduce-scatters, async pairs, combined collectives) and our Pallas kernels as Triton kernels.
-On 13 llama-1b configurations measured on one H200, this compile's peak was within 1% of the
-device's (``docs/deviceless.md``); XLA:CPU's was 11-58% high.
+On the llama-1b rows measured on one H200, this compile's peak was within 1.1% of the device's
+(``docs/deviceless.md``).
 
 What a deviceless compile does not see: no autotuning (GEMMs get default tiles), the compiler is
 this jaxlib's (the cluster's may differ), and runtime buffers outside XLA's program (CUDA
