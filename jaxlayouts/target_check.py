@@ -2,12 +2,12 @@
 for that GPU's target (``targets.py``) and compare XLA:GPU's compiled peak with the device's
 measured peak (``memory.device_peak_bytes``, JAX's ``peak_bytes_in_use``)::
 
-    python -m jaxlayouts.target_check configs/hardware/measured/h200-2026-11-30.jsonl --target h200 \\
-        --markdown docs/deviceless.md
+    python -m jaxlayouts.target_check configs/hardware/measured/h200-2026-11-30.jsonl \\
+        --markdown docs/results/deviceless-h200.md
 
 The compiled peak is arguments + outputs - aliased + temporaries of XLA's buffer assignment
 (``analysis/memory.py``); the error is (compiled - measured) / measured. Rows measured ok with a
-device peak are compared; others are skipped and counted. Exit 0, or 2 for bad input.
+device peak are compared; others are skipped. Exit 0, or 2 for bad input.
 """
 
 from __future__ import annotations
@@ -107,18 +107,24 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxlayouts.target_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("rows", help="bench rows measured on a GPU (JSON lines)")
-    parser.add_argument("--target", required=True, help=f"GPU target: one of {', '.join(targets.gpu_targets())}")
+    parser.add_argument("--target", help=f"GPU target: one of {', '.join(targets.gpu_targets())} (default: the "
+                        "one whose device kind the rows name)")
     parser.add_argument("--markdown", help="also write the table to this Markdown file")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = parser.parse_args(argv)
     try:
-        target = targets.resolve(args.target)
+        measured = measured_rows(args.rows)
+        kinds = {str(raw.get("device_kind")) for raw, _, _ in measured}
+        name = args.target or (targets.matching(kinds.pop()) if len(kinds) == 1 else None)
+        if name is None:
+            raise InvalidInput("target", f"the rows were measured on {', '.join(sorted(kinds))}, which no target "
+                               f"describes; name one: --target {targets.gpu_targets()[-1]}")
+        target = targets.resolve(name)
         if not target.is_gpu:
             raise InvalidInput("target", "compares a GPU compile with a GPU's measurement; choose one of "
                                f"{', '.join(targets.gpu_targets())}")
         if args.markdown and (pathlib.Path(args.markdown).is_dir() or not creatable(pathlib.Path(args.markdown))):
             raise InvalidInput("markdown", f"{args.markdown} is a folder or cannot be written; e.g. --markdown check.md")
-        measured_rows(args.rows)
         targets.prepare(target, 1)
     except InvalidInput as error:
         print(f"invalid: {error}", file=sys.stderr)

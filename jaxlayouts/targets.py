@@ -32,6 +32,7 @@ from jaxlayouts.schema import InvalidInput
 CPU = "cpu"
 TARGET_DIR = CONFIG_DIR / "hardware" / "targets"
 INSTALL = "pip install -e '.[gpu-aot]'"
+PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin")
 """The extra that brings the CUDA compiler plugin of jax's version and cuDNN (about 2.7 GB)."""
 
 
@@ -87,16 +88,24 @@ def resolve(name: str) -> Target:
     return Target(hardware.name, hardware)
 
 
+def matching(device_kind: str) -> str | None:
+    """The GPU target whose description names ``device_kind`` (a bench row's), if any."""
+    return next((n for n in gpu_targets() if resolve(n).device_kind == device_kind), None)
+
+
 def check_compiler() -> None:
-    """Refuse a GPU target, naming the install line, unless the CUDA plugin of jax's own version
-    is installed (another version's plugin does not load)."""
+    """Refuse a GPU target, naming the install line, unless a CUDA plugin of jax's own version is
+    installed (the extra's CUDA 12 one, or a GPU machine's CUDA 13 one; another version's plugin
+    does not load)."""
     jax_version = importlib.metadata.version("jax")
-    try:
-        plugin = importlib.metadata.version("jax-cuda12-plugin")
-    except importlib.metadata.PackageNotFoundError:
-        plugin = None
-    if plugin != jax_version:
-        found = f"jax-cuda12-plugin {plugin} is installed" if plugin else "it is not installed"
+    plugins = {}
+    for name in PLUGINS:
+        try:
+            plugins[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    if jax_version not in plugins.values():
+        found = (", ".join(f"{n} {v}" for n, v in plugins.items()) + " installed") if plugins else "it is not installed"
         raise InvalidInput("target", f"a GPU target compiles with XLA:GPU, which needs the CUDA compiler plugin "
                            f"of jax {jax_version} ({found}; no GPU is needed): {INSTALL} (about 2.7 GB), "
                            f"or use --target cpu")
