@@ -178,7 +178,7 @@ def explore(run: RunConfig, hardware: str = "a100-80gb", devices_=None, target: 
         "layout": str(run.layout), "model": run.model.name, "num_devices": run.layout.num_devices,
         "mesh": dict(run.layout.mesh), "hardware": hw.name, "target": chosen.name,
         "compiler": f"XLA:GPU ({step.device_kind}, no GPU)" if step.backend != "cpu" else "XLA:CPU (emulated devices)",
-        "compiled_as": step.note,
+        "compiled_as": step.note, "scan_layers": step.trainer.scan_layers,
         "params": parameter_table(step.trainer), "activations": activation_table(run, step.trainer),
         "memory": memory_report(run, step.trainer, step.memory, cost.memory(workload, hw)),
         "collectives": collective_table(step.collectives),

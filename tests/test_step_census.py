@@ -1,10 +1,12 @@
-"""The census of a compiled bfloat16 step (:func:`hlo.operations`): no float32 matmul, no avoidable
-data movement per layer, ZeRO-1 casts before it gathers."""
+"""The census of a compiled bfloat16 step (:func:`hlo.operations`, ``analysis/census.py``): no float32
+matmul, no avoidable data movement per layer (the default GPU program, compiled without a GPU, has
+none), ZeRO-1 casts before it gathers."""
 
 import re
 
 import jax
 import numpy as np
+import pytest
 from conftest import make_run
 
 from jaxlayouts.analysis import hlo
@@ -166,3 +168,36 @@ def test_census_counts_each_kind_once_per_trip():
     assert (c["fusions"], c["loop_add_fusions"]) == (16, 4)
     assert c["while_loops"] == [{"body": "body", "trips": 4, "executions": 1}]
     assert c["collectives"] == [{"kind": "all-reduce", "axes": ["dp"], "count": 1, "bytes": 256}]
+
+
+def _gpu_devices():
+    """One deviceless H200 (``targets.devices``), or a skip where the CUDA compiler plugin of
+    jax's version is not installed (the ``[gpu-aot]`` extra)."""
+    from jaxlayouts import targets
+    from jaxlayouts.schema import InvalidInput
+    target = targets.resolve("h200")
+    try:
+        targets.check_compiler()
+    except InvalidInput as error:
+        pytest.skip(str(error))
+    return targets.devices(target, 1)
+
+
+def test_default_gpu_step_copies_nothing_per_layer():
+    """The GPU program of the default step (layers unrolled on a GPU) has no copy-like op per layer
+    and micro-batch: one loop (the micro-batches) whose predicate goes to the host once per trip,
+    one stacking of the losses per micro-batch, and the scanned step's GEMMs, none in float32.
+    The scanned step has about 30 copy-like ops per layer and micro-batch (docs/gpu-program.md)."""
+    from jaxlayouts.analysis.census import census
+    from jaxlayouts.analysis.compiled import compile_step
+    run = make_run("dp=1", dtype="bfloat16")
+    step = compile_step(run, _gpu_devices())
+    assert step.trainer.scan_layers is False and run.layout.scan_layers is None
+    c = census(step.hlo_text, dict(step.trainer.mesh.shape))
+    accum, layers = run.grad_accum_steps, run.model.num_layers
+    copies = {k: v["count"] for k, v in c["copy_like"]["by_kind"].items() if v["count"]}
+    assert copies["loop predicate to host"] == accum + 1
+    assert c["copy_like"]["total"]["count"] < 3 * accum, copies  # no multiple of accum * layers
+    assert c["while_loops"] == [{"body": c["while_loops"][0]["body"], "trips": accum, "executions": 1}]
+    assert c["gemms"]["total"] >= accum * layers * 7 * 3
+    assert not [k for k in c["gemms"]["by_dtype"] if k.startswith("f32")]
