@@ -162,8 +162,9 @@ def benchmark(run: RunConfig, options: BenchOptions | None = None, *, axis_rules
 
 COMPILATION_CACHE = "~/.cache/jaxlayouts/xla"
 """Where the bench keeps JAX's persistent compilation cache on a GPU, unless one is configured
-(``JAX_COMPILATION_CACHE_DIR``): a GPU step has its layers unrolled, whose compile is 1.2-3x the
-scanned one's (docs/gpu-program.md); a rerun of the same step and jaxlib loads it in about a second."""
+(``JAX_COMPILATION_CACHE_DIR``): a GPU step has its layers unrolled, whose compile took 1.2-3.2x the
+scanned one's (docs/gpu-program.md); a rerun of the same step with the same jaxlib loads the
+executable instead of compiling it."""
 
 
 def enable_compilation_cache(platform: str) -> str | None:
