@@ -9,7 +9,7 @@ From Python or a notebook, with no set-up (the emulated devices are arranged her
     explore.compare(["fsdp=32", "fsdp=8,tp=4", "dp=4,tp=8"], model="llama-7b", seq_len=2048, global_batch=64)
 
 From the shell, with the bench's knobs: ``python -m jaxlayouts.explore --model llama-65b --mesh
-dp=4,tp=8,pp=4 --seq_len 2048 --global_batch 512 [--target h100-80gb] [--json] [--hlo_out FILE]``.
+dp=4,tp=8,pp=4 --seq_len 2048 --global_batch 512 [--target h100-80gb] [--census] [--json] [--hlo_out FILE]``.
 
 The training step is compiled ahead of time for ``target`` (abstract shapes, so no parameter
 memory): a GPU hardware such as ``h100-80gb`` compiles XLA:GPU's own program without a GPU
@@ -18,7 +18,9 @@ default) compiles on emulated CPU devices, one per device of the layout. The rep
 main activations with their logical axes, PartitionSpec, shapes and bytes; memory from XLA's
 compiled memory analysis beside the analytic model's (``plan/cost.py``), with why they differ;
 every collective of the compiled step with its mesh axes, bytes and executions per step (loop trip
-counts multiplied in); model FLOPs per step; the planner's predicted step time and MFU.
+counts multiplied in); model FLOPs per step; the planner's predicted step time and MFU. With
+``--census`` (``census=True``), the census of the compiled program (``analysis/census.py``): GEMMs by
+dtype, copy-like ops, fusions and collectives per step; ``--hlo_out`` writes the program it read.
 
 XLA's CPU client compiles for at most 2048 devices in one process. A larger layout is compiled
 there with fewer data-parallel replicas (``dp``) and the global batch cut in the same proportion:
@@ -45,6 +47,7 @@ import sys
 from absl import app, flags
 
 from jaxlayouts import config, flops, targets
+from jaxlayouts.analysis.census import census as program_census
 from jaxlayouts.analysis.compiled import compile_step, compiled_run, which_figure_to_trust
 from jaxlayouts.explore_view import Comparison, Report
 from jaxlayouts.layout import MAX_EMULATED_DEVICES, Layout, RunConfig, mesh_text, parse_mesh, validate
@@ -73,20 +76,21 @@ shards), its query heads, the SwiGLU hidden layer and the logits, by logical axe
 
 
 def layout(model: str = "tiny", *, layout: str | None = None, target: str = targets.CPU,
-           hardware: str | None = None, **values) -> Report:
+           hardware: str | None = None, census: bool = False, **values) -> Report:
     """The report for one layout: ``model`` and any bench knob as a keyword (``mesh="fsdp=8,tp=4"``,
     ``seq_len=2048``, ...), or ``layout=`` the layout's text form; compiled for ``target``
     (``"h100-80gb"``: XLA:GPU without a GPU; ``"cpu"``: emulated CPU devices). The analytic model
-    costs it on ``hardware`` (default: the target's, else a100-80gb). Arranges the devices itself;
+    costs it on ``hardware`` (default: the target's, else a100-80gb); ``census=True`` adds the census of
+    the compiled program (``analysis/census.py``). Arranges the devices itself;
     where JAX already started unsuited, compiles in a child process (and says so)."""
     run, checked = _run(model, layout, values)
     chosen = targets.resolve(target)
     hardware = _hardware(hardware, chosen)
     count = compiled_count(run, chosen)
     if _devices_ready(chosen, count):
-        return Report(explore(run, hardware, target=target))
+        return Report(explore(run, hardware, target=target, census=census))
     return Report(_in_child_process(checked, hardware, target, "XLA:GPU" if chosen.is_gpu
-                                    else f"{count} emulated CPU devices"))
+                                    else f"{count} emulated CPU devices", census))
 
 
 def compare(layouts: list[str], *, model: str = "tiny", target: str = targets.CPU, hardware: str | None = None,
@@ -136,7 +140,7 @@ def _devices_ready(target: targets.Target, count: int) -> bool:
     return jax.default_backend() == "cpu" and jax.device_count() >= count
 
 
-def _in_child_process(values: dict, hardware: str, target: str, on: str) -> dict:
+def _in_child_process(values: dict, hardware: str, target: str, on: str, census: bool = False) -> dict:
     """The report compiled by ``python -m jaxlayouts.explore`` with the same knob values."""
     import jax
     print(f"explore: JAX already started with {jax.device_count()} {jax.default_backend()} device(s); "
@@ -144,7 +148,8 @@ def _in_child_process(values: dict, hardware: str, target: str, on: str) -> dict
     args = [f"--{name}={values[name]}" if not isinstance(values[name], bool) else f"--{'' if values[name] else 'no'}{name}"
             for name in CLI_KNOBS if values.get(name) is not None]
     proc = subprocess.run([sys.executable, "-m", "jaxlayouts.explore", *args, f"--hardware={hardware}",
-                           f"--target={target}", "--json"], capture_output=True, text=True)
+                           f"--target={target}", "--json", *(["--census"] if census else [])],
+                          capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"explore's child process failed: {(proc.stderr or proc.stdout).strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -155,10 +160,11 @@ def _in_child_process(values: dict, hardware: str, target: str, on: str) -> dict
 
 
 def explore(run: RunConfig, hardware: str = "a100-80gb", devices_=None, target: str = targets.CPU,
-            hlo_out: str | None = None) -> dict:
+            hlo_out: str | None = None, census: bool = False) -> dict:
     """The report of ``run`` as a dict (see the module docstring), compiled for ``target`` on
     ``devices_`` (default: the target's; they only need to exist, nothing is allocated); with
-    ``hlo_out``, the compiled step's optimized HLO is written there."""
+    ``hlo_out``, the compiled step's optimized HLO is written there; with ``census``, the report's
+    ``census`` holds :func:`analysis.census.census` of that program."""
     chosen = targets.resolve(target)
     if devices_ is None and chosen.is_gpu:
         devices_ = targets.devices(chosen, run.layout.num_devices)
@@ -172,7 +178,7 @@ def explore(run: RunConfig, hardware: str = "a100-80gb", devices_=None, target: 
         "layout": str(run.layout), "model": run.model.name, "num_devices": run.layout.num_devices,
         "mesh": dict(run.layout.mesh), "hardware": hw.name, "target": chosen.name,
         "compiler": f"XLA:GPU ({step.device_kind}, no GPU)" if step.backend != "cpu" else "XLA:CPU (emulated devices)",
-        "compiled_as": step.note,
+        "compiled_as": step.note, "scan_layers": step.trainer.scan_layers,
         "params": parameter_table(step.trainer), "activations": activation_table(run, step.trainer),
         "memory": memory_report(run, step.trainer, step.memory, cost.memory(workload, hw)),
         "collectives": collective_table(step.collectives),
@@ -182,6 +188,8 @@ def explore(run: RunConfig, hardware: str = "a100-80gb", devices_=None, target: 
     context = cost.context_parallel_text(workload, prediction)
     if context:  # under cp > 1 only: other reports keep their keys
         report["context_parallel"] = context
+    if census:
+        report["census"] = program_census(step.hlo_text, dict(step.trainer.mesh.shape))
     report["memory"]["usable"] = hw.usable_bytes
     report["memory"]["notes"] = memory_notes(run, report["memory"], step.backend, hw)
     return report
@@ -311,7 +319,7 @@ def main(argv):
         config.print_invalid(error)
         sys.exit(2)
     try:
-        report = Report(explore(run, hardware, target=target.name, hlo_out=FLAGS.hlo_out))
+        report = Report(explore(run, hardware, target=target.name, hlo_out=FLAGS.hlo_out, census=FLAGS.census))
     except Exception as error:  # XLA's own limits, named rather than a traceback
         print(f"error: XLA could not compile {run.layout}: {type(error).__name__}: "
               f"{str(error).splitlines()[0][:300]}", file=sys.stderr)
@@ -328,4 +336,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("hardware", None, "Hardware for the analytic model (configs/hardware/; default: the "
                         "target's, else a100-80gb).")
     flags.DEFINE_string("hlo_out", None, "Write the compiled step's optimized HLO to this file.")
+    flags.DEFINE_bool("census", False, "Add the census of the compiled program: GEMMs by dtype, copy-like ops "
+                      "(copies, dynamic-slice/-update-slice kernels, loop predicates), fusions and collectives per "
+                      "step, loop trips multiplied in (analysis/census.py).")
     app.run(main, flags_parser=config.flags_parser(config.print_invalid))
