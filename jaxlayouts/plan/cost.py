@@ -166,8 +166,33 @@ class Trainer:
         return weights, grads, optimizer
 
     def logits_bytes_per_token(self, w: Workload) -> float:
-        """Float32 logits, softmax and gradient, split over tp (vocab-parallel LM head)."""
-        return 12 * w.model.vocab_size / w.tp
+        """The LM head's logits in the compute dtype, their float32 log-softmax and the logits'
+        gradient in the compute dtype, split over tp (vocab-parallel head): ``4 + 2 e`` bytes per
+        token and vocabulary entry. XLA:GPU's buffer assignment holds about 8.9 (bf16: 8) at the
+        head's backward (``../shared/measurements/deviceless-h200-2026-12-04.md``)."""
+        return (4 + 2 * w.dtype_bytes) * w.model.vocab_size / w.tp
+
+    def layer_kept_bytes(self, w: Workload, policy: str | None = None) -> float:
+        """Bytes one layer keeps for its backward, per micro-batch on one device, under the remat
+        ``policy`` (default the workload's): :func:`step_layer_kept_bytes`, what this project's
+        compiled step saves."""
+        return step_layer_kept_bytes(w, policy or w.remat)
+
+    def activation_scale(self, w: Workload, c: Calibration) -> float:
+        """Factor on the activations for allocator fragmentation: none here. XLA plans the step's
+        buffers itself, and its compiled peak is what the device allocates (within 1% on 13 H200
+        runs, ``targets.py``), so the tensors the program keeps are the whole of it."""
+        return 1.0
+
+    def gradient_buffer_bytes(self, w: Workload, stage: Stage) -> float:
+        """One micro-batch's gradient of the scanned layers, in the compute dtype, beside the
+        float32 accumulator: the backward ``lax.scan`` writes each layer's gradient into a stacked
+        ``[layers, ...]`` output that is allocated whole for the backward (``train.py``; the
+        buffer assignment of a ZeRO-1 step shows it). ZeRO-0/1 (``_per_shard_accumulation``) hold
+        it whole; ZeRO-2/3 constrain it to the sharded gradient layout, so each layer's gradient is
+        reduce-scattered as it is written and the buffer is split over the data axis."""
+        layers = w.dtype_bytes * stage.layers * layer_params(w.model) / w.tp
+        return layers / (w.data_parallel if w.zero >= 2 else 1)
 
     def kept_score_bytes(self, w: Workload) -> float:
         """Bytes per score element unfused attention keeps: float32 scores, probabilities in the
@@ -342,6 +367,58 @@ def layer_activation_bytes(w: Workload, per_layer_input_only: bool = False) -> f
     return replicated / (t if w.sequence_parallel else 1) + whole + (parallel + scores + gathered) / t
 
 
+def step_layer_kept_bytes(w: Workload, policy: str) -> float:
+    """Bytes one layer of this project's step keeps for its backward, per micro-batch on one
+    device, for the ``s = T / cp`` tokens the device holds, under remat ``policy``
+    (``remat.py``). Counted in tensors of one layer's width, ``E = e s b d`` bytes (``e`` the
+    compute dtype's bytes) and ``F = e s b d_ff``; ``kv`` = kv_heads / heads. What each policy
+    saves, from the compiled step (XLA:GPU's buffer assignment; one knob changed at a time on
+    llama-7b, ``docs/results/h100-memory-grid.jsonl``):
+
+    * ``full``: the layer input (its ``E``, split over tp under SP).
+    * ``selective`` (``save_only_these_names``: q, k, v, attention, out_proj): the input, q, k and
+      v (``(1 + 2 kv) E / t``), the attention result (``E / t``) and the output projection
+      (``E``, as the residual stream is laid out).
+    * ``save_all_but_ffn``: selective plus the two norms' outputs (``2 E``) and, with unfused
+      attention, the probabilities.
+    * ``dots`` (matmul outputs without batch dimensions): the input, the output projection, q, k
+      and v and one ``d_ff``-wide projection (``F / t``); XLA recomputes the other one with the
+      SwiGLU product (a GPU compile keeps 8 ``E`` on llama-7b at tp = 1, 3 ``E`` at tp = 4).
+    * ``none`` (everything saveable): the input and the residual after attention; per unfused
+      RMSNorm its float32 input (``2 E`` in bf16), normalised and scaled outputs (``2 E``), a fused
+      norm kernel only its output; q, k, v, rotated q and k (``(2 + 3 kv) E / t``) and the attention
+      result; in the SwiGLU the gate, up, sigmoid(gate), silu(gate) and their product (``5 F / t``);
+      with unfused attention the scores (``kept_score_bytes``).
+
+    The residual-stream tensors are split over tp only under SP; there the norm outputs the
+    next matmul all-gathers stay whole. This replaces Korthikanti et al.'s per-layer count
+    (``layer_activation_bytes``, which the reference study's trainer keeps), which had this step's
+    ``none`` 20-30% low and its ``selective`` equal to ``none``."""
+    m, t, e = w.model, w.tp, w.dtype_bytes
+    s, b = w.local_seq, w.micro_batch
+    E, F = e * s * b * m.d_model, e * s * b * m.d_ff
+    kv = m.num_kv_heads / m.num_heads
+    rows = t if w.sequence_parallel else 1            # the residual stream's split
+    whole = 1 if w.sequence_parallel else rows        # norm outputs the next matmul all-gathers
+    if policy in ("full", "offload"):
+        return E / rows
+    qkv = (1 + 2 * kv) * E / t
+    scores = 0.0
+    if attention_class(w) in ("unfused", "fused") and not w.ring and policy in ("none", "save_all_but_ffn"):
+        scores = w.trainer.kept_score_bytes(w) * b * m.num_heads * s * w.seq_len / t
+    gathered = 0.0
+    if w.cp > 1 and not w.ring and policy in ("none", "save_all_but_ffn", "dots"):
+        gathered = e * (w.seq_len - s) * b * m.d_model * 2 * kv / t  # the other devices' K/V, all-gathered
+    if policy == "selective":
+        return E / rows + qkv + E / t + E / rows
+    if policy == "save_all_but_ffn":
+        return E / rows + qkv + E / t + E / rows + 2 * E / whole + scores + gathered
+    if policy == "dots":
+        return E / rows + E / rows + qkv + F / t + gathered
+    norm = (2 * E * 4 / (2 * e) + E) / rows + E / whole if not w.fused_norm else E / whole
+    return (2 * E / rows + 2 * norm + qkv + (1 + kv) * E / t + E / t + 5 * F / t + scores + gathered)
+
+
 def memory(w: Workload, hw: Hardware) -> dict:
     """Bytes per device on the pipeline stage that needs the most."""
     return max((stage_memory(w, hw, stage) for stage in stages(w)), key=lambda m: m["total"])
@@ -350,9 +427,8 @@ def memory(w: Workload, hw: Hardware) -> dict:
 def stage_memory(w: Workload, hw: Hardware, stage: Stage) -> dict:
     c = hw.calibration
     weights, grads, optimizer = w.trainer.state_bytes(w, stage_params(w, stage))
-    activations = _stage_activation_bytes(w, stage) * c.activation_factor
-    if tp_activation_surcharge(w):
-        activations *= c.tp_activation_factor
+    grads += w.trainer.gradient_buffer_bytes(w, stage)
+    activations = _stage_activation_bytes(w, stage) * w.trainer.activation_scale(w, c)
     overhead = c.overhead_gib * GIB
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations,
             "overhead": overhead, "total": weights + grads + optimizer + activations + overhead}
@@ -365,12 +441,9 @@ def tp_activation_surcharge(w: Workload) -> bool:
 
 def _stage_activation_bytes(w: Workload, stage: Stage) -> float:
     """Activations a stage keeps at its peak, logits included."""
-    if w.remat == "full":
-        kept = stage.layers * stage.in_flight * layer_activation_bytes(w, per_layer_input_only=True)
-        if stage.layers:
-            kept += layer_activation_bytes(dataclasses.replace(w, remat="none"))  # one layer recomputed
-    else:
-        kept = stage.layers * stage.in_flight * layer_activation_bytes(w)
+    kept = stage.layers * stage.in_flight * w.trainer.layer_kept_bytes(w)
+    if w.remat == "full" and stage.layers:
+        kept += w.trainer.layer_kept_bytes(w, "none")  # one layer recomputed
     if stage.head:
         kept += w.trainer.logits_bytes_per_token(w) * w.micro_batch * w.local_seq
     if w.ring and stage.layers and attention_class(w) in ("unfused", "fused"):
