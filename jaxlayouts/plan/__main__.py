@@ -30,7 +30,7 @@ from jaxlayouts import config, targets
 from jaxlayouts.analysis.compiled import XLA_CPU_DEVICE_LIMIT, compile_step, which_figure_to_trust
 from jaxlayouts.layout import (MAX_EMULATED_DEVICES, InvalidInput, Layout, RunConfig, attention_runs_under_cp,
                                load_model_config, validate)
-from jaxlayouts.plan import cost
+from jaxlayouts.plan import cost, memcheck
 from jaxlayouts.plan.hardware import check_memory_fraction, load_hardware, save_calibration
 from jaxlayouts.schema import finite_json
 
@@ -295,6 +295,9 @@ def main(argv):
                    if len(cps) > 1 else "")
         print(f"{len(ranked)} layouts of {model.name} on {FLAGS.gpus} x {hw.name} ranked in {elapsed:.1f} s "
               f"(predicted; calibration {hw.calibration_source}{with_cp})")
+        validated = memcheck.validated_error(hw)
+        if validated:
+            print(validated)
         print(f"{'#':>3} {'layout':<96} {'MFU':>6} {'step s':>8} {'GiB/GPU':>8}  dominant terms")
         for i, r in enumerate(top, 1):
             flag = "" if r["fits"] else "  (does not fit)"
@@ -311,7 +314,8 @@ def main(argv):
                           f"may use on {hw.name}. {r['compiled']['which_to_trust']}")
     if FLAGS.json:
         print(json.dumps({"model": model.name, "gpus": FLAGS.gpus, "hardware": hw.name,
-                          "candidates": len(ranked), "seconds": elapsed, "top": top}))
+                          "candidates": len(ranked), "seconds": elapsed, "top": top,
+                          "memory_validated": memcheck.validated_error(hw)}))
 
 
 def verify(top: list[dict], runs: list[RunConfig], count: int, hw) -> list[dict]:

@@ -156,15 +156,6 @@ class Trainer:
         m = w.model
         return stage.layers * layer_params(m) / w.tp + _embedding_params(w)
 
-    def state_bytes(self, w: Workload, params: float) -> tuple[float, float, float]:
-        """Weights (bf16 compute copy + fp32 master), fp32 gradient accumulator, Adam moments."""
-        shard = w.data_parallel
-        weights = (w.dtype_bytes * params / (shard if w.zero >= 3 else 1)
-                   + 4 * params / (shard if w.zero >= 1 else 1))
-        grads = 4 * params / (shard if w.zero >= 2 else 1)
-        optimizer = 8 * params / (shard if w.zero >= 1 else 1)
-        return weights, grads, optimizer
-
     def logits_bytes_per_token(self, w: Workload) -> float:
         """The LM head's logits in the compute dtype, their float32 log-softmax and the logits'
         gradient in the compute dtype, split over tp (vocab-parallel head): ``4 + 2 e`` bytes per
@@ -184,15 +175,42 @@ class Trainer:
         runs, ``targets.py``), so the tensors the program keeps are the whole of it."""
         return 1.0
 
-    def gradient_buffer_bytes(self, w: Workload, stage: Stage) -> float:
-        """One micro-batch's gradient of the scanned layers, in the compute dtype, beside the
-        float32 accumulator: the backward ``lax.scan`` writes each layer's gradient into a stacked
-        ``[layers, ...]`` output that is allocated whole for the backward (``train.py``; the
-        buffer assignment of a ZeRO-1 step shows it). ZeRO-0/1 (``_per_shard_accumulation``) hold
-        it whole; ZeRO-2/3 constrain it to the sharded gradient layout, so each layer's gradient is
-        reduce-scattered as it is written and the buffer is split over the data axis."""
-        layers = w.dtype_bytes * stage.layers * layer_params(w.model) / w.tp
-        return layers / (w.data_parallel if w.zero >= 2 else 1)
+    def step_buffers(self, w: Workload, stage: Stage) -> tuple[float, float]:
+        """Weights and gradients the compiled step holds beyond :meth:`state_bytes`, on one device
+        of ``stage`` (bytes). What they are, from XLA:GPU's buffer assignment of the step:
+
+        * pp = 1: one micro-batch's gradient of the scanned layers in the compute dtype, beside the
+          float32 accumulator. The backward ``lax.scan`` writes each layer's gradient into a
+          stacked ``[layers, ...]`` output allocated whole for the backward (``train.py``). ZeRO-0/1
+          (``_per_shard_accumulation``) hold it whole; ZeRO-2/3 constrain it to the sharded
+          gradient layout, so each layer's gradient is reduce-scattered as it is written.
+        * pp > 1 (``parallel/pipeline.py``): the accumulator is carried through the tick's
+          ``lax.switch``, whose output is a second float32 copy of it (ZeRO-0/1/2: the stage's
+          whole gradient; a llama-65b pp=2 layout compiles to the same peak under ZeRO-1 and 2).
+          Under ZeRO-3 the executor all-gathers a whole chunk's weights (and the embedding and
+          head) for its forward and its backward, and the tick's gradient of them, in the compute
+          dtype, is whole until the gather's transpose reduce-scatters it."""
+        e, m = w.dtype_bytes, w.model
+        layers = stage.layers * layer_params(m) / w.tp
+        if w.pp == 1:
+            return 0.0, e * layers / (w.data_parallel if w.zero >= 2 else 1)
+        if w.zero < 3:
+            return 0.0, 4 * self.stage_params(w, stage)
+        chunk = layers / w.virtual_stages + _embedding_params(w)
+        return e * chunk, e * chunk
+
+    def state_bytes(self, w: Workload, params: float) -> tuple[float, float, float]:
+        """Weights (bf16 compute copy + fp32 master), fp32 gradient accumulator, Adam moments.
+        The pipeline executor accumulates a stage's gradients whole and reduce-scatters them once
+        per step, so under pp > 1 ZeRO-2 does not shard the accumulator (ZeRO-3's is sharded: the
+        gathers' transposes reduce-scatter each tick's gradient)."""
+        shard = w.data_parallel
+        sharded_grads = w.zero >= 3 or (w.zero == 2 and w.pp == 1)
+        weights = (w.dtype_bytes * params / (shard if w.zero >= 3 else 1)
+                   + 4 * params / (shard if w.zero >= 1 else 1))
+        grads = 4 * params / (shard if sharded_grads else 1)
+        optimizer = 8 * params / (shard if w.zero >= 1 else 1)
+        return weights, grads, optimizer
 
     def kept_score_bytes(self, w: Workload) -> float:
         """Bytes per score element unfused attention keeps: float32 scores, probabilities in the
@@ -427,7 +445,8 @@ def memory(w: Workload, hw: Hardware) -> dict:
 def stage_memory(w: Workload, hw: Hardware, stage: Stage) -> dict:
     c = hw.calibration
     weights, grads, optimizer = w.trainer.state_bytes(w, stage_params(w, stage))
-    grads += w.trainer.gradient_buffer_bytes(w, stage)
+    more_weights, more_grads = w.trainer.step_buffers(w, stage)
+    weights, grads = weights + more_weights, grads + more_grads
     activations = _stage_activation_bytes(w, stage) * w.trainer.activation_scale(w, c)
     overhead = c.overhead_gib * GIB
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations,
@@ -441,7 +460,16 @@ def tp_activation_surcharge(w: Workload) -> bool:
 
 def _stage_activation_bytes(w: Workload, stage: Stage) -> float:
     """Activations a stage keeps at its peak, logits included."""
-    kept = stage.layers * stage.in_flight * w.trainer.layer_kept_bytes(w)
+    if w.pp > 1 and w.trainer.pipeline_recompute:
+        # This project's executor stashes each in-flight micro-batch's stage input and re-runs the
+        # chunk's forward under jax.vjp in its backward tick (parallel/pipeline.py): one chunk's
+        # activations at a time, whatever the schedule and the number of micro-batches.
+        m = w.model
+        stash = stage.in_flight * w.dtype_bytes * w.micro_batch * w.local_seq * m.d_model / (
+            w.tp if w.sequence_parallel else 1)
+        kept = stash + stage.layers / w.virtual_stages * w.trainer.layer_kept_bytes(w)
+    else:
+        kept = stage.layers * stage.in_flight * w.trainer.layer_kept_bytes(w)
     if w.remat == "full" and stage.layers:
         kept += w.trainer.layer_kept_bytes(w, "none")  # one layer recomputed
     if stage.head:
