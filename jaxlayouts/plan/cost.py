@@ -199,6 +199,17 @@ class Trainer:
         chunk = layers / w.virtual_stages + _embedding_params(w)
         return e * chunk, e * chunk
 
+    def step_end_gradients(self, w: Workload, stage: Stage) -> float:
+        """The gradient bytes at the end of a pipelined step, once the ticks are done and their
+        activations freed (0 where that is not the step's peak: pp = 1, ZeRO-3). The stage's
+        float32 gradient leaves the executor's ``shard_map`` split over tp and is all-gathered
+        whole for the reduction over the data axis and the optimizer's layout: ``tp`` times the
+        accumulator (XLA:GPU's buffer assignment: ``f32[20,5120,13824]`` all-gathers for
+        llama-13b tp=4, pp=2, whatever the remat policy and schedule, 34.5 GiB peak for all nine)."""
+        if w.pp == 1 or w.zero >= 3 or not self.pipeline_recompute:
+            return 0.0
+        return 4 * w.tp * self.stage_params(w, stage)
+
     def state_bytes(self, w: Workload, params: float) -> tuple[float, float, float]:
         """Weights (bf16 compute copy + fp32 master), fp32 gradient accumulator, Adam moments.
         The pipeline executor accumulates a stage's gradients whole and reduce-scatters them once
@@ -451,6 +462,9 @@ def stage_memory(w: Workload, hw: Hardware, stage: Stage) -> dict:
     weights, grads = weights + more_weights, grads + more_grads
     activations = _stage_activation_bytes(w, stage) * w.trainer.activation_scale(w, c)
     overhead = c.overhead_gib * GIB
+    end = w.trainer.step_end_gradients(w, stage)
+    if end > grads + activations:  # the step's peak is at its end, with no activations left
+        grads, activations = end, 0.0
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations,
             "overhead": overhead, "total": weights + grads + optimizer + activations + overhead}
 
