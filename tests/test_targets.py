@@ -124,3 +124,12 @@ def test_target_check_compares_compiled_with_measured_peaks(tmp_path):
     assert only["error"] == pytest.approx((only["compiled_peak_bytes"] - 2**20) / 2**20)
     assert result["median_abs_error"] == abs(only["error"])
     assert f"{only['error']:+.2%}" in markdown(result)
+
+
+def test_plan_verify_compiles_its_picks_for_the_gpu_target():
+    proc, out = run_module("jaxlayouts.plan", "--model", "tiny", "--gpus", "8", "--hardware", "h100-80gb",
+                           "--seq_len", "64", "--global_batch", "16", "--top", "1", "--verify", "1",
+                           "--target", "h100-80gb", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (pick,) = out["top"]
+    assert pick["compiled"]["compiler"] == "XLA:GPU for h100-80gb" and pick["compiled"]["peak_gib"] > 0
