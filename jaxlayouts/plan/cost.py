@@ -187,17 +187,36 @@ class Trainer:
         * pp > 1 (``parallel/pipeline.py``): the accumulator is carried through the tick's
           ``lax.switch``, whose output is a second float32 copy of it (ZeRO-0/1/2: the stage's
           whole gradient; a llama-65b pp=2 layout compiles to the same peak under ZeRO-1 and 2).
-          Under ZeRO-3 the executor all-gathers a whole chunk's weights (and the embedding and
-          head) for its forward and its backward, and the tick's gradient of them, in the compute
-          dtype, is whole until the gather's transpose reduce-scatters it."""
+          Under ZeRO-3 (``Pipeline._gather``) the backward tick re-runs one chunk (``L / (P V)``
+          layers) from all-gathered weights; at its start XLA holds, in the compute dtype:
+
+          - the all-gather's result *whole over tp as well*: the gather runs inside the
+            ``shard_map`` that is manual over fsdp and automatic over tp, and XLA replicates its
+            operand over tp first (``bf16[16,512,11008]`` gathered to ``bf16[16,4096,11008]`` for
+            llama-7b tp=2, then sliced to the tp shard); the chunk's seven gathers are in flight
+            together, so ``tp`` times the chunk's tp-sharded weights (11.8 GiB for llama-13b
+            tp=4, a 20-layer chunk, of its 26.2 GiB peak);
+          - the backward scan's stacked gradient of the gathered chunk (tp-sharded), allocated
+            before the recomputed forward runs and whole until the gather's transpose
+            reduce-scatters it;
+          - without remat (``remat=none``) one more tp-sharded copy of the chunk: the forward
+            scan saves the gathered weights, as its layers transform them, among its stacked
+            residuals. Under ``jax.checkpoint`` (every other policy) the saved inputs are the
+            scan's own weight slices, which JAX forwards instead of stacking.
+
+          The embedding and head are gathered in other branches and are not live at that peak.
+          llama-7b tp=2 and llama-13b tp=4 pp=2 (``--scan_layers``, each schedule) compile to
+          within 3% of this (the 18-42% gap before was the tp-whole gather and the residual
+          copy)."""
         e, m = w.dtype_bytes, w.model
         layers = stage.layers * layer_params(m) / w.tp
         if w.pp == 1:
             return 0.0, e * layers / (w.data_parallel if w.zero >= 2 else 1)
         if w.zero < 3:
             return 0.0, 4 * self.stage_params(w, stage)
-        chunk = layers / w.virtual_stages + _embedding_params(w)
-        return e * chunk, e * chunk
+        chunk = e * layers / w.virtual_stages           # one chunk's weights in the compute dtype, tp-sharded
+        residual_copy = chunk if w.remat == "none" else 0.0
+        return w.tp * chunk + residual_copy, chunk
 
     def step_end_gradients(self, w: Workload, stage: Stage) -> float:
         """The gradient bytes at the end of a pipelined step, once the ticks are done and their
