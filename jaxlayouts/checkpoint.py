@@ -10,21 +10,40 @@ shardings of the *current* layout (any mesh, any device count): resharding happe
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 
 import orbax.checkpoint as ocp
+
+from jaxlayouts.results import WriteError
 
 
 class Checkpoints:
     def __init__(self, directory: str, every: int, keep: int = 3):
         options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
                                                enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+        with self.writing():
+            self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+    @contextlib.contextmanager
+    def writing(self):
+        """A save that fails (a full disk, a lost folder; orbax reports some as RESOURCE_EXHAUSTED)
+        is a :class:`WriteError` naming the directory, never mistaken for device memory."""
+        try:
+            yield
+        except Exception as error:
+            where = getattr(getattr(self, "manager", None), "directory", None)
+            raise WriteError(getattr(error, "errno", None) or errno.EIO,
+                             f"--checkpoint_dir {where or 'directory'}: the checkpoint could not be written "
+                             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from error
 
     def save(self, step: int, state, record: dict) -> bool:
-        """Save if ``step`` is on the interval; returns whether a save started."""
+        """Save if ``step`` is on the interval; returns whether a save started (a failure of an
+        earlier, asynchronous save surfaces here or in :meth:`close`)."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), run=ocp.args.JsonSave(record))
-        return self.manager.save(step, args=args)
+        with self.writing():
+            return self.manager.save(step, args=args)
 
     def restore(self, abstract_state):
         """The latest complete checkpoint, laid out like ``abstract_state`` (ShapeDtypeStructs
@@ -37,5 +56,6 @@ class Checkpoints:
         return restored.state, restored.run
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        with self.writing():
+            self.manager.wait_until_finished()
+            self.manager.close()

@@ -128,8 +128,10 @@ def parse_mesh(text: str, num_devices: int | None = None) -> dict[str, int]:
         if name in seen:
             raise InvalidInput("mesh", f"{name} is given twice in {text!r}; give each axis once, e.g. dp=8,tp=4")
         seen.add(name)
-        if not (value.isascii() and value.lstrip("-").isdigit()):
-            raise InvalidInput("mesh", f"{name}={value!r} is not an integer, e.g. {name}=2")
+        digits = value[1:] if value.startswith("-") else value
+        if not (digits.isascii() and digits.isdigit()) or len(digits) > 18:
+            raise InvalidInput("mesh", f"{name}={value[:40]!r} is not a size: write a positive integer "
+                               f"(or -1 for the rest) with one sign at most, e.g. {name}=2")
         size = int(value)
         if size == -1:
             if rest is not None:
