@@ -71,6 +71,9 @@ def is_oom(error: BaseException) -> bool:
 def check_before_devices(values: dict, opts: BenchOptions) -> None:
     """Everything that can be checked without devices: the run itself (when the mesh names every
     size), the emulated device count and the host memory the batches will take."""
+    problem = devices.check_environment()
+    if problem:
+        raise InvalidInput("environment", problem)
     count = config.emulated_device_count(values)
     if count is None:  # a -1 axis on an accelerator: checked once JAX has counted the devices (measure)
         return
@@ -143,12 +146,36 @@ def prepare_devices(values: dict, opts: BenchOptions) -> int:
             raise InvalidInput("num_processes", f"{count} devices do not split over "
                                f"{cluster.num_processes} processes")
         devices.request_host_devices(count // cluster.num_processes)
-    distributed.initialize(cluster, cpu=not accelerator, init_timeout_s=opts.init_timeout_s,
-                           heartbeat_timeout_s=opts.heartbeat_timeout_s)
+    try:
+        distributed.initialize(cluster, cpu=not accelerator, init_timeout_s=opts.init_timeout_s,
+                               heartbeat_timeout_s=opts.heartbeat_timeout_s)
+    except Exception as error:  # an unreachable coordinator, a peer that never starts: one line
+        raise RuntimeError(f"joining the run at {cluster.coordinator_address or 'SLURM'} as process "
+                           f"{cluster.process_id} of {cluster.num_processes} failed: {first_line(error)}") from None
+    start_backend()
     if count is None:
         import jax  # only now: an accelerator decides the device count
         count = jax.device_count()
     return count
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def start_backend() -> None:
+    """Start JAX's backend now, so that JAX_PLATFORMS naming a platform this machine lacks is
+    ``invalid`` (naming the variable) instead of a failure deep in the run."""
+    import jax
+    try:
+        jax.devices()
+    except RuntimeError as error:
+        if "Unable to initialize backend" not in str(error) and "JAX_PLATFORMS" not in str(error):
+            raise
+        raise InvalidInput("environment", f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r}: "
+                           f"{first_line(error, 200)}; name a platform this machine has, e.g. "
+                           "JAX_PLATFORMS=cpu, or unset it") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,13 +201,15 @@ def benchmark(run: RunConfig, options: BenchOptions | None = None, *, axis_rules
     if jax.process_count() > 1:
         distributed.log_once(distributed.describe_topology(run.layout, jax.process_count()))
     trainer = train.Trainer(run, device_mesh, axis_rules)
-    log(f"compiling {run.model.name} under {run.layout} on {len(devices)} x {devices[0].platform} ...")
-    compiled, compile_time = compile_step(trainer)
-    local_device = next(d for d in devices if d.process_index == jax.process_index())
-    memory = compiled_memory(compiled)
-    check_fits(memory, local_device, opts, sum(d.process_index == jax.process_index() for d in devices))
     saver = checkpoint.Checkpoints(opts.checkpoint_dir, opts.checkpoint_every) if opts.checkpoint_dir else None
     try:
+        if opts.restore:
+            check_restorable(saver, run)
+        log(f"compiling {run.model.name} under {run.layout} on {len(devices)} x {devices[0].platform} ...")
+        compiled, compile_time = compile_step(trainer)
+        local_device = next(d for d in devices if d.process_index == jax.process_index())
+        memory = compiled_memory(compiled)
+        check_fits(memory, local_device, opts, sum(d.process_index == jax.process_index() for d in devices))
         state, first_step, restored_from = initial_state(trainer, saver, opts.restore, log)
         losses, step_times = train_steps(trainer, compiled, state, first_step, opts, saver, log)
     finally:
@@ -189,6 +218,21 @@ def benchmark(run: RunConfig, options: BenchOptions | None = None, *, axis_rules
     return {"num_devices": len(devices), "platform": devices[0].platform, "compile_time_s": compile_time,
             "first_step": first_step, "restored_from": restored_from, "num_processes": jax.process_count(),
             **measured_fields(run, opts, local_device, len(devices), losses, step_times, memory)}
+
+
+def check_restorable(saver, run: RunConfig) -> None:
+    """Before compiling: the latest checkpoint exists and was saved by a run of this model with
+    the same data settings (``checkpoint.mismatch``), else :class:`InvalidInput` for --restore."""
+    from jaxlayouts import checkpoint
+
+    try:
+        step, record = saver.latest_record()
+    except FileNotFoundError as error:
+        raise InvalidInput("restore", f"{error}; run once without --restore to save one") from None
+    problem = checkpoint.mismatch(record, run)
+    if problem:
+        raise InvalidInput("restore", f"the checkpoint of step {step} in {saver.manager.directory} does not fit "
+                           f"this run: {problem}")
 
 
 def compile_step(trainer) -> tuple:
@@ -237,7 +281,7 @@ def train_steps(trainer, compiled, state, first_step: int, opts: BenchOptions, s
     and the timed steps' seconds."""
     import jax
 
-    from jaxlayouts import data, train
+    from jaxlayouts import checkpoint, data, train
 
     run = trainer.run
     batches = [data.device_batch(
@@ -265,8 +309,7 @@ def train_steps(trainer, compiled, state, first_step: int, opts: BenchOptions, s
             f"loss {losses[-1]:.4f}  {elapsed:.3f} s")
         done = first_step + step + 1
         if saver and done % opts.checkpoint_every == 0:
-            if saver.save(done, state, {"next_step": done, "layout": str(run.layout), "model": run.model.name,
-                                        "seed": run.seed, "global_batch": run.global_batch, "seq_len": run.seq_len}):
+            if saver.save(done, state, checkpoint.record_of(run, done)):
                 log(f"  checkpoint: saving step {done} to {opts.checkpoint_dir}")
     if opts.profile_dir:
         with writing("profile_dir", opts.profile_dir):

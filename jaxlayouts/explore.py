@@ -68,6 +68,8 @@ def layout(model: str = "tiny", *, layout: str | None = None, hardware: str = "a
     """The report for one layout: ``model`` and any bench knob as a keyword (``mesh="fsdp=8,tp=4"``,
     ``seq_len=2048``, ...), or ``layout=`` the layout's text form. Arranges the emulated devices
     itself; where JAX already started with too few, compiles in a child process (and says so)."""
+    _text_argument("layout", layout, "fsdp=8,tp=4 mbs=1", optional=True)
+    _text_argument("hardware", hardware, "a100-80gb")
     run, checked = _run(model, layout, values)
     load_hardware(hardware)
     count = compiled_run(run)[0].layout.num_devices
@@ -79,9 +81,25 @@ def layout(model: str = "tiny", *, layout: str | None = None, hardware: str = "a
 def compare(layouts: list[str], *, model: str = "tiny", hardware: str = "a100-80gb", **values) -> Comparison:
     """Several layouts (text forms, or meshes such as ``"fsdp=8,tp=4"``) of one run side by side:
     memory per device, collective bytes by mesh axis, predicted step time and MFU, and a figure."""
+    if isinstance(layouts, (str, bytes)) or not isinstance(layouts, (list, tuple)) or not layouts:
+        raise InvalidInput("layouts", f"{layouts!r:.80} is not a non-empty list of layouts; give one, e.g. "
+                           "compare([\"fsdp=8,tp=4\", \"dp=8,tp=4\"], model=\"llama-7b\")")
+    for i, text in enumerate(layouts):
+        _text_argument(f"layouts[{i}]", text, "fsdp=8,tp=4")
+    _text_argument("hardware", hardware, "a100-80gb")
     runs = [_run(model, text, values)[0] for text in layouts]
     _devices_ready(max(compiled_run(run)[0].layout.num_devices for run in runs))
     return Comparison([layout(model, layout=text, hardware=hardware, **values) for text in layouts])
+
+
+def _text_argument(name: str, value, example: str, optional: bool = False) -> None:
+    """:class:`InvalidInput` naming the argument ``name`` unless ``value`` is non-empty text
+    (or None where ``optional``)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(name, f"{value!r:.80} is not {'text' if not isinstance(value, str) else 'a value'}; "
+                           f"give one, e.g. {example!r}")
 
 
 def _run(model: str, text: str | None, values: dict) -> tuple[RunConfig, dict]:

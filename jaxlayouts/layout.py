@@ -130,7 +130,7 @@ def parse_mesh(text: str, num_devices: int | None = None) -> dict[str, int]:
         seen.add(name)
         digits = value[1:] if value.startswith("-") else value
         if not (digits.isascii() and digits.isdigit()) or len(digits) > 18:
-            raise InvalidInput("mesh", f"{name}={value[:40]!r} is not a size: write a positive integer "
+            raise InvalidInput("mesh", f"{name}={value[:40]!r} is not an integer: write a positive size "
                                f"(or -1 for the rest) with one sign at most, e.g. {name}=2")
         size = int(value)
         if size == -1:
