@@ -16,7 +16,8 @@ import math
 import pathlib
 
 from jaxlayouts.kernels import triton_versions
-from jaxlayouts.schema import InvalidInput, check_instance, checked, from_mapping, knob, knobs, load_yaml
+from jaxlayouts.schema import (InvalidInput, check_instance, checked, from_mapping, knob, knobs, load_yaml,
+                               refuse_special)
 
 MESH_AXES = ("dp", "fsdp", "cp", "tp", "pp")
 """Mesh axes in mesh order: data replicas, ZeRO/FSDP shards, context parallel (the sequence split
@@ -99,6 +100,7 @@ def load_model_config(name_or_path: str, **overrides) -> ModelConfig:
     path = pathlib.Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / "models" / f"{name_or_path}.yaml"
+    refuse_special(path, "model", "configs/models/tiny.yaml")
     if not path.is_file():
         raise InvalidInput(
             "model", f"unknown model {name_or_path!r}; choose one of {', '.join(model_names())} "

@@ -29,6 +29,9 @@ LOCK_WAIT_S = 10.0
 class WriteError(OSError):
     """A write that did not complete: the file (or folder) it was for, and why."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 def write_all(fd: int, data: bytes, path) -> None:
     """Write every byte of ``data`` to ``fd`` (``os.write`` may write fewer than asked): a write

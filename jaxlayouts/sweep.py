@@ -33,7 +33,7 @@ from jaxlayouts import config, distributed
 from jaxlayouts.results import Results
 from jaxlayouts.launch import PARENT_PID_VARIABLE
 from jaxlayouts.layout import MAX_EMULATED_DEVICES, MESH_AXES, mesh_text, validate
-from jaxlayouts.schema import InvalidInput, coerce, from_mapping, knob, knobs, load_yaml
+from jaxlayouts.schema import InvalidInput, coerce, from_mapping, knob, knobs, load_yaml, refuse_special
 
 NOT_FROM_SWEEP = ("output", "num_devices", "coordinator_address", "num_processes", "process_id")
 """Bench knobs a sweep file may not set: the sweep and the launcher own them."""
@@ -66,6 +66,7 @@ class SweepFile:
 def load_sweep(path: str | pathlib.Path) -> SweepFile:
     """A sweep file, every field checked; :class:`InvalidInput` names the field."""
     path = pathlib.Path(path)
+    refuse_special(path, "sweep_file", "configs/sweeps/cpu_smoke.yaml")
     if not path.is_file():
         raise InvalidInput("sweep_file", f"no sweep file {path}; see configs/sweeps/ for examples")
     sweep = from_mapping(SweepFile, {"name": path.stem, **load_yaml(path, "sweep_file", empty_ok=True)}, path, "sweep_file")
