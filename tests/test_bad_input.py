@@ -185,12 +185,19 @@ def test_workers_die_when_the_launcher_is_killed(tmp_path):
 
 NASTY = ["", "-1", "0", "nan", "-inf", "1e309", "abc", "2.5", "99999999999999999999", "true", "dp=0",
          "dp=-1,tp=-1", "/nonexistent/x", "README.md", "jaxlayouts", "{", "'", "dp=2 mbs=0", "dp=2,dp=4",
-         "/proc/x", "٢"]
+         "/proc/x", "٢", "/dev/full", "/dev/zero", "dp=--2", "9" * 40, "fsdp=-+1"]
 
 
 def _mutations(text: str, rng: random.Random) -> str:
     lines = text.splitlines()
-    choice = rng.randrange(5)
+    choice = rng.randrange(7)
+    if choice == 5:  # an alias bomb, or nesting past the bound
+        return rng.choice([BOMB_TEXT, "x: " + "[" * 200 + "]" * 200 + "\n", '{"status": "ok", "x": '
+                           + "[" * 5000 + "]" * 5000 + "}\n"])
+    if choice == 6 and lines:  # an integer past any bound
+        i = rng.randrange(len(lines))
+        lines[i] = f"{lines[i].split(':')[0]}: {'9' * rng.choice([25, 5000])}"
+        return "\n".join(lines) + "\n"
     if choice == 0 and lines:
         lines.pop(rng.randrange(len(lines)))
     elif choice == 1 and lines:
@@ -204,6 +211,10 @@ def _mutations(text: str, rng: random.Random) -> str:
     else:
         lines.append(f"{rng.choice(['extra', 'grid', 'status', 'key'])}: {rng.choice(NASTY)}")
     return "\n".join(lines) + "\n"
+
+
+BOMB_TEXT = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
 
 
 def _digest(paths) -> dict:
@@ -220,6 +231,10 @@ def _fuzz_case(rng: random.Random, tmp: pathlib.Path, n: int):
     sweep_file.write_text(_mutations("devices: 1\nbase: {model: tiny}\ngrid: {micro_batch: [1, 2]}\n", rng))
     study = tmp / f"study{n}.csv"
     study.write_text(_mutations((ROOT / "tests/data/study_rows.csv").read_text(), rng))
+    if rng.random() < 0.15:  # a special file where a file is read or written
+        fifo = tmp / f"fifo{n}.jsonl"
+        os.mkfifo(fifo)
+        results = rng.choice([fifo, pathlib.Path("/dev/full"), pathlib.Path("/dev/null")])
     flag = lambda names: f"--{rng.choice(names)}={rng.choice(NASTY)}"
     # Baselines that stop at a late check (3 data shards cannot split 2 sequences; 0 kernel
     # iterations), so each case runs every earlier check and rarely compiles anything.
@@ -480,8 +495,7 @@ def test_a_second_writer_of_a_results_file_is_refused_clearly(tmp_path):
     assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b"]
 
 
-BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+BOMB = BOMB_TEXT
 
 
 @pytest.mark.parametrize("text, message", [
