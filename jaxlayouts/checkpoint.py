@@ -24,8 +24,9 @@ class Checkpoints:
     def __init__(self, directory: str, every: int, keep: int = 3):
         options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
                                                enable_async_checkpointing=True)
+        self.directory = os.path.abspath(directory)
         with self.writing():
-            self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     @contextlib.contextmanager
     def writing(self):
@@ -34,9 +35,8 @@ class Checkpoints:
         try:
             yield
         except Exception as error:
-            where = getattr(getattr(self, "manager", None), "directory", None)
             raise WriteError(getattr(error, "errno", None) or errno.EIO,
-                             f"--checkpoint_dir {where or 'directory'}: the checkpoint could not be written "
+                             f"--checkpoint_dir {self.directory}: the checkpoint could not be written "
                              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from error
 
     def save(self, step: int, state, record: dict) -> bool:

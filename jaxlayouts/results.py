@@ -3,7 +3,7 @@
 A file is refused unless every complete line is a result row (a JSON object with ``status``;
 with ``keyed``, a ``key`` too); a line torn by a kill during a write (it starts with ``{`` and does
 not parse) stays where it is and is skipped. A device, FIFO or socket (``/dev/full``, a link to
-``/dev/zero``) is refused before anything runs. Each row is appended whole or not at all: written
+``/dev/zero``) is refused before anything runs; ``/dev/null`` keeps no file (rows are discarded). Each row is appended whole or not at all: written
 by a loop that finishes short writes, synced to disk, and cut back off when the disk fills part
 way (the error names the file). Writers take an exclusive ``flock`` on the file: a sweep holds it
 for its whole run, so a second sweep on the same file is refused; a bench's one row waits a
@@ -58,6 +58,8 @@ class Results:
     keeps the rows in memory only (a sweep's non-writing processes)."""
 
     def __init__(self, path: str | pathlib.Path | None, knob: str = "out", keyed: bool = True):
+        if path is not None and os.path.realpath(path) == os.devnull:
+            path = None  # the null device: rows are discarded, as asked (``sweep --dry-run --out /dev/null``)
         self.path = pathlib.Path(path) if path is not None else None
         self.knob, self.keyed = knob, keyed
         self.rows: dict[str, dict] = {}

@@ -402,11 +402,17 @@ def test_special_files_are_refused_before_any_work(special_files, special):
     from jaxlayouts.results import Results
     from jaxlayouts.sweep import load_sweep
     path, kind = special_files[special]
-    readers = {"out": lambda: Results(path), "output": lambda: Results(path, knob="output", keyed=False),
-               "model": lambda: load_model_config(path), "sweep_file": lambda: load_sweep(path),
-               "results": lambda: report.load(path), "file": lambda: read_rows(path),
-               "checkpoint_dir": lambda: config.options(config.check_values(config.values_with(checkpoint_dir=path))),
-               "profile_dir": lambda: config.options(config.check_values(config.values_with(profile_dir=path)))}
+    if special == "/dev/null":  # as an output, the null device is handled: rows are discarded
+        for knob in ("out", "output"):
+            results = Results(path, knob=knob).create()
+            results.append({"status": "ok", "key": "a"})
+            assert results.path is None and list(results.rows) == ["a"]
+    readers = {} if special == "/dev/null" else {
+        "out": lambda: Results(path), "output": lambda: Results(path, knob="output", keyed=False)}
+    readers |= {"model": lambda: load_model_config(path), "sweep_file": lambda: load_sweep(path),
+                "results": lambda: report.load(path), "file": lambda: read_rows(path),
+                "checkpoint_dir": lambda: config.options(config.check_values(config.values_with(checkpoint_dir=path))),
+                "profile_dir": lambda: config.options(config.check_values(config.values_with(profile_dir=path)))}
     for knob, read in readers.items():
         with pytest.raises(InvalidInput, match=f"--{knob}: ") as error:
             read()
@@ -532,7 +538,6 @@ def test_deeply_nested_json_is_refused_not_a_recursion_error(tmp_path, line, mes
 
 @pytest.mark.parametrize("values, message", [
     ({"mesh": "dp=--2"}, "--mesh: dp='--2' is not an integer: write a positive size (or -1 for the rest) with one sign"),
-    ({"mesh": "tp=2-"}, "--mesh: tp='2-' is not an integer"),
     ({"seed": 2**64}, "--seed: 18446744073709551616 does not fit in a signed 64-bit integer"),
     ({"seed": "9" * 5000}, "--seed: '" + "9" * 39 + "... (5002 characters) does not fit"),
     ({"micro_batch": -2**70}, "--micro_batch: -1180591620717411303424 does not fit in a signed 64-bit integer"),
@@ -609,7 +614,6 @@ def test_a_broken_environment_ends_with_the_json_line(env, message):
 @pytest.mark.parametrize("call, knob", [
     (lambda e: e.layout("tiny", layout=5), "--layout: 5 is not text"),
     (lambda e: e.layout("tiny", hardware=3), "--hardware: 3 is not text"),
-    (lambda e: e.layout("tiny", mesh=8), "--mesh: 8 is not text"),
     (lambda e: e.layout("tiny", mesh="dp=--2"), "--mesh: dp='--2' is not an integer"),
     (lambda e: e.compare([None]), "--layouts[0]: None is not text; give one, e.g. 'fsdp=8,tp=4'"),
     (lambda e: e.compare([]), "--layouts: [] is not a non-empty list of layouts"),
