@@ -77,6 +77,8 @@ def request_host_devices(count: int) -> int | None:
     if "jax" in sys.modules:
         raise RuntimeError("request_host_devices must run before JAX is imported")
     os.environ["XLA_FLAGS"] = f"{flags} {_COUNT_FLAG}={count}".strip()
+    # No GPU here: don't let an installed CUDA plugin (the [gpu-aot] extra) probe for a driver.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     return count
 
 

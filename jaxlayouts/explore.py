@@ -9,19 +9,24 @@ From Python or a notebook, with no set-up (the emulated devices are arranged her
     explore.compare(["fsdp=32", "fsdp=8,tp=4", "dp=4,tp=8"], model="llama-7b", seq_len=2048, global_batch=64)
 
 From the shell, with the bench's knobs: ``python -m jaxlayouts.explore --model llama-65b --mesh
-dp=4,tp=8,pp=4 --seq_len 2048 --global_batch 512 [--hardware a100-80gb] [--json]``.
+dp=4,tp=8,pp=4 --seq_len 2048 --global_batch 512 [--target h100-80gb] [--census] [--json] [--hlo_out FILE]``.
 
-The training step is compiled ahead of time on emulated CPU devices (one per device of the layout;
-abstract shapes, so no parameter memory). The report holds, per device: every parameter and the
+The training step is compiled ahead of time for ``target`` (abstract shapes, so no parameter
+memory): a GPU hardware such as ``h100-80gb`` compiles XLA:GPU's own program without a GPU
+(``targets.py``; the ``[gpu-aot]`` extra), whose memory is the figure to trust; ``cpu`` (the
+default) compiles on emulated CPU devices, one per device of the layout. The report holds, per device: every parameter and the
 main activations with their logical axes, PartitionSpec, shapes and bytes; memory from XLA's
 compiled memory analysis beside the analytic model's (``plan/cost.py``), with why they differ;
 every collective of the compiled step with its mesh axes, bytes and executions per step (loop trip
-counts multiplied in); model FLOPs per step; the planner's predicted step time and MFU.
+counts multiplied in); model FLOPs per step; the planner's predicted step time and MFU. With
+``--census`` (``census=True``), the census of the compiled program (``analysis/census.py``): GEMMs by
+dtype, copy-like ops, fusions and collectives per step; ``--hlo_out`` writes the program it read.
 
 XLA's CPU client compiles for at most 2048 devices in one process. A larger layout is compiled
-with fewer data-parallel replicas (``dp``) and the global batch cut in the same proportion: every
-device holds and does exactly what it would in the full layout, so per-device memory, shardings and
-collective sizes are those of the full layout (only the dp groups are smaller); the report says so.
+there with fewer data-parallel replicas (``dp``) and the global batch cut in the same proportion:
+every device holds and does exactly what it would in the full layout, so per-device memory,
+shardings and collective sizes are those of the full layout (only the dp groups are smaller); the
+report says so. A GPU target compiles every layout whole.
 The compile itself is ``analysis/compiled.py``'s, which the planner's ``--verify`` shares.
 JAX is imported inside the functions: the devices must be arranged before JAX starts.
 
@@ -34,20 +39,26 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import pathlib
 import subprocess
 import sys
 
 from absl import app, flags
 
-from jaxlayouts import config, devices, flops
+from jaxlayouts import config, flops, targets
+from jaxlayouts.analysis.census import census as program_census
 from jaxlayouts.analysis.compiled import compile_step, compiled_run, which_figure_to_trust
 from jaxlayouts.explore_view import Comparison, Report
 from jaxlayouts.layout import MAX_EMULATED_DEVICES, Layout, RunConfig, mesh_text, parse_mesh, validate
 from jaxlayouts.plan import cost
 from jaxlayouts.plan.hardware import load_hardware
-from jaxlayouts.schema import InvalidInput, knobs
+from jaxlayouts.schema import InvalidInput, creatable, knobs
 
 FLAGS = flags.FLAGS
+MAX_TARGET_DEVICES = 65536
+"""The largest GPU cluster explore compiles for (a deviceless topology has no device limit; compile
+time and host memory grow with the device count: see the README's measured sizes)."""
 CLI_KNOBS = tuple(n for n in config.KNOB_NAMES if n not in config.NOT_A_RUN_KNOB or n == "num_devices")
 """The knobs the command line takes: the run's, and the cluster size for a ``-1`` axis."""
 ACTIVATIONS = {
@@ -64,21 +75,29 @@ shards), its query heads, the SwiGLU hidden layer and the logits, by logical axe
 # One call from Python
 
 
-def layout(model: str = "tiny", *, layout: str | None = None, hardware: str = "a100-80gb", **values) -> Report:
+def layout(model: str = "tiny", *, layout: str | None = None, target: str = targets.CPU,
+           hardware: str | None = None, census: bool = False, **values) -> Report:
     """The report for one layout: ``model`` and any bench knob as a keyword (``mesh="fsdp=8,tp=4"``,
-    ``seq_len=2048``, ...), or ``layout=`` the layout's text form. Arranges the emulated devices
-    itself; where JAX already started with too few, compiles in a child process (and says so)."""
+    ``seq_len=2048``, ...), or ``layout=`` the layout's text form; compiled for ``target``
+    (``"h100-80gb"``: XLA:GPU without a GPU; ``"cpu"``: emulated CPU devices). The analytic model
+    costs it on ``hardware`` (default: the target's, else a100-80gb); ``census=True`` adds the census of
+    the compiled program (``analysis/census.py``). Arranges the devices itself;
+    where JAX already started unsuited, compiles in a child process (and says so)."""
     _text_argument("layout", layout, "fsdp=8,tp=4 mbs=1", optional=True)
-    _text_argument("hardware", hardware, "a100-80gb")
+    _text_argument("target", target, targets.CPU)
+    _text_argument("hardware", hardware, "a100-80gb", optional=True)
     run, checked = _run(model, layout, values)
-    load_hardware(hardware)
-    count = compiled_run(run)[0].layout.num_devices
-    if _devices_ready(count):
-        return Report(explore(run, hardware))
-    return Report(_in_child_process(checked, hardware, count))
+    chosen = targets.resolve(target)
+    hardware = _hardware(hardware, chosen)
+    count = compiled_count(run, chosen)
+    if _devices_ready(chosen, count):
+        return Report(explore(run, hardware, target=target, census=census))
+    return Report(_in_child_process(checked, hardware, target, "XLA:GPU" if chosen.is_gpu
+                                    else f"{count} emulated CPU devices", census))
 
 
-def compare(layouts: list[str], *, model: str = "tiny", hardware: str = "a100-80gb", **values) -> Comparison:
+def compare(layouts: list[str], *, model: str = "tiny", target: str = targets.CPU, hardware: str | None = None,
+            **values) -> Comparison:
     """Several layouts (text forms, or meshes such as ``"fsdp=8,tp=4"``) of one run side by side:
     memory per device, collective bytes by mesh axis, predicted step time and MFU, and a figure."""
     if isinstance(layouts, (str, bytes)) or not isinstance(layouts, (list, tuple)) or not layouts:
@@ -86,10 +105,24 @@ def compare(layouts: list[str], *, model: str = "tiny", hardware: str = "a100-80
                            "compare([\"fsdp=8,tp=4\", \"dp=8,tp=4\"], model=\"llama-7b\")")
     for i, text in enumerate(layouts):
         _text_argument(f"layouts[{i}]", text, "fsdp=8,tp=4")
-    _text_argument("hardware", hardware, "a100-80gb")
+    _text_argument("target", target, targets.CPU)
+    _text_argument("hardware", hardware, "a100-80gb", optional=True)
     runs = [_run(model, text, values)[0] for text in layouts]
-    _devices_ready(max(compiled_run(run)[0].layout.num_devices for run in runs))
-    return Comparison([layout(model, layout=text, hardware=hardware, **values) for text in layouts])
+    chosen = targets.resolve(target)
+    _devices_ready(chosen, max(compiled_count(run, chosen) for run in runs))
+    return Comparison([layout(model, layout=text, target=target, hardware=hardware, **values) for text in layouts])
+
+
+def _hardware(name: str | None, target: targets.Target) -> str:
+    """The analytic model's hardware: as given, else the target's, else the study's A100."""
+    name = name or (target.name if target.is_gpu else "a100-80gb")
+    load_hardware(name)
+    return name
+
+
+def compiled_count(run: RunConfig, target: targets.Target) -> int:
+    """Devices the compile needs: the layout's on a GPU target, :func:`compiled_run`'s on XLA:CPU."""
+    return run.layout.num_devices if target.is_gpu else compiled_run(run)[0].layout.num_devices
 
 
 def _text_argument(name: str, value, example: str, optional: bool = False) -> None:
@@ -117,22 +150,25 @@ def _run(model: str, text: str | None, values: dict) -> tuple[RunConfig, dict]:
     return run, checked
 
 
-def _devices_ready(count: int) -> bool:
-    """Arrange ``count`` emulated devices if JAX has not started; whether this process has them."""
-    if "jax" not in sys.modules:
-        devices.emulate_cluster(count)
+def _devices_ready(target: targets.Target, count: int) -> bool:
+    """Arrange the devices for ``target`` if JAX has not started; whether this process can
+    compile for it (``count`` emulated CPU devices, or a CPU-only JAX for a GPU target)."""
+    targets.prepare(target, count)
     import jax
+    if target.is_gpu:
+        return os.environ.get("JAX_PLATFORMS") == targets.CPU
     return jax.default_backend() == "cpu" and jax.device_count() >= count
 
 
-def _in_child_process(values: dict, hardware: str, count: int) -> dict:
+def _in_child_process(values: dict, hardware: str, target: str, on: str, census: bool = False) -> dict:
     """The report compiled by ``python -m jaxlayouts.explore`` with the same knob values."""
     import jax
     print(f"explore: JAX already started with {jax.device_count()} {jax.default_backend()} device(s); "
-          f"compiling on {count} emulated CPU devices in a child process")
+          f"compiling on {on} in a child process")
     args = [f"--{name}={values[name]}" if not isinstance(values[name], bool) else f"--{'' if values[name] else 'no'}{name}"
             for name in CLI_KNOBS if values.get(name) is not None]
-    proc = subprocess.run([sys.executable, "-m", "jaxlayouts.explore", *args, f"--hardware={hardware}", "--json"],
+    proc = subprocess.run([sys.executable, "-m", "jaxlayouts.explore", *args, f"--hardware={hardware}",
+                           f"--target={target}", "--json", *(["--census"] if census else [])],
                           capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"explore's child process failed: {(proc.stderr or proc.stdout).strip()[-2000:]}")
@@ -143,16 +179,26 @@ def _in_child_process(values: dict, hardware: str, count: int) -> dict:
 # The report
 
 
-def explore(run: RunConfig, hardware: str = "a100-80gb", devices_=None) -> dict:
-    """The report of ``run`` as a dict (see the module docstring), compiled on ``devices_``
-    (default: the first devices JAX has; they only need to exist, nothing is allocated)."""
+def explore(run: RunConfig, hardware: str = "a100-80gb", devices_=None, target: str = targets.CPU,
+            hlo_out: str | None = None, census: bool = False) -> dict:
+    """The report of ``run`` as a dict (see the module docstring), compiled for ``target`` on
+    ``devices_`` (default: the target's; they only need to exist, nothing is allocated); with
+    ``hlo_out``, the compiled step's optimized HLO is written there; with ``census``, the report's
+    ``census`` holds :func:`analysis.census.census` of that program."""
+    chosen = targets.resolve(target)
+    if devices_ is None and chosen.is_gpu:
+        devices_ = targets.devices(chosen, run.layout.num_devices)
     step = compile_step(run, devices_)
+    if hlo_out:
+        pathlib.Path(hlo_out).write_text(step.hlo_text)
     hw = load_hardware(hardware)
     workload = cost.Workload.from_run(run)
     prediction = cost.predict(workload, hw)
     report = {
         "layout": str(run.layout), "model": run.model.name, "num_devices": run.layout.num_devices,
-        "mesh": dict(run.layout.mesh), "hardware": hw.name, "compiled_as": step.note,
+        "mesh": dict(run.layout.mesh), "hardware": hw.name, "target": chosen.name,
+        "compiler": f"XLA:GPU ({step.device_kind}, no GPU)" if step.backend != "cpu" else "XLA:CPU (emulated devices)",
+        "compiled_as": step.note, "scan_layers": step.trainer.scan_layers,
         "params": parameter_table(step.trainer), "activations": activation_table(run, step.trainer),
         "memory": memory_report(run, step.trainer, step.memory, cost.memory(workload, hw)),
         "collectives": collective_table(step.collectives),
@@ -162,7 +208,10 @@ def explore(run: RunConfig, hardware: str = "a100-80gb", devices_=None) -> dict:
     context = cost.context_parallel_text(workload, prediction)
     if context:  # under cp > 1 only: other reports keep their keys
         report["context_parallel"] = context
-    report["memory"]["notes"] = memory_notes(run, report["memory"], step.backend)
+    if census:
+        report["census"] = program_census(step.hlo_text, dict(step.trainer.mesh.shape))
+    report["memory"]["usable"] = hw.usable_bytes
+    report["memory"]["notes"] = memory_notes(run, report["memory"], step.backend, hw)
     return report
 
 
@@ -231,16 +280,21 @@ def memory_report(run: RunConfig, trainer, memory: dict, analytic: dict) -> dict
     }
 
 
-def memory_notes(run: RunConfig, memory: dict, backend: str) -> list[str]:
+def memory_notes(run: RunConfig, memory: dict, backend: str, hw) -> list[str]:
     """Why the compiled and analytic figures differ, for this layout, and which to trust."""
     compiled, analytic = memory["compiled"]["peak"], memory["analytic"]["total"] - memory["analytic"]["overhead"]
-    notes = [f"XLA's compiled peak is {compiled / 2**30:.4g} GiB per device, the analytic model's "
+    compiler = "XLA:GPU" if backend != "cpu" else "XLA:CPU"
+    fits = "fits in" if compiled + memory["analytic"]["overhead"] <= hw.usable_bytes else "EXCEEDS"
+    notes = [f"{compiler}'s compiled peak is {compiled / 2**30:.4g} GiB per device, the analytic model's "
              f"{analytic / 2**30:.4g} GiB without runtime overhead ({(compiled - analytic) / max(analytic, 1):+.0%}).",
              "XLA's parameters are the stored float32 master weights; it counts the compute-dtype copy of "
              "the weights and the gradient accumulator among its temporaries, where the analytic model lists "
              "them under parameters and gradients.",
              f"The analytic total adds {memory['analytic']['overhead'] / 2**30:.4g} GiB of runtime overhead (CUDA "
              "context, communication buffers) that XLA does not see.",
+             f"With the runtime overhead, the compiled peak {fits} the {hw.usable_bytes / 2**30:.4g} GiB the "
+             f"allocator may use on {hw.name} (memory_fraction {hw.memory_fraction:g} of "
+             f"{hw.hbm_bytes / 2**30:.4g} GiB).",
              which_figure_to_trust(run.layout, backend)]
     return notes
 
@@ -267,18 +321,25 @@ def main(argv):
         count = values["num_devices"] or math.prod(parse_mesh(values["mesh"]).values())
         if count < 1:
             raise InvalidInput("mesh", f"{values['mesh']}: -1 needs --num_devices (the cluster size)")
-        if count > MAX_EMULATED_DEVICES:
-            raise InvalidInput("mesh", f"{values['mesh']} needs {count} devices; explore looks at clusters of at "
-                               f"most {MAX_EMULATED_DEVICES} (plan --explain costs any size)")
+        target = targets.resolve(FLAGS.target)
+        limit = MAX_TARGET_DEVICES if target.is_gpu else MAX_EMULATED_DEVICES
+        if count > limit:
+            raise InvalidInput("mesh", f"{values['mesh']} needs {count} devices; explore compiles for {target.name} "
+                               f"clusters of at most {limit} (plan --explain costs any size)")
+        if target.is_gpu:
+            target.topology(count)
         run = config.run_config(values, count)
-        validate(run, count)
-        load_hardware(FLAGS.hardware)
-        devices.emulate_cluster(compiled_run(run)[0].layout.num_devices)
+        validate(run, count, platform="gpu" if target.is_gpu else "cpu")
+        hardware = _hardware(FLAGS.hardware, target)
+        if FLAGS.hlo_out and (pathlib.Path(FLAGS.hlo_out).is_dir() or not creatable(pathlib.Path(FLAGS.hlo_out))):
+            raise InvalidInput("hlo_out", f"{FLAGS.hlo_out} is a folder or cannot be written; give a file, e.g. "
+                               "--hlo_out step.hlo")
+        targets.prepare(target, compiled_count(run, target))
     except InvalidInput as error:
         config.print_invalid(error)
         sys.exit(2)
     try:
-        report = Report(explore(run, FLAGS.hardware))
+        report = Report(explore(run, hardware, target=target.name, hlo_out=FLAGS.hlo_out, census=FLAGS.census))
     except Exception as error:  # XLA's own limits, named rather than a traceback
         print(f"error: XLA could not compile {run.layout}: {type(error).__name__}: "
               f"{str(error).splitlines()[0][:300]}", file=sys.stderr)
@@ -290,5 +351,12 @@ if __name__ == "__main__":
     # Importing this module as a library (as the planner's --verify does) defines no flag.
     config.define_flags(FLAGS, CLI_KNOBS)
     flags.DEFINE_bool("json", False, "Print the report as one JSON object instead of text.")
-    flags.DEFINE_string("hardware", "a100-80gb", "Hardware for the analytic model (configs/hardware/).")
+    flags.DEFINE_string("target", targets.CPU, "Compile for: cpu (XLA:CPU, emulated devices) or a GPU hardware "
+                        "such as h100-80gb or h200 (XLA:GPU's own program without a GPU; the [gpu-aot] extra).")
+    flags.DEFINE_string("hardware", None, "Hardware for the analytic model (configs/hardware/; default: the "
+                        "target's, else a100-80gb).")
+    flags.DEFINE_string("hlo_out", None, "Write the compiled step's optimized HLO to this file.")
+    flags.DEFINE_bool("census", False, "Add the census of the compiled program: GEMMs by dtype, copy-like ops "
+                      "(copies, dynamic-slice/-update-slice kernels, loop predicates), fusions and collectives per "
+                      "step, loop trips multiplied in (analysis/census.py).")
     app.run(main, flags_parser=config.flags_parser(config.print_invalid))

@@ -11,6 +11,7 @@ import html
 import itertools
 import json
 
+from jaxlayouts.analysis.census import table_rows as census_rows
 from jaxlayouts.layout import MESH_AXES, mesh_text
 
 GIB, MIB = 2**30, 2**20
@@ -88,16 +89,21 @@ class Report:
         compiled, analytic = self.data["memory"]["compiled"], self.data["memory"]["analytic"]
         rows = [[label, _gib(compiled.get(c)) if c else "(in temporaries)" if a == "gradients" else "n/a",
                  _gib(analytic.get(a))] for label, c, a in MEMORY_ROWS]
-        return ["memory per device, GiB", "compiled (XLA)", "analytic (plan/cost.py)"], rows
+        compiler = self.data.get("compiler", "XLA").split(" (")[0]
+        return ["memory per device, GiB", f"compiled ({compiler})", "analytic (plan/cost.py)"], rows
 
     def _collectives(self):
         return (["collective", "mesh axes", "MiB", "per step"],
                 [[c["kind"], ",".join(c["axes"]), f"{c['bytes'] / MIB:.4g}", c["count"]]
                  for c in self.data["collectives"]])
 
+    def _census(self):
+        return ["per step (loop trips multiplied in)", "count", "MiB"], census_rows(self.data["census"])
+
     def _summary(self) -> list[str]:
         d, p = self.data, self.data["predicted"]
         lines = [f"layout      {d['layout']} ({d['model']}, {d['num_devices']} devices)",
+                 f"compiled    by {d.get('compiler', 'XLA')} for target {d.get('target', 'cpu')}",
                  f"model FLOPs {d['model_flops_per_step']:.4g} per step",
                  f"predicted   {p['step_time_s']:.4g} s per step, MFU {p['mfu']:.1%} on {d['hardware']} "
                  f"({'fits' if p['fits'] else 'does not fit'}; plan/cost.py)"]
@@ -115,6 +121,8 @@ class Report:
                  "activations (one micro-batch, compute dtype)\n" + _table_text(*self._arrays("activations")),
                  _table_text(*self._memory()) + "\n" + "\n".join(f"  - {n}" for n in self.data["memory"]["notes"]),
                  "collectives per step (compiled HLO)\n" + _table_text(*self._collectives())]
+        if self.data.get("census"):
+            parts.append("census of the compiled program\n" + _table_text(*self._census()))
         return "\n\n".join(parts)
 
     __str__ = text
@@ -122,11 +130,13 @@ class Report:
     def _repr_html_(self) -> str:
         summary = "<br>".join(html.escape(line) for line in self._summary())
         notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.data["memory"]["notes"])
+        census = (f"<h4>Census of the compiled program</h4>{_table_html(*self._census())}"
+                  if self.data.get("census") else "")
         return (f"<div><p><tt>{summary}</tt></p><h4>Parameters (stored, per device)</h4>"
                 f"{_table_html(*self._arrays('params'))}<h4>Activations (one micro-batch)</h4>"
                 f"{_table_html(*self._arrays('activations'))}<h4>Memory per device</h4>"
                 f"{_table_html(*self._memory())}<ul>{notes}</ul><h4>Collectives per step</h4>"
-                f"{_table_html(*self._collectives())}</div>")
+                f"{_table_html(*self._collectives())}{census}</div>")
 
     def show(self, name: str, limit: int = 32) -> str:
         """Print (and return) how one parameter or activation is laid out over the mesh: each

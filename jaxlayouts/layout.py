@@ -189,10 +189,11 @@ class Layout:
     pipeline_microbatches: int | None = knob(None, "Micro-batches per pipeline flush (default: all of the "
                                               "step's; fewer means several flushes per step).", key="pmb",
                                               low=1, example=8, written="pipeline")
-    scan_layers: bool = knob(True, "Run the decoder layers as one scan (compile time independent of depth) or "
-                             "unrolled (false: no per-layer copies of weight slices and saved activations; "
-                             "longer compile; under ZeRO-3 XLA keeps every layer's weights gathered, about "
-                             "ZeRO-2 memory).", key="scan", written="changed")
+    scan_layers: bool | None = knob(None, "Run the decoder layers as one scan (true: compile time independent "
+                                    "of depth, per-layer copies of weight slices and saved activations) or "
+                                    "unrolled (false: no such copies, a lower peak, compile time growing with "
+                                    "depth). Default: unrolled on a GPU, scanned on CPU (emulation); see "
+                                    "docs/gpu-program.md.", key="scan", written="changed")
 
     def __post_init__(self):
         if self.zero is None:
@@ -202,6 +203,11 @@ class Layout:
     @property
     def num_devices(self) -> int:
         return math.prod(self.mesh.values())
+
+    def scans_layers(self, platform: str) -> bool:
+        """Whether the layers run as one scan on devices of ``platform``: as set, else on CPU only
+        (a GPU runs them unrolled: docs/gpu-program.md)."""
+        return self.scan_layers if self.scan_layers is not None else platform == "cpu"
 
     @property
     def data_parallel(self) -> int:

@@ -23,6 +23,7 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlayouts import distributed
+from jaxlayouts.kernels import compiling_for
 from jaxlayouts.layout import DATA_AXES, MESH_AXES, InvalidInput, Layout
 
 Rules = tuple[tuple[str, object], ...]
@@ -108,10 +109,12 @@ _CONTEXT: contextvars.ContextVar = contextvars.ContextVar("jaxlayouts_sharding",
 
 @contextlib.contextmanager
 def sharding_context(mesh: Mesh, rules: Rules):
-    """While tracing the model, make :func:`constrain` lay tensors out with ``rules`` on ``mesh``."""
+    """While tracing the model, make :func:`constrain` lay tensors out with ``rules`` on ``mesh``,
+    and build kernels for the mesh's devices (``kernels.compiling_for``)."""
     token = _CONTEXT.set((mesh, rules))
     try:
-        yield
+        with compiling_for(mesh.devices.flat[0]):
+            yield
     finally:
         _CONTEXT.reset(token)
 

@@ -55,13 +55,15 @@ def _is_spec(x) -> bool:
 
 class Trainer:
     """Everything derived from a :class:`RunConfig` on a mesh: model, optimizer, shardings, step.
-    ``layout.scan_layers=False`` unrolls the layer loop (see ``model.llama.scanned_blocks``)."""
+    ``scan_layers`` says whether the layers run as one scan (``model.llama.scanned_blocks``): the
+    layout's choice, else scanned on CPU and unrolled on a GPU (``Layout.scans_layers``)."""
 
     def __init__(self, run: RunConfig, mesh, axis_rules: dict | None = None):
         self.run, self.mesh = run, mesh
         layout = run.layout
         self.dtype = jnp.dtype(run.dtype)
-        self.model = Llama(run.model, self.dtype, layout.attention, layout.norm, layout.remat, layout.scan_layers)
+        self.scan_layers = layout.scans_layers(mesh.devices.flat[0].platform)
+        self.model = Llama(run.model, self.dtype, layout.attention, layout.norm, layout.remat, self.scan_layers)
         self.optimizer = optax.chain(
             optax.clip_by_global_norm(1.0),
             optax.adamw(run.learning_rate, b1=0.9, b2=0.95, weight_decay=0.1))

@@ -619,7 +619,8 @@ def test_a_broken_environment_ends_with_the_json_line(env, message):
     (lambda e: e.compare([]), "--layouts: [] is not a non-empty list of layouts"),
     (lambda e: e.compare("dp=2"), "--layouts: 'dp=2' is not a non-empty list of layouts"),
     (lambda e: e.compare(["dp=2", 3]), "--layouts[1]: 3 is not text"),
-    (lambda e: e.compare(["dp=2"], hardware=None), "--hardware: None is not text"),
+    (lambda e: e.compare(["dp=2"], hardware=5), "--hardware: 5 is not text"),
+    (lambda e: e.layout("tiny", target=None), "--target: None is not text"),
 ])
 def test_the_python_api_raises_invalid_input_naming_the_argument(call, knob):
     from jaxlayouts import explore

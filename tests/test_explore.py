@@ -22,7 +22,8 @@ def test_the_notebook_runs_top_to_bottom_in_a_fresh_python(tmp_path):
     the tiny model (its first cell holds the run's sizes)."""
     cells = ["".join(c["source"]) for c in json.loads(NOTEBOOK.read_text())["cells"] if c["cell_type"] == "code"]
     assert cells[0].startswith("# The run") and "MODEL, SEQ_LEN, GLOBAL_BATCH =" in cells[0]
-    cells[0] = 'MODEL, SEQ_LEN, GLOBAL_BATCH = "tiny", 32, 64'
+    assert 'TARGET = "h100-80gb"' in cells[0]  # the notebook leads with XLA:GPU's program
+    cells[0] = 'MODEL, SEQ_LEN, GLOBAL_BATCH = "tiny", 32, 64\nTARGET = "h100-80gb"'
     script = "\n".join(cells) + "\nprint(r.text()); print(c.text())\nc.figure.savefig('compare.png')\n"
     env = {k: v for k, v in clean_env().items() if k not in ("JAX_PLATFORMS",)}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env,
@@ -32,7 +33,8 @@ def test_the_notebook_runs_top_to_bottom_in_a_fresh_python(tmp_path):
     assert "layers/attn/wq 4x128x8x16 float32" in out and "32 distinct shard(s) of 4x16x2x16, each on 1" in out
     assert "residual 8x32x128 bfloat16" in out and "8 distinct shard(s) of 1x32x128, each on 4" in out
     assert "dp=1,fsdp=16,tp=2,pp=1" in out and "predicted_mfu" in out
-    assert "XLA:CPU lowers every reduce-scatter" in out  # fsdp shards: the compiled peak is an upper bound
+    assert "compiled    by XLA:GPU (NVIDIA H100 80GB HBM3, no GPU) for target h100-80gb" in out
+    assert "Trust the XLA:GPU figure" in out and "on h100-80gb (fits;" in out
     assert (tmp_path / "compare.png").stat().st_size > 10_000
 
 
@@ -73,7 +75,9 @@ def test_explore_reports_shardings_memory_and_collectives():
     assert params["layers/mlp/w1"]["spec"] == "P('pp', None, 'tp')"
     assert params["layers/mlp/w1"]["logical_axes"] == ["layers", "embed", "mlp"]
     assert params["layers/mlp/w1"]["bytes_per_device"] == 4 * 128 * 384 * 4 // 4  # 4 layers / pp / tp
-    assert set(report["memory"]) == {"compiled", "analytic", "notes"}
+    assert set(report["memory"]) == {"compiled", "analytic", "notes", "usable"}
+    assert report["memory"]["usable"] == 0.75 * 80 * 2**30  # a100-80gb: JAX's 75% of 80 GiB
+    assert (report["target"], report["compiler"]) == ("cpu", "XLA:CPU (emulated devices)")
     assert report["memory"]["compiled"]["peak"] > report["memory"]["compiled"]["parameters"] > 0
     kinds = {(c["kind"], tuple(c["axes"])) for c in report["collectives"]}
     assert ("collective-permute", ("pp",)) in kinds and ("all-reduce", ("tp",)) in kinds

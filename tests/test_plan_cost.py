@@ -31,15 +31,20 @@ def test_cost_model_moves_the_right_way():
     assert p(tp=8, data_parallel=8).time_s["tensor_parallel"] > p().time_s["tensor_parallel"]
     assert p(zero=3).memory_bytes["total"] < p(zero=1).memory_bytes["total"] < p(zero=0).memory_bytes["total"]
     assert p(zero=3).time_s["data_parallel"] > p(zero=1).time_s["data_parallel"]
-    # 1F1B keeps at most P micro-batches in flight; GPipe all of them.
+    # 1F1B keeps at most P micro-batches in flight; GPipe all of them. The executor stashes only
+    # their stage inputs and recomputes the chunk in the backward tick, so GPipe's activations grow
+    # with the micro-batches by one input each (XLA:GPU: gpipe 0.24 GiB over 1f1b on llama-7b pp=2).
     one_f = [p(tp=2, pp=4, data_parallel=8, global_batch=g).memory_bytes["activations"] for g in (256, 1024)]
     gpipe = [p(tp=2, pp=4, data_parallel=8, global_batch=g, schedule="gpipe").memory_bytes["activations"]
              for g in (256, 1024)]
-    assert one_f[0] == one_f[1] and gpipe[1] > 3 * gpipe[0]
-    # The logits sit on the last stage; at pp=4 the first stage (4 micro-batches in flight) peaks.
+    assert one_f[0] == one_f[1] and one_f[0] < gpipe[0] < gpipe[1] < 2 * gpipe[0]
+    # The logits sit on the last stage. This executor keeps one chunk's activations on every stage
+    # and only the in-flight stage inputs (4 on the first at pp=4), so the last stage, with the
+    # logits, peaks: a larger vocabulary shows in a pipeline's activations too (it did not when
+    # every in-flight micro-batch's activations were counted).
     big_vocab = dataclasses.replace(load_model_config("llama-13b"), vocab_size=256_000)
     deep = dict(tp=2, pp=4, data_parallel=8, global_batch=256)
-    assert p(model=big_vocab, **deep).memory_bytes["activations"] == p(**deep).memory_bytes["activations"]
+    assert p(model=big_vocab, **deep).memory_bytes["activations"] > p(**deep).memory_bytes["activations"]
     assert p(model=big_vocab).memory_bytes["activations"] > p().memory_bytes["activations"]
     assert p(tp=2, pp=4, data_parallel=8).time_s["bubble"] > 0 == p().time_s["bubble"]
     # Node placement: tp stays inside a node here; a ring with 8 GPUs on each node uses 8 NICs.

@@ -124,11 +124,7 @@ def collectives(hlo_text: str, mesh_shape: dict) -> list[Collective]:
             if not m:
                 continue
             axes = _mesh_axes_of(_groups(m["attrs"]), positions, names)
-            shape = m["shape"]
-            if m["start"] and shape.startswith("("):
-                # async start ops return (operand, result[, ...]): count the result only
-                arrays = _ARRAY.findall(shape)
-                shape = "{}[{}]".format(*arrays[1]) if len(arrays) > 1 else shape
+            shape = _done_shape(m["name"], m["op"], body) if m["start"] else m["shape"]
             for element_name, element_shape in _elements(m["name"], shape, m["op"], body):
                 kind, lowered_as = m["op"], None
                 if kind == "all-reduce" and _only_sliced(element_name, body, computations):
@@ -138,6 +134,14 @@ def collectives(hlo_text: str, mesh_shape: dict) -> list[Collective]:
                                         lowered_as=lowered_as,
                                         executions=executions.get(computation, 1)))
     return found
+
+
+def _done_shape(name: str, op: str, body: list[str]) -> str:
+    """The result of an async collective: the shape of its ``-done`` op. A start op's own shape
+    holds its operands too (``((operands), results)`` for all-gather and reduce-scatter, plus
+    context for collective-permute), and a combined collective's results form a tuple."""
+    done = re.compile(rf"^\s*(?:ROOT\s+)?%[\w.\-]+\s*=\s*(?P<shape>.+?)\s+{op}-done\(%{re.escape(name)}\)")
+    return next(m["shape"] for m in map(done.match, body) if m)
 
 
 def _computations(hlo_text: str) -> dict:

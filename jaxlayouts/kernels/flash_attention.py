@@ -52,7 +52,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxlayouts.kernels import interpret_mode
+from jaxlayouts.kernels import interpret_mode, target_device
 from jaxlayouts.kernels.tuning import TILES, BlockSizes, attention_blocks
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -275,7 +275,7 @@ def _launch(q, k, causal, blocks, interpret):
     if causal and q_len != kv_len:
         raise ValueError(f"causal attention needs as many queries as keys, got {q_len} and {kv_len}")
     if blocks is None:
-        blocks = attention_blocks(jax.devices()[0].device_kind, max(q_len, kv_len), q.shape[3],
+        blocks = attention_blocks(target_device().device_kind, max(q_len, kv_len), q.shape[3],
                                   q.shape[2] // k.shape[2])
     keys = blocks.clamped(kv_len)
     blocks = dataclasses.replace(blocks.clamped(q_len), block_k=keys.block_k,

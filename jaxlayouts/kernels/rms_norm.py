@@ -42,7 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jaxlayouts.kernels import interpret_mode
+from jaxlayouts.kernels import interpret_mode, target_device
 from jaxlayouts.kernels.tuning import NormConfig, next_power_of_2, norm_config
 
 
@@ -114,7 +114,7 @@ def _forward(x, scale, eps, config: NormConfig, interpret):
 def backward_programs(n: int, config: NormConfig) -> int:
     """Programs of the backward pass: ``backward_programs_per_core`` per core of the default
     device (streaming multiprocessors on a GPU; one on CPU), at most one per row block."""
-    cores = getattr(jax.devices()[0], "core_count", None) or 1
+    cores = getattr(target_device(), "core_count", None) or 1
     return max(1, min(pl.cdiv(n, config.backward_block_rows), config.backward_programs_per_core * cores))
 
 
@@ -146,5 +146,5 @@ _rms_norm.defvjp(lambda x, scale, eps, config, interpret: _forward(x, scale, eps
 def rms_norm_pallas(x, scale, eps: float, interpret: bool | None = None, config: NormConfig | None = None):
     """Fused RMSNorm over the last axis of ``x``; output in ``x.dtype``; differentiable. ``config``
     defaults to the tuned (or default) launch for this device kind and width."""
-    config = config or norm_config(jax.devices()[0].device_kind, x.shape[-1])
+    config = config or norm_config(target_device().device_kind, x.shape[-1])
     return _rms_norm(x, scale, eps, config, interpret_mode(interpret))

@@ -25,6 +25,7 @@ import jax_triton
 import triton
 import triton.language as tl
 
+from jaxlayouts.kernels import target_device
 from jaxlayouts.kernels.rms_norm import backward_programs
 from jaxlayouts.kernels.tuning import norm_config
 
@@ -69,7 +70,7 @@ def _backward_kernel(x_ptr, w_ptr, r_ptr, dy_ptr, dx_ptr, dw_ptr, rows: tl.const
 def _forward(x, scale, eps):
     rows = x.reshape(-1, x.shape[-1])
     n, d = rows.shape
-    config = norm_config(jax.devices()[0].device_kind, d)
+    config = norm_config(target_device().device_kind, d)
     y, r = jax_triton.triton_call(
         rows, scale, kernel=_forward_kernel,
         **{OUT: [jax.ShapeDtypeStruct(rows.shape, x.dtype), jax.ShapeDtypeStruct((n,), jnp.float32)]},
@@ -81,7 +82,7 @@ def _backward(eps, residuals, dy):
     del eps
     rows, scale, r = residuals
     n, d = rows.shape
-    config = norm_config(jax.devices()[0].device_kind, d)
+    config = norm_config(target_device().device_kind, d)
     programs = backward_programs(n, config)
     dx, dw = jax_triton.triton_call(
         rows, scale, r, dy.reshape(rows.shape), kernel=_backward_kernel,

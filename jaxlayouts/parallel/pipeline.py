@@ -86,7 +86,7 @@ class Pipeline:
         self.compute_specs, self.grad_specs = compute_specs, grad_specs
         self.dtype = jnp.dtype(run.dtype)
         self.stack = LayerStack(run.model, self.dtype, lay.attention, lay.norm, lay.remat, self.layers_per_chunk,
-                                lay.scan_layers)
+                                lay.scans_layers(mesh.devices.flat[0].platform))
 
     # -- pieces of the model --------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
     python -m jaxlayouts.plan --model llama-65b --gpus 128 --seq_len 2048 --global_batch 2048 --hardware a100-80gb
     python -m jaxlayouts.plan ... --explain "dp=4,tp=8,pp=4 mbs=1 remat=none attn=pallas norm=pallas"
     python -m jaxlayouts.plan ... --verify 3      # ahead-of-time compile of the top 3 (analysis/compiled.py)
+    python -m jaxlayouts.plan ... --verify 3 --target h100-80gb   # ... with XLA:GPU, no GPU needed
     python -m jaxlayouts.plan validate ../shared/paper-data/calibration_runs.csv --hardware a100-80gb [--fit] [--predictions OUT.csv]
     python -m jaxlayouts.plan validate configs/hardware/measured/h200-2026-11-30.jsonl --hardware h200 [--fit]
 
@@ -25,11 +26,11 @@ import time
 
 from absl import app, flags
 
-from jaxlayouts import config, devices
+from jaxlayouts import config, targets
 from jaxlayouts.analysis.compiled import XLA_CPU_DEVICE_LIMIT, compile_step, which_figure_to_trust
 from jaxlayouts.layout import (MAX_EMULATED_DEVICES, InvalidInput, Layout, RunConfig, attention_runs_under_cp,
                                load_model_config, validate)
-from jaxlayouts.plan import cost
+from jaxlayouts.plan import cost, memcheck
 from jaxlayouts.plan.hardware import check_memory_fraction, load_hardware, save_calibration
 from jaxlayouts.schema import finite_json
 
@@ -42,12 +43,16 @@ flags.DEFINE_integer("gpus", 64, "Number of GPUs.")
 flags.DEFINE_string("hardware", "a100-80gb", "Hardware description under configs/hardware/ or a YAML path.")
 flags.DEFINE_integer("top", 10, "How many layouts to print.")
 flags.DEFINE_string("explain", None, "Explain one layout (its text form) instead of ranking.")
-flags.DEFINE_integer("verify", 0, "Ahead-of-time compile the top N layouts on emulated devices.")
+flags.DEFINE_integer("verify", 0, "Ahead-of-time compile the top N layouts (see --target).")
+flags.DEFINE_string("target", targets.CPU, "--verify compiles for this: cpu (XLA:CPU on emulated devices) or a "
+                    "hardware with a GPU target, e.g. h100-80gb (XLA:GPU without a GPU; needs the [gpu-aot] extra).")
 flags.DEFINE_bool("json", False, "Print one JSON object (last stdout line).")
 flags.DEFINE_bool("fit", False, "validate: re-fit the calibration constants on the file and save them.")
 flags.DEFINE_string("predictions", None, "validate: also write every row with its predictions to this CSV.")
 flags.DEFINE_bool("leave_one_out", False, "validate: predict each row from a fit on all the other rows "
                   "(held out), instead of from the hardware's calibration.")
+flags.DEFINE_string("out", None, "grid: the JSON lines file compiled rows are appended to (resumable).")
+flags.DEFINE_bool("retry_errors", False, "grid: compile again the points whose row in --out is an error.")
 flags.DEFINE_float("memory_fraction", None, "Share of HBM the allocator may use (default: the hardware file's, "
                    "JAX's 0.75); e.g. 0.9 for XLA_PYTHON_CLIENT_MEM_FRACTION=.9.")
 
@@ -134,6 +139,9 @@ def explain(run: RunConfig, hw, p: cost.Prediction) -> str:
 
 
 def validate_command(path: str, hw, as_json: bool):
+    from jaxlayouts.plan import memcheck
+    if memcheck.is_grid_file(path):
+        return validate_grid_command(path, hw, as_json)
     # imported here, not at the top: scipy's import would add 0.6 s to every plan that does not validate
     from jaxlayouts.plan.validate import (evaluate, fit, hardware_mismatch, leave_one_out, predict_rows, read_rows,
                                           write_predictions)
@@ -165,6 +173,35 @@ def validate_command(path: str, hw, as_json: bool):
             top = s["measured_mfu_of_top_ranked"]
             print(f"{name:<62} {_cell(s['spearman'], '.3f'):>8} {_cell(s['best_measured_mfu'], '.1%'):>13} "
                   f"{(f'{top:.1%}' if top is not None else s['top_ranked_status']):>19}")
+
+
+def validate_grid_command(path: str, hw, as_json: bool):
+    """``plan validate GRID.jsonl``: the planner's memory against XLA's compiled peaks (``plan/memcheck.py``)."""
+    from jaxlayouts.plan import memcheck
+    if FLAGS.fit or FLAGS.leave_one_out or FLAGS.predictions:
+        raise InvalidInput("file", f"{path} holds compiled rows: validate reports the memory error against them; "
+                           "--fit, --leave_one_out and --predictions apply to measured rows")
+    rows, statuses = memcheck.read_grid_rows(path)
+    result = memcheck.evaluate_grid(rows, hw)
+    if as_json:
+        print(json.dumps(finite_json({**result, "statuses": statuses, "hardware": hw.name})))
+    else:
+        print(memcheck.report(path, result, statuses, hw))
+
+
+def grid_command(argv, hw):
+    """``plan grid GRID.yaml --target T --out FILE.jsonl``: compile every layout of the grid not yet
+    in the file (``plan/grid.py``)."""
+    from jaxlayouts.plan.grid import run_grid
+    if len(argv) != 3:
+        raise InvalidInput("command", f"grid takes one grid file, e.g. 'grid configs/grids/h100-memory.yaml "
+                           f"--target h100-80gb --out docs/results/h100-memory-grid.jsonl'; got {argv[2:]}")
+    if not FLAGS.out:
+        raise InvalidInput("out", "grid appends its rows to a JSON lines file: --out docs/results/grid.jsonl")
+    counts = run_grid(argv[2], FLAGS.target, FLAGS.out, hw=hw, retry_errors=FLAGS.retry_errors)
+    print(json.dumps(counts) if FLAGS.json else
+          f"{counts['points']} layouts: {counts['skipped']} already in {FLAGS.out}, {counts['compiled']} compiled, "
+          f"{counts['error']} failed to compile, {counts['invalid']} invalid")
 
 
 def _cell(value, spec: str) -> str:
@@ -211,9 +248,13 @@ def check_flags(validating: bool, hw) -> None:
                            "e.g. --gpus 4096")
     if FLAGS.verify < 0:
         raise InvalidInput("verify", f"{FLAGS.verify}: compile the top N >= 0 layouts, e.g. --verify 2")
-    if FLAGS.verify and FLAGS.gpus > MAX_EMULATED_DEVICES:
+    target = targets.resolve(FLAGS.target)
+    if FLAGS.verify and target.is_gpu:
+        targets.check_compiler()
+    if FLAGS.verify and not target.is_gpu and FLAGS.gpus > MAX_EMULATED_DEVICES:
         raise InvalidInput("verify", f"compiles on {FLAGS.gpus} emulated CPU devices; at most "
-                           f"{MAX_EMULATED_DEVICES}: drop --verify or lower --gpus")
+                           f"{MAX_EMULATED_DEVICES}: drop --verify, lower --gpus or compile for a GPU "
+                           "(--target h100-80gb)")
 
 
 def main(argv):
@@ -224,10 +265,12 @@ def main(argv):
         if FLAGS.memory_fraction is not None:
             check_memory_fraction(FLAGS.memory_fraction)
             hw = dataclasses.replace(hw, memory_fraction=FLAGS.memory_fraction)
+        if len(argv) > 1 and argv[1] == "grid":
+            return grid_command(argv, hw)
         if len(argv) > 1:
             if argv[1] != "validate" or len(argv) != 3:
-                raise InvalidInput("command", f"unknown arguments {argv[1:]}; the one subcommand is "
-                                   "'validate FILE.csv'")
+                raise InvalidInput("command", f"unknown arguments {argv[1:]}; the subcommands are "
+                                   "'validate FILE.csv' and 'grid GRID.yaml --out FILE.jsonl'")
             if FLAGS.predictions and pathlib.Path(FLAGS.predictions).resolve() == pathlib.Path(argv[2]).resolve():
                 raise InvalidInput("predictions", f"{FLAGS.predictions} is the file being validated; give "
                                    "another file, e.g. --predictions predictions.csv")
@@ -267,6 +310,9 @@ def main(argv):
                    if len(cps) > 1 else "")
         print(f"{len(ranked)} layouts of {model.name} on {FLAGS.gpus} x {hw.name} ranked in {elapsed:.1f} s "
               f"(predicted; calibration {hw.calibration_source}{with_cp})")
+        validated = memcheck.validated_error(hw)
+        if validated:
+            print(validated)
         print(f"{'#':>3} {'layout':<96} {'MFU':>6} {'step s':>8} {'GiB/GPU':>8}  dominant terms")
         for i, r in enumerate(top, 1):
             flag = "" if r["fits"] else "  (does not fit)"
@@ -275,7 +321,7 @@ def main(argv):
             if "not_compiled" in r.get("compiled", {}):
                 print(f"    not compiled: {r['compiled']['not_compiled']}")
             elif "compiled" in r:
-                print(f"    compiled (XLA, CPU emulation): {r['compiled']['peak_gib']:.4g} GiB peak per device "
+                print(f"    compiled ({r['compiled']['compiler']}): {r['compiled']['peak_gib']:.4g} GiB peak per device "
                       f"(analytic without runtime overhead {r['compiled']['analytic_gib']:.4g}), "
                       f"{r['compiled']['collective_gib_per_step']:.4g} GiB of collectives per step")
                 if r["compiled"]["exceeds_usable"]:
@@ -283,24 +329,27 @@ def main(argv):
                           f"may use on {hw.name}. {r['compiled']['which_to_trust']}")
     if FLAGS.json:
         print(json.dumps({"model": model.name, "gpus": FLAGS.gpus, "hardware": hw.name,
-                          "candidates": len(ranked), "seconds": elapsed, "top": top}))
+                          "candidates": len(ranked), "seconds": elapsed, "top": top,
+                          "memory_validated": memcheck.validated_error(hw)}))
 
 
 def verify(top: list[dict], runs: list[RunConfig], count: int, hw) -> list[dict]:
-    """Ahead-of-time compile the first ``count`` layouts on emulated CPU devices
-    (``analysis/compiled.py``, which explore's report is built on too), and flag each whose
-    compiled peak exceeds what the allocator may use (``hw.usable_bytes``)."""
-    devices.emulate_cluster(min(FLAGS.gpus, XLA_CPU_DEVICE_LIMIT))
+    """Ahead-of-time compile the first ``count`` layouts for ``--target`` (``analysis/compiled.py``,
+    which explore's report is built on too), and flag each whose compiled peak exceeds what the
+    allocator may use (``hw.usable_bytes``)."""
+    target = targets.resolve(FLAGS.target)
+    targets.prepare(target, min(FLAGS.gpus, XLA_CPU_DEVICE_LIMIT))
+    compiler = f"XLA:GPU for {target.name}" if target.is_gpu else "XLA:CPU, emulated devices"
     by_text = {str(r.layout): r for r in runs}
     for r in top[:count]:
         run = by_text[r["layout"]]
         try:
-            step = compile_step(run)
-        except InvalidInput as error:  # a layout that cannot compile on CPU: say why, go on
+            step = compile_step(run, targets.devices(target, run.layout.num_devices) if target.is_gpu else None)
+        except InvalidInput as error:  # a layout that cannot compile: say why, go on
             r["compiled"] = {"not_compiled": str(error)}
             continue
         peak, analytic = step.memory["compiled_peak_bytes_per_device"], cost.memory(cost.Workload.from_run(run), hw)
-        r["compiled"] = {"peak_gib": peak / 2**30,
+        r["compiled"] = {"compiler": compiler, "peak_gib": peak / 2**30,
                          "analytic_gib": (analytic["total"] - analytic["overhead"]) / 2**30,
                          "collective_gib_per_step": sum(c.bytes * c.executions for c in step.collectives) / 2**30,
                          "exceeds_usable": peak > hw.usable_bytes,

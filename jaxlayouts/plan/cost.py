@@ -156,23 +156,79 @@ class Trainer:
         m = w.model
         return stage.layers * layer_params(m) / w.tp + _embedding_params(w)
 
+    def logits_bytes_per_token(self, w: Workload) -> float:
+        """The LM head's logits in the compute dtype, their float32 log-softmax and the logits'
+        gradient in the compute dtype, split over tp (vocab-parallel head): ``4 + 2 e`` bytes per
+        token and vocabulary entry. XLA:GPU's buffer assignment holds about 8.9 (bf16: 8) at the
+        head's backward (``../shared/measurements/deviceless-h200-2026-12-04.md``)."""
+        return (4 + 2 * w.dtype_bytes) * w.model.vocab_size / w.tp
+
+    def layer_kept_bytes(self, w: Workload, policy: str | None = None) -> float:
+        """Bytes one layer keeps for its backward, per micro-batch on one device, under the remat
+        ``policy`` (default the workload's): :func:`step_layer_kept_bytes`, what this project's
+        compiled step saves."""
+        return step_layer_kept_bytes(w, policy or w.remat)
+
+    def activation_scale(self, w: Workload, c: Calibration) -> float:
+        """Factor on the activations for allocator fragmentation: none here. XLA plans the step's
+        buffers itself, and its compiled peak is what the device allocates (within 1% on 13 H200
+        runs, ``targets.py``), so the tensors the program keeps are the whole of it."""
+        return 1.0
+
+    def step_buffers(self, w: Workload, stage: Stage) -> tuple[float, float]:
+        """Weights and gradients the compiled step holds beyond :meth:`state_bytes`, on one device
+        of ``stage`` (bytes). What they are, from XLA:GPU's buffer assignment of the step:
+
+        * pp = 1: one micro-batch's gradient of the scanned layers in the compute dtype, beside the
+          float32 accumulator. The backward ``lax.scan`` writes each layer's gradient into a
+          stacked ``[layers, ...]`` output allocated whole for the backward (``train.py``). ZeRO-0/1
+          (``_per_shard_accumulation``) hold it whole; ZeRO-2/3 constrain it to the sharded
+          gradient layout, so each layer's gradient is reduce-scattered as it is written.
+        * pp > 1 (``parallel/pipeline.py``): the accumulator is carried through the tick's
+          ``lax.switch``, whose output is a second float32 copy of it (ZeRO-0/1/2: the stage's
+          whole gradient; a llama-65b pp=2 layout compiles to the same peak under ZeRO-1 and 2).
+          Under ZeRO-3 the executor all-gathers a whole chunk's weights (and the embedding and
+          head) for its forward and its backward, and the tick's gradient of them, in the compute
+          dtype, is whole until the gather's transpose reduce-scatters it."""
+        e, m = w.dtype_bytes, w.model
+        layers = stage.layers * layer_params(m) / w.tp
+        if w.pp == 1:
+            return 0.0, e * layers / (w.data_parallel if w.zero >= 2 else 1)
+        if w.zero < 3:
+            return 0.0, 4 * self.stage_params(w, stage)
+        chunk = layers / w.virtual_stages + _embedding_params(w)
+        return e * chunk, e * chunk
+
+    def step_end_gradients(self, w: Workload, stage: Stage) -> float:
+        """The gradient bytes at the end of a pipelined step, once the ticks are done and their
+        activations freed (0 where that is not the step's peak: pp = 1, ZeRO-3). The stage's
+        float32 gradient leaves the executor's ``shard_map`` split over tp and is all-gathered
+        whole for the reduction over the data axis and the optimizer's layout: ``tp`` times the
+        accumulator (XLA:GPU's buffer assignment: ``f32[20,5120,13824]`` all-gathers for
+        llama-13b tp=4, pp=2, whatever the remat policy and schedule, 34.5 GiB peak for all nine)."""
+        if w.pp == 1 or w.zero >= 3 or not self.pipeline_recompute:
+            return 0.0
+        return 4 * w.tp * self.stage_params(w, stage)
+
     def state_bytes(self, w: Workload, params: float) -> tuple[float, float, float]:
-        """Weights (bf16 compute copy + fp32 master), fp32 gradient accumulator, Adam moments."""
+        """Weights (bf16 compute copy + fp32 master), fp32 gradient accumulator, Adam moments.
+        The pipeline executor accumulates a stage's gradients whole and reduce-scatters them once
+        per step, so under pp > 1 ZeRO-2 does not shard the accumulator (ZeRO-3's is sharded: the
+        gathers' transposes reduce-scatter each tick's gradient)."""
         shard = w.data_parallel
+        sharded_grads = w.zero >= 3 or (w.zero == 2 and w.pp == 1)
         weights = (w.dtype_bytes * params / (shard if w.zero >= 3 else 1)
                    + 4 * params / (shard if w.zero >= 1 else 1))
-        grads = 4 * params / (shard if w.zero >= 2 else 1)
+        grads = 4 * params / (shard if sharded_grads else 1)
         optimizer = 8 * params / (shard if w.zero >= 1 else 1)
         return weights, grads, optimizer
 
-    def logits_bytes_per_token(self, w: Workload) -> float:
-        """Float32 logits, softmax and gradient, split over tp (vocab-parallel LM head)."""
-        return 12 * w.model.vocab_size / w.tp
-
     def kept_score_bytes(self, w: Workload) -> float:
-        """Bytes per score element unfused attention keeps: float32 scores, probabilities in the
-        compute dtype (``model/attention.xla_attention``)."""
-        return 4 + w.dtype_bytes
+        """Bytes per score element unfused attention keeps (``model/attention.xla_attention``):
+        the masked float32 scores, their float32 softmax and the probabilities in the compute dtype.
+        The H200 measured 9.2 bytes per element over cuDNN's run (llama-1b, ``configs/hardware/
+        measured/``); this counted 6 before, which left that row 15% low."""
+        return 8 + w.dtype_bytes
 
     def activation_surcharge(self, w: Workload) -> bool:
         """Whether ``tp_activation_factor`` applies (never here)."""
@@ -342,6 +398,58 @@ def layer_activation_bytes(w: Workload, per_layer_input_only: bool = False) -> f
     return replicated / (t if w.sequence_parallel else 1) + whole + (parallel + scores + gathered) / t
 
 
+def step_layer_kept_bytes(w: Workload, policy: str) -> float:
+    """Bytes one layer of this project's step keeps for its backward, per micro-batch on one
+    device, for the ``s = T / cp`` tokens the device holds, under remat ``policy``
+    (``remat.py``). Counted in tensors of one layer's width, ``E = e s b d`` bytes (``e`` the
+    compute dtype's bytes) and ``F = e s b d_ff``; ``kv`` = kv_heads / heads. What each policy
+    saves, from the compiled step (XLA:GPU's buffer assignment; one knob changed at a time on
+    llama-7b, ``docs/results/h100-memory-grid.jsonl``):
+
+    * ``full``: the layer input (its ``E``, split over tp under SP).
+    * ``selective`` (``save_only_these_names``: q, k, v, attention, out_proj): the input, q, k and
+      v (``(1 + 2 kv) E / t``), the attention result (``E / t``) and the output projection
+      (``E``, as the residual stream is laid out).
+    * ``save_all_but_ffn``: selective plus the two norms' outputs (``2 E``) and, with unfused
+      attention, the probabilities.
+    * ``dots`` (matmul outputs without batch dimensions): the input, the output projection, q, k
+      and v and one ``d_ff``-wide projection (``F / t``); XLA recomputes the other one with the
+      SwiGLU product (a GPU compile keeps 8 ``E`` on llama-7b at tp = 1, 3 ``E`` at tp = 4).
+    * ``none`` (everything saveable): the input and the residual after attention; per unfused
+      RMSNorm its float32 input (``2 E`` in bf16), normalised and scaled outputs (``2 E``), a fused
+      norm kernel only its output; q, k, v, rotated q and k (``(2 + 3 kv) E / t``) and the attention
+      result; in the SwiGLU the gate, up, sigmoid(gate), silu(gate) and their product (``5 F / t``);
+      with unfused attention the scores (``kept_score_bytes``).
+
+    The residual-stream tensors are split over tp only under SP; there the norm outputs the
+    next matmul all-gathers stay whole. This replaces Korthikanti et al.'s per-layer count
+    (``layer_activation_bytes``, which the reference study's trainer keeps), which had this step's
+    ``none`` 20-30% low and its ``selective`` equal to ``none``."""
+    m, t, e = w.model, w.tp, w.dtype_bytes
+    s, b = w.local_seq, w.micro_batch
+    E, F = e * s * b * m.d_model, e * s * b * m.d_ff
+    kv = m.num_kv_heads / m.num_heads
+    rows = t if w.sequence_parallel else 1            # the residual stream's split
+    whole = 1 if w.sequence_parallel else rows        # norm outputs the next matmul all-gathers
+    if policy in ("full", "offload"):
+        return E / rows
+    qkv = (1 + 2 * kv) * E / t
+    scores = 0.0
+    if attention_class(w) in ("unfused", "fused") and not w.ring and policy in ("none", "save_all_but_ffn"):
+        scores = w.trainer.kept_score_bytes(w) * b * m.num_heads * s * w.seq_len / t
+    gathered = 0.0
+    if w.cp > 1 and not w.ring and policy in ("none", "save_all_but_ffn", "dots"):
+        gathered = e * (w.seq_len - s) * b * m.d_model * 2 * kv / t  # the other devices' K/V, all-gathered
+    if policy == "selective":
+        return E / rows + qkv + E / t + E / rows
+    if policy == "save_all_but_ffn":
+        return E / rows + qkv + E / t + E / rows + 2 * E / whole + scores + gathered
+    if policy == "dots":
+        return E / rows + E / rows + qkv + F / t + gathered
+    norm = (2 * E * 4 / (2 * e) + E) / rows + E / whole if not w.fused_norm else E / whole
+    return (2 * E / rows + 2 * norm + qkv + (1 + kv) * E / t + E / t + 5 * F / t + scores + gathered)
+
+
 def memory(w: Workload, hw: Hardware) -> dict:
     """Bytes per device on the pipeline stage that needs the most."""
     return max((stage_memory(w, hw, stage) for stage in stages(w)), key=lambda m: m["total"])
@@ -350,10 +458,13 @@ def memory(w: Workload, hw: Hardware) -> dict:
 def stage_memory(w: Workload, hw: Hardware, stage: Stage) -> dict:
     c = hw.calibration
     weights, grads, optimizer = w.trainer.state_bytes(w, stage_params(w, stage))
-    activations = _stage_activation_bytes(w, stage) * c.activation_factor
-    if tp_activation_surcharge(w):
-        activations *= c.tp_activation_factor
+    more_weights, more_grads = w.trainer.step_buffers(w, stage)
+    weights, grads = weights + more_weights, grads + more_grads
+    activations = _stage_activation_bytes(w, stage) * w.trainer.activation_scale(w, c)
     overhead = c.overhead_gib * GIB
+    end = w.trainer.step_end_gradients(w, stage)
+    if end > grads + activations:  # the step's peak is at its end, with no activations left
+        grads, activations = end, 0.0
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations,
             "overhead": overhead, "total": weights + grads + optimizer + activations + overhead}
 
@@ -365,12 +476,18 @@ def tp_activation_surcharge(w: Workload) -> bool:
 
 def _stage_activation_bytes(w: Workload, stage: Stage) -> float:
     """Activations a stage keeps at its peak, logits included."""
-    if w.remat == "full":
-        kept = stage.layers * stage.in_flight * layer_activation_bytes(w, per_layer_input_only=True)
-        if stage.layers:
-            kept += layer_activation_bytes(dataclasses.replace(w, remat="none"))  # one layer recomputed
+    if w.pp > 1 and w.trainer.pipeline_recompute:
+        # This project's executor stashes each in-flight micro-batch's stage input and re-runs the
+        # chunk's forward under jax.vjp in its backward tick (parallel/pipeline.py): one chunk's
+        # activations at a time, whatever the schedule and the number of micro-batches.
+        m = w.model
+        stash = stage.in_flight * w.dtype_bytes * w.micro_batch * w.local_seq * m.d_model / (
+            w.tp if w.sequence_parallel else 1)
+        kept = stash + stage.layers / w.virtual_stages * w.trainer.layer_kept_bytes(w)
     else:
-        kept = stage.layers * stage.in_flight * layer_activation_bytes(w)
+        kept = stage.layers * stage.in_flight * w.trainer.layer_kept_bytes(w)
+    if w.remat == "full" and stage.layers:
+        kept += w.trainer.layer_kept_bytes(w, "none")  # one layer recomputed
     if stage.head:
         kept += w.trainer.logits_bytes_per_token(w) * w.micro_batch * w.local_seq
     if w.ring and stage.layers and attention_class(w) in ("unfused", "fused"):

@@ -70,6 +70,9 @@ class Hardware:
                                   "XLA_PYTHON_CLIENT_MEM_FRACTION changes it).", above=0, high=1)
     calibration_from: str | None = knob(None, "Use another hardware's calibration (same chip).",
                                         example="h200")
+    gpu_target: str | None = knob(None, "XLA:GPU target description under configs/hardware/targets/ (no "
+                                  "suffix), for compiling without the GPU (explore --target).",
+                                  example="h100-sxm-80gb")
     calibration: Calibration = Calibration()
     calibration_source: str = "defaults (not fitted)"
 
@@ -108,7 +111,7 @@ def load_hardware(name_or_path: str) -> Hardware:
         raise InvalidInput("hardware", f"unknown hardware {name_or_path!r}; choose one of "
                            f"{', '.join(hardware_names())} or give a YAML path with the same fields")
     hardware = from_mapping(Hardware, load_yaml(path, "hardware"), path, "hardware")
-    for field in ("name", "calibration_from"):
+    for field in ("name", "calibration_from", "gpu_target"):
         value = getattr(hardware, field)
         if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
             raise InvalidInput("hardware", f"{path}: {field} {value!r} is not a plain name (letters, digits, "

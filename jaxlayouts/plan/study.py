@@ -27,7 +27,9 @@ project's step (``plan/cost.py``). ``plan/validate.py`` costs the study's measur
 
 from __future__ import annotations
 
-from jaxlayouts.plan.cost import Collective, Stage, Trainer, Workload, in_flight, layer_params
+import dataclasses
+
+from jaxlayouts.plan.cost import Collective, Stage, Trainer, Workload, in_flight, layer_activation_bytes, layer_params
 from jaxlayouts.plan.hardware import Hardware
 
 
@@ -61,6 +63,24 @@ class Study(Trainer):
 
     def logits_bytes_per_token(self, w: Workload) -> float:
         return 16 * w.model.vocab_size
+
+    def layer_kept_bytes(self, w: Workload, policy: str | None = None) -> float:
+        """Korthikanti et al.'s count (``cost.layer_activation_bytes``): the study's trainer."""
+        policy = policy or w.remat
+        return layer_activation_bytes(dataclasses.replace(w, remat=policy),
+                                      per_layer_input_only=policy in ("full", "offload"))
+
+    def activation_scale(self, w: Workload, c) -> float:
+        """``activation_factor`` for PyTorch's caching allocator, times ``tp_activation_factor``
+        under tp > 1 (fitted on the study's out-of-memory pattern, see the module docstring)."""
+        return c.activation_factor * (c.tp_activation_factor if self.activation_surcharge(w) else 1.0)
+
+    def step_end_gradients(self, w: Workload, stage) -> float:
+        return 0.0
+
+    def step_buffers(self, w: Workload, stage) -> tuple[float, float]:
+        """None beyond its bf16 weights and gradients (``state_bytes``)."""
+        return 0.0, 0.0
 
     def kept_score_bytes(self, w: Workload) -> float:
         return 2 * w.dtype_bytes

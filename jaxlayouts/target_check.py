@@ -1,0 +1,141 @@
+"""The deviceless XLA:GPU compile held to the device: compile every bench row measured on a GPU
+for that GPU's target (``targets.py``) and compare XLA:GPU's compiled peak with the device's
+measured peak (``memory.device_peak_bytes``, JAX's ``peak_bytes_in_use``)::
+
+    python -m jaxlayouts.target_check configs/hardware/measured/h200-2026-11-30.jsonl \\
+        --markdown docs/results/deviceless-h200.md
+
+The compiled peak is arguments + outputs - aliased + temporaries of XLA's buffer assignment
+(``analysis/memory.py``); the error is (compiled - measured) / measured. Rows measured ok with a
+device peak are compared; others are skipped. Exit 0, or 2 for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+from jaxlayouts import targets
+from jaxlayouts.schema import InvalidInput, creatable
+
+GIB = 2**30
+
+
+def measured_rows(path: str) -> list[tuple[dict, object, int]]:
+    """``(row, run, measured peak bytes)`` of every row measured ok with a device peak (the last
+    row of a sweep point counts), its knobs checked as the bench checks them."""
+    from jaxlayouts.plan.validate import check_bench_row, read_text  # scipy: only when checking
+
+    out = []
+    for number, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError:
+            raise InvalidInput("file", f"{path}:{number}: not a JSON bench row") from None
+        if not isinstance(raw, dict) or raw.get("status") != "ok":
+            continue
+        run, peak = check_bench_row(raw, f"{path}:{number}")
+        if peak:
+            out.append((raw, run, int(peak)))
+    if not out:
+        raise InvalidInput("file", f"{path}: no bench row measured ok with memory.device_peak_bytes")
+    return out
+
+
+def check(path: str, target: targets.Target) -> dict:
+    """Compile each measured row for ``target``; the table's rows and their error summary."""
+    from jaxlayouts.analysis.compiled import compile_step
+
+    rows = []
+    measured = measured_rows(path)
+    other = sorted({str(raw.get("device_kind")) for raw, _, _ in measured} - {target.device_kind})
+    if other:
+        print(f"warning: rows measured on {', '.join(other)}, compiled for {target.device_kind} ({target.name}): "
+              "the memory plan may differ between them", file=sys.stderr)
+    for i, (raw, run, peak) in enumerate(measured, 1):
+        start = time.perf_counter()
+        step = compile_step(run, targets.devices(target, run.layout.num_devices))
+        compiled = step.memory["compiled_peak_bytes_per_device"]
+        rows.append({"layout": str(run.layout), "model": run.model.name, "seq_len": run.seq_len,
+                     "global_batch": run.global_batch, "measured_peak_bytes": peak,
+                     "compiled_peak_bytes": compiled, "error": (compiled - peak) / peak,
+                     "compile_s": round(time.perf_counter() - start, 1), "measured_on": raw.get("device_kind"),
+                     "measured_jax": raw.get("jax_version"), "measured_commit": raw.get("commit")})
+        print(f"[{i}/{len(measured)}] {rows[-1]['layout']}: compiled {compiled / GIB:.2f} GiB, measured "
+              f"{peak / GIB:.2f} GiB ({rows[-1]['error']:+.2%})", file=sys.stderr)
+    errors = [abs(r["error"]) for r in rows]
+    return {"target": target.name, "file": path, "rows": rows, "median_abs_error": statistics.median(errors),
+            "max_abs_error": max(errors), **provenance()}
+
+
+def provenance() -> dict:
+    """Date, versions and commit of this run."""
+    version = lambda name: importlib.metadata.version(name)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=pathlib.Path(__file__).parent).stdout.strip() or None
+    return {"date": datetime.date.today().isoformat(), "jax": version("jax"), "jaxlib": version("jaxlib"),
+            "jax_cuda12_plugin": version("jax-cuda12-plugin"), "commit": commit,
+            "command": "python -m jaxlayouts.target_check " + " ".join(sys.argv[1:])}
+
+
+def markdown(result: dict) -> str:
+    """The comparison as a Markdown table with its provenance."""
+    lines = [f"| layout | T / global batch | measured GiB (device, jax, commit) | XLA:GPU GiB | error | compile s |",
+             "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| `{r['layout']}` | {r['seq_len']} / {r['global_batch']} | {r['measured_peak_bytes'] / GIB:.2f} "
+                     f"({r['measured_on']}, {r['measured_jax']}, {r['measured_commit']}) | "
+                     f"{r['compiled_peak_bytes'] / GIB:.2f} | {r['error']:+.2%} | {r['compile_s']} |")
+    return "\n".join([
+        f"Compiled for `{result['target']}` without a GPU on {result['date']}: jax {result['jax']}, jaxlib "
+        f"{result['jaxlib']}, jax-cuda12-plugin {result['jax_cuda12_plugin']}, commit {result['commit']}.",
+        f"Command: `{result['command']}`", "",
+        *lines, "",
+        f"Median |error| {result['median_abs_error']:.2%}, max {result['max_abs_error']:.2%} over "
+        f"{len(result['rows'])} rows."])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxlayouts.target_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("rows", help="bench rows measured on a GPU (JSON lines)")
+    parser.add_argument("--target", help=f"GPU target: one of {', '.join(targets.gpu_targets())} (default: the "
+                        "one whose device kind the rows name)")
+    parser.add_argument("--markdown", help="also write the table to this Markdown file")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        measured = measured_rows(args.rows)
+        kinds = {str(raw.get("device_kind")) for raw, _, _ in measured}
+        name = args.target or (targets.matching(kinds.pop()) if len(kinds) == 1 else None)
+        if name is None:
+            raise InvalidInput("target", f"the rows were measured on {', '.join(sorted(kinds))}, which no target "
+                               f"describes; name one: --target {targets.gpu_targets()[-1]}")
+        target = targets.resolve(name)
+        if not target.is_gpu:
+            raise InvalidInput("target", "compares a GPU compile with a GPU's measurement; choose one of "
+                               f"{', '.join(targets.gpu_targets())}")
+        if args.markdown and (pathlib.Path(args.markdown).is_dir() or not creatable(pathlib.Path(args.markdown))):
+            raise InvalidInput("markdown", f"{args.markdown} is a folder or cannot be written; e.g. --markdown check.md")
+        targets.prepare(target, 1)
+    except InvalidInput as error:
+        print(f"invalid: {error}", file=sys.stderr)
+        return 2
+    result = check(args.rows, target)
+    text = markdown(result)
+    if args.markdown:
+        pathlib.Path(args.markdown).write_text(text + "\n")
+    print(json.dumps(result) if args.json else text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
