@@ -321,6 +321,7 @@ def train_steps(trainer, compiled, state, first_step: int, opts: BenchOptions, s
         state, loss = compiled(state, batch)
         jax.block_until_ready((state, loss))
         elapsed = time.perf_counter() - start
+        check_interrupt()  # a Ctrl-C that arrived inside JAX's dispatch
         losses.append(float(loss))
         if not math.isfinite(losses[-1]):
             raise RuntimeError(f"the loss is {losses[-1]} at step {first_step + step + 1}: training diverged "
@@ -436,6 +437,7 @@ def report(result: dict) -> None:
 
 def main(argv):
     launch.die_with_parent()
+    signal.signal(signal.SIGINT, _on_interrupt)
     result = {"status": "ok", "error": None, "model": FLAGS.model, "mesh": FLAGS.mesh,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["python -m jaxlayouts.bench"] + sys.argv[1:])}
@@ -476,6 +478,20 @@ def main(argv):
 
 
 INTERRUPTED = "interrupted (Ctrl-C / SIGINT); nothing after this point was measured"
+_interrupt_seen = False
+
+
+def _on_interrupt(signum, frame):
+    """SIGINT: remember it, then raise KeyboardInterrupt as Python does. JAX's dispatch can swallow
+    an exception raised inside it, so the timed loop also checks :func:`check_interrupt`."""
+    global _interrupt_seen
+    _interrupt_seen = True
+    raise KeyboardInterrupt
+
+
+def check_interrupt() -> None:
+    if _interrupt_seen:
+        raise KeyboardInterrupt
 
 
 def process_index(jax) -> int:
