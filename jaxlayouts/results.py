@@ -168,12 +168,12 @@ class Results:
                 try:
                     write_all(fd, line.encode(), self.path)
                     os.fsync(fd)
-                except OSError as error:
+                except BaseException as error:  # a full disk, or Ctrl-C part way through the row
                     with contextlib.suppress(OSError):
                         os.ftruncate(fd, start)  # no half row stays behind
-                    if isinstance(error, WriteError):
-                        raise
-                    raise WriteError(error.errno, f"{self.path}: {error.strerror}") from None
+                    if isinstance(error, OSError) and not isinstance(error, WriteError):
+                        raise WriteError(error.errno, f"{self.path}: {error.strerror}") from None
+                    raise
             finally:
                 if fd != self._held:
                     os.close(fd)

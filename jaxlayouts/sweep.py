@@ -10,9 +10,10 @@ degree is derived as devices / (other degrees), on the axis ``data_axis``), and 
 Every point gets a stable key (a hash of its resolved bench flags). Invalid points are found in
 this process before anything is launched; the rest run as ``python -m jaxlayouts.bench`` in their
 own process, so a crash, an out-of-memory or a hang costs one point, recorded as data. Each result
-is appended to the JSONL file as one line in one write, flushed and synced; a torn last line (from
-a kill during a write) is dropped on the next start, so a re-run loses at most the point in flight
-and never duplicates one.
+is appended to the JSONL file as one whole line, synced (``results.py``); a torn last line (from
+a kill during a write) is skipped on the next start, so a re-run loses at most the point in flight
+and never duplicates one. The sweep holds the file's lock while it runs (a second sweep on it is
+refused), and Ctrl-C records the point in flight as ``interrupted``, which a re-run runs again.
 """
 
 from __future__ import annotations
