@@ -602,8 +602,13 @@ def test_the_host_memory_guard_counts_every_replica(monkeypatch):
     ({"JAX_PLATFORMS": "tpuu"}, "--environment: JAX_PLATFORMS: 'tpuu' is not a platform"),
     ({"XLA_FLAGS": "garbage"}, "--environment: XLA_FLAGS: 'garbage' is not --name=value"),
     ({"XLA_FLAGS": "--xla_no_such_flag=1"}, "--environment: XLA_FLAGS: XLA refuses '--xla_no_such_flag=1'"),
+    ({"JAX_PLATFORMS": "tpu"}, "--environment: JAX_PLATFORMS='tpu': Unable to initialize backend 'tpu'"),
+    ({"JAXLAYOUTS_COORDINATOR_ADDRESS": "not an address", "JAXLAYOUTS_NUM_PROCESSES": "2",
+      "JAXLAYOUTS_PROCESS_ID": "0"}, "--coordinator_address: 'not an address' is not host:port (port 1-65535)"),
 ])
 def test_a_broken_environment_ends_with_the_json_line(env, message):
+    """What the environment says (a platform, XLA's flags, a coordinator) is checked like a flag:
+    the JSON line, invalid, one line naming the variable; never a C++ abort or a raw library error."""
     proc = subprocess.run([sys.executable, "-m", "jaxlayouts.bench", *QUICK], capture_output=True, text=True,
                           timeout=120, cwd=ROOT, env={**clean_env(PYTHONPATH=str(ROOT)), **env})
     assert_clean(proc, codes=(2,))
