@@ -192,7 +192,7 @@ def explore(run: RunConfig, hardware: str = "a100-80gb", devices_=None, target: 
     if hlo_out:
         pathlib.Path(hlo_out).write_text(step.hlo_text)
     hw = load_hardware(hardware)
-    workload = cost.Workload.from_run(run)
+    workload = cost.Workload.from_run(run, step.backend)  # the step compiled: scanned on CPU by default
     prediction = cost.predict(workload, hw)
     report = {
         "layout": str(run.layout), "model": run.model.name, "num_devices": run.layout.num_devices,

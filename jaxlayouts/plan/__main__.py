@@ -348,7 +348,7 @@ def verify(top: list[dict], runs: list[RunConfig], count: int, hw) -> list[dict]
         except InvalidInput as error:  # a layout that cannot compile: say why, go on
             r["compiled"] = {"not_compiled": str(error)}
             continue
-        peak, analytic = step.memory["compiled_peak_bytes_per_device"], cost.memory(cost.Workload.from_run(run), hw)
+        peak, analytic = step.memory["compiled_peak_bytes_per_device"], cost.memory(cost.Workload.from_run(run, step.backend), hw)
         r["compiled"] = {"compiler": compiler, "peak_gib": peak / 2**30,
                          "analytic_gib": (analytic["total"] - analytic["overhead"]) / 2**30,
                          "collective_gib_per_step": sum(c.bytes * c.executions for c in step.collectives) / 2**30,

@@ -187,26 +187,55 @@ class Trainer:
         * pp > 1 (``parallel/pipeline.py``): the accumulator is carried through the tick's
           ``lax.switch``, whose output is a second float32 copy of it (ZeRO-0/1/2: the stage's
           whole gradient; a llama-65b pp=2 layout compiles to the same peak under ZeRO-1 and 2).
-          Under ZeRO-3 the executor all-gathers a whole chunk's weights (and the embedding and
-          head) for its forward and its backward, and the tick's gradient of them, in the compute
-          dtype, is whole until the gather's transpose reduce-scatters it."""
+          Under ZeRO-3 (``Pipeline._gather``) the backward tick re-runs one chunk (``L / (P V)``
+          layers) from all-gathered weights; at its start XLA holds, in the compute dtype:
+
+          - the all-gather's result *whole over tp as well*: the gather runs inside the
+            ``shard_map`` that is manual over fsdp and automatic over tp, and XLA replicates its
+            operand over tp first (``bf16[16,512,11008]`` gathered to ``bf16[16,4096,11008]`` for
+            llama-7b tp=2, then sliced to the tp shard); the chunk's seven gathers are in flight
+            together, so ``tp`` times the chunk's tp-sharded weights (11.8 GiB for llama-13b
+            tp=4, a 20-layer chunk, of its 26.2 GiB peak);
+          - the backward scan's stacked gradient of the gathered chunk (tp-sharded), allocated
+            before the recomputed forward runs and whole until the gather's transpose
+            reduce-scatters it;
+          - without remat (``remat=none``) one more tp-sharded copy of the chunk: the forward
+            scan saves the gathered weights, as its layers transform them, among its stacked
+            residuals. Under ``jax.checkpoint`` (every other policy) the saved inputs are the
+            scan's own weight slices, which JAX forwards instead of stacking.
+
+          The embedding and head are gathered in other branches and are not live at that peak.
+          llama-7b tp=2, llama-13b tp=4 pp=2 and llama-65b tp=8 pp=4 (``--scan_layers``, each
+          schedule) compile to within 5% of this, circular with remat up to 12% low (the 18-42%
+          gap before was the tp-whole gather and the residual copy). With the layers unrolled
+          (``scan_layers`` False, a GPU step's default) neither stacked buffer exists: the peak
+          is the tp-whole gather (llama-7b fsdp=4,tp=2,pp=2: 17.96 GiB unrolled against 26.21
+          scanned without remat; this leaves the planner 11% high there and 6% low with full
+          remat)."""
         e, m = w.dtype_bytes, w.model
         layers = stage.layers * layer_params(m) / w.tp
         if w.pp == 1:
             return 0.0, e * layers / (w.data_parallel if w.zero >= 2 else 1)
         if w.zero < 3:
             return 0.0, 4 * self.stage_params(w, stage)
-        chunk = layers / w.virtual_stages + _embedding_params(w)
-        return e * chunk, e * chunk
+        chunk = e * layers / w.virtual_stages           # one chunk's weights in the compute dtype, tp-sharded
+        if not w.scan_layers:
+            return w.tp * chunk, 0.0
+        residual_copy = chunk if w.remat == "none" else 0.0
+        return w.tp * chunk + residual_copy, chunk
 
     def step_end_gradients(self, w: Workload, stage: Stage) -> float:
         """The gradient bytes at the end of a pipelined step, once the ticks are done and their
-        activations freed (0 where that is not the step's peak: pp = 1, ZeRO-3). The stage's
-        float32 gradient leaves the executor's ``shard_map`` split over tp and is all-gathered
-        whole for the reduction over the data axis and the optimizer's layout: ``tp`` times the
-        accumulator (XLA:GPU's buffer assignment: ``f32[20,5120,13824]`` all-gathers for
-        llama-13b tp=4, pp=2, whatever the remat policy and schedule, 34.5 GiB peak for all nine)."""
-        if w.pp == 1 or w.zero >= 3 or not self.pipeline_recompute:
+        activations freed (0 where that is not the step's peak: pp = 1, ZeRO-0, ZeRO-3). Under
+        ZeRO-1/2 the stage's float32 gradient leaves the executor's ``shard_map`` split over tp
+        and is all-gathered whole for the reduce-scatter onto the optimizer's fsdp shard: ``tp``
+        times the accumulator (XLA:GPU's buffer assignment: ``f32[20,5120,13824]`` all-gathers
+        for llama-13b tp=4, pp=2, whatever the remat policy and schedule, 34.5 GiB peak for all
+        nine). ZeRO-0 all-reduces it over dp in the layout it has, so its peak stays at the ticks
+        (the accumulator and the switch's second copy, :meth:`step_buffers`): llama-13b
+        dp=8,tp=4,pp=2 and llama-65b dp=8,tp=8,pp=16 compile to within 4% of that, where this
+        term had them 25-104% high."""
+        if w.pp == 1 or w.zero in (0, 3) or not self.pipeline_recompute:
             return 0.0
         return 4 * w.tp * self.stage_params(w, stage)
 
@@ -309,6 +338,7 @@ class Workload:
     virtual_stages: int = 1
     trainer: Trainer = JAXLAYOUTS       # or plan.study.STUDY: the reference study's trainer
     dtype_bytes: int = 2                # compute dtype: bf16 (float32 in CPU tests)
+    scan_layers: bool = False           # layers as one lax.scan; False: unrolled, a GPU step's default
 
     def __post_init__(self):
         if self.cp < 1 or self.seq_len % self.cp:
@@ -336,14 +366,16 @@ class Workload:
         return self.global_batch // (self.data_parallel * self.micro_batch)
 
     @classmethod
-    def from_run(cls, run: RunConfig) -> Workload:
+    def from_run(cls, run: RunConfig, platform: str = "gpu") -> Workload:
+        """The run's workload; ``scan_layers`` as the run's layout resolves it on ``platform``
+        (``Layout.scans_layers``: unset means unrolled on a GPU, the step the planner plans for)."""
         lay = run.layout
         return cls(model=run.model, seq_len=run.seq_len, global_batch=run.global_batch,
                    data_parallel=lay.data_parallel, tp=lay.mesh["tp"], pp=lay.mesh["pp"],
                    micro_batch=lay.micro_batch, cp=lay.mesh["cp"], sequence_parallel=lay.sequence_parallel,
                    remat=lay.remat, attention=lay.attention, fused_norm=lay.norm != "xla", norm=lay.norm, zero=lay.zero,
                    schedule=lay.pipeline_schedule, virtual_stages=lay.virtual_stages,
-                   dtype_bytes=4 if run.dtype == "float32" else 2)
+                   dtype_bytes=4 if run.dtype == "float32" else 2, scan_layers=lay.scans_layers(platform))
 
 
 @dataclasses.dataclass

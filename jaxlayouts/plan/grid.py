@@ -130,6 +130,15 @@ def planner_terms(run: RunConfig, hw) -> dict:
             "usable_gib": p.usable_bytes / cost.GIB}
 
 
+def aborted_row(point: Point, target, meta: dict) -> dict:
+    """The row of a point whose compile ended the process (an XLA check failure aborts it): found
+    by the marker a rerun sees, so the grid records it and moves on."""
+    return {"key": point.key(target.name), "model": point.model, "layout": point.layout, "seq_len": point.seq_len,
+            "global_batch": point.global_batch, "dtype": point.dtype, "target": target.name,
+            "source": SOURCE[target.is_gpu], **meta, "status": "error",
+            "error": "the compile aborted the process (an XLA check failure; its message is in the run's stderr)"}
+
+
 def row_of(point: Point, target, hw, meta: dict) -> dict:
     """Compile one point and describe it as a grid row (never raises for the layout's own faults)."""
     from jaxlayouts.analysis.compiled import compile_step
@@ -191,9 +200,15 @@ def run_grid(path: str, target_name: str, out: str, hw=None, retry_errors: bool 
     targets.prepare(target, largest)
     meta = versions()
     began = time.perf_counter()
+    marker = pathlib.Path(out + ".compiling")
     for i, point in enumerate(todo, 1):
-        row = row_of(point, target, hw, meta)
+        if marker.is_file() and marker.read_text() == point.key(target.name):
+            row = aborted_row(point, target, meta)
+        else:
+            marker.write_text(point.key(target.name))  # if XLA aborts the process, the rerun records why
+            row = row_of(point, target, hw, meta)
         results.append(row)
+        marker.unlink(missing_ok=True)
         counts[row["status"]] += 1
         what = (f"{row['memory']['compiled_peak_bytes'] / cost.GIB:.2f} GiB compiled peak, planner "
                 f"{row['planner_memory_gib']['total']:.2f} GiB" if row["status"] == "compiled"
