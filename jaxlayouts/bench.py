@@ -10,16 +10,21 @@ to stdout and its last line is one JSON object (also appended to ``--output`` as
 Every input is checked before any device exists (``config.py``, ``layout.validate``). JAX is
 imported inside the functions that run once the devices are set up: emulated CPU devices must be
 requested before JAX starts.
-Exit codes: 0 ok, 1 error, 2 invalid input, 3 out of memory, 4 compile error.
+Exit codes: 0 ok, 1 error, 2 invalid input, 3 out of memory, 4 compile error, 5 a write failed
+(``--output``, a checkpoint or a profile: a full disk is never out of memory), 130 interrupted
+(Ctrl-C: the row says ``interrupted``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import importlib.metadata
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -31,11 +36,12 @@ from jaxlayouts.analysis import profile
 from jaxlayouts.analysis.memory import compiled_memory
 from jaxlayouts.config import BenchOptions
 from jaxlayouts.layout import Layout, RunConfig, validate
-from jaxlayouts.results import Results
+from jaxlayouts.results import Results, WriteError
 from jaxlayouts.schema import InvalidInput, check_instance, finite_json
 
 FLAGS = flags.FLAGS
-EXIT_CODES = {"ok": 0, "error": 1, "invalid": 2, "oom": 3, "compile_error": 4}
+EXIT_CODES = {"ok": 0, "error": 1, "invalid": 2, "oom": 3, "compile_error": 4, "write_error": 5,
+              "interrupted": 130}
 HOST_MEMORY_SHARE = 0.25
 """At most this share of the host's memory goes to the synthetic token batches."""
 
@@ -49,9 +55,12 @@ class CompileError(RuntimeError):
 
 
 def is_oom(error: BaseException) -> bool:
+    """Device memory ran out; a file that could not be written (a full disk) never counts."""
     if isinstance(error, OutOfMemory):
         return True
     text = str(error)
+    if isinstance(error, OSError) or "No space left on device" in text or "ENOSPC" in text:
+        return False
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
@@ -62,10 +71,13 @@ def is_oom(error: BaseException) -> bool:
 def check_before_devices(values: dict, opts: BenchOptions) -> None:
     """Everything that can be checked without devices: the run itself (when the mesh names every
     size), the emulated device count and the host memory the batches will take."""
-    config.emulated_device_count(values)
-    if "-1" in values["mesh"]:
+    problem = devices.check_environment()
+    if problem:
+        raise InvalidInput("environment", problem)
+    count = config.emulated_device_count(values)
+    if count is None:  # a -1 axis on an accelerator: checked once JAX has counted the devices (measure)
         return
-    run = config.run_config(values)
+    run = config.run_config(values, count)
     validate(run, run.layout.num_devices)
     check_host_memory(run, opts)
 
@@ -74,22 +86,47 @@ STATE_BYTES_PER_PARAMETER = 16
 """float32 master weights, gradients and AdamW's two moments: the least a training step holds."""
 
 
+def host_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def state_bytes_on_host(run: RunConfig) -> int:
+    """The least memory the training state takes over all of the mesh's devices: each device
+    holds its shard of the float32 weights, gradients and AdamW moments (split over tp and pp,
+    the weights and moments also over fsdp from ZeRO-1, the gradients from ZeRO-2), and every
+    replica (dp, cp, fsdp without ZeRO) holds its own copy. On CPU emulation all of them live
+    in this host's memory."""
+    mesh, zero = run.layout.mesh, run.layout.zero
+    split = mesh["tp"] * mesh["pp"]
+    weights_and_moments = 12 * run.model.n_params // (split * (mesh["fsdp"] if zero >= 1 else 1))
+    gradients = 4 * run.model.n_params // (split * (mesh["fsdp"] if zero >= 2 else 1))
+    return (weights_and_moments + gradients) * run.layout.num_devices
+
+
 def check_host_memory(run: RunConfig, opts: BenchOptions) -> None:
     """On CPU emulation every device lives in this host's memory: refuse a run whose batches, or
-    whose training state alone, would not fit in it, before anything is allocated."""
-    host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    whose training state on all devices (replicas counted each), would not fit in it, before
+    anything is allocated."""
+    host = host_bytes()
     batch_bytes = (opts.warmup + opts.steps) * run.global_batch * (run.seq_len + 1) * 4
-    if batch_bytes > HOST_MEMORY_SHARE * host_bytes:
+    if batch_bytes > HOST_MEMORY_SHARE * host:
         raise InvalidInput("global_batch", f"{opts.warmup + opts.steps} steps of {run.global_batch} x "
                            f"{run.seq_len + 1} tokens take {batch_bytes / 2**30:.4g} GiB of host memory, more "
-                           f"than {HOST_MEMORY_SHARE:.0%} of this machine's {host_bytes / 2**30:.4g} GiB; "
+                           f"than {HOST_MEMORY_SHARE:.0%} of this machine's {host / 2**30:.4g} GiB; "
                            "lower --global_batch, --seq_len or --steps")
-    state_bytes = STATE_BYTES_PER_PARAMETER * run.model.n_params
-    if not devices.accelerator_present() and state_bytes > host_bytes:
-        raise InvalidInput("model", f"training {run.model.name} on emulated CPU devices needs at least "
-                           f"{state_bytes / 2**30:.4g} GiB of this host's memory ({STATE_BYTES_PER_PARAMETER} bytes "
-                           f"per parameter) and it has {host_bytes / 2**30:.4g} GiB; run it on GPUs, or look at "
-                           "its layout without memory: python -m jaxlayouts.explore with the same flags")
+    state_bytes = state_bytes_on_host(run)
+    if not devices.accelerator_present() and state_bytes > host:
+        single = STATE_BYTES_PER_PARAMETER * run.model.n_params
+        knob = "model" if single > host else "mesh"
+        fix = ("run it on GPUs" if knob == "model" else
+               "use fewer replicas (a smaller dp or cp), shard the state (--zero 1-3 over fsdp, tp, pp), "
+               "or run it on GPUs")
+        raise InvalidInput(knob, f"training {run.model.name} under {run.layout} on "
+                           f"{run.layout.num_devices} emulated CPU devices needs at least {state_bytes / 2**30:.4g} "
+                           f"GiB of this host's memory (float32 weights, gradients and AdamW moments, "
+                           f"{STATE_BYTES_PER_PARAMETER} bytes per parameter, on every device that holds them) and "
+                           f"it has {host / 2**30:.4g} GiB; {fix}, or look at the layout without memory: "
+                           "python -m jaxlayouts.explore with the same flags")
 
 
 def prepare_devices(values: dict, opts: BenchOptions) -> int:
@@ -109,12 +146,36 @@ def prepare_devices(values: dict, opts: BenchOptions) -> int:
             raise InvalidInput("num_processes", f"{count} devices do not split over "
                                f"{cluster.num_processes} processes")
         devices.request_host_devices(count // cluster.num_processes)
-    distributed.initialize(cluster, cpu=not accelerator, init_timeout_s=opts.init_timeout_s,
-                           heartbeat_timeout_s=opts.heartbeat_timeout_s)
+    try:
+        distributed.initialize(cluster, cpu=not accelerator, init_timeout_s=opts.init_timeout_s,
+                               heartbeat_timeout_s=opts.heartbeat_timeout_s)
+    except Exception as error:  # an unreachable coordinator, a peer that never starts: one line
+        raise RuntimeError(f"joining the run at {cluster.coordinator_address or 'SLURM'} as process "
+                           f"{cluster.process_id} of {cluster.num_processes} failed: {first_line(error)}") from None
+    start_backend()
     if count is None:
         import jax  # only now: an accelerator decides the device count
         count = jax.device_count()
     return count
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def start_backend() -> None:
+    """Start JAX's backend now, so that JAX_PLATFORMS naming a platform this machine lacks is
+    ``invalid`` (naming the variable) instead of a failure deep in the run."""
+    import jax
+    try:
+        jax.devices()
+    except RuntimeError as error:
+        if "Unable to initialize backend" not in str(error) and "JAX_PLATFORMS" not in str(error):
+            raise
+        raise InvalidInput("environment", f"JAX_PLATFORMS={os.environ.get('JAX_PLATFORMS', '')!r}: "
+                           f"{first_line(error, 200)}; name a platform this machine has, e.g. "
+                           "JAX_PLATFORMS=cpu, or unset it") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,15 +201,17 @@ def benchmark(run: RunConfig, options: BenchOptions | None = None, *, axis_rules
     if jax.process_count() > 1:
         distributed.log_once(distributed.describe_topology(run.layout, jax.process_count()))
     trainer = train.Trainer(run, device_mesh, axis_rules)
-    cache = enable_compilation_cache(devices[0].platform)
-    log(f"compiling {run.model.name} under {run.layout} on {len(devices)} x {devices[0].platform} "
-        f"(layers {'scanned' if trainer.scan_layers else 'unrolled'}{f'; compilation cache {cache}' if cache else ''}) ...")
-    compiled, compile_time = compile_step(trainer)
-    local_device = next(d for d in devices if d.process_index == jax.process_index())
-    memory = compiled_memory(compiled)
-    check_fits(memory, local_device, opts)
     saver = checkpoint.Checkpoints(opts.checkpoint_dir, opts.checkpoint_every) if opts.checkpoint_dir else None
     try:
+        if opts.restore:
+            check_restorable(saver, run)
+        cache = enable_compilation_cache(devices[0].platform)
+        log(f"compiling {run.model.name} under {run.layout} on {len(devices)} x {devices[0].platform} "
+            f"(layers {'scanned' if trainer.scan_layers else 'unrolled'}{f'; compilation cache {cache}' if cache else ''}) ...")
+        compiled, compile_time = compile_step(trainer)
+        local_device = next(d for d in devices if d.process_index == jax.process_index())
+        memory = compiled_memory(compiled)
+        check_fits(memory, local_device, opts, sum(d.process_index == jax.process_index() for d in devices))
         state, first_step, restored_from = initial_state(trainer, saver, opts.restore, log)
         losses, step_times = train_steps(trainer, compiled, state, first_step, opts, saver, log)
     finally:
@@ -158,6 +221,21 @@ def benchmark(run: RunConfig, options: BenchOptions | None = None, *, axis_rules
             "scan_layers": trainer.scan_layers,  # resolved: the layout's choice, else the platform's default
             "first_step": first_step, "restored_from": restored_from, "num_processes": jax.process_count(),
             **measured_fields(run, opts, local_device, len(devices), losses, step_times, memory)}
+
+
+def check_restorable(saver, run: RunConfig) -> None:
+    """Before compiling: the latest checkpoint exists and was saved by a run of this model with
+    the same data settings (``checkpoint.mismatch``), else :class:`InvalidInput` for --restore."""
+    from jaxlayouts import checkpoint
+
+    try:
+        step, record = saver.latest_record()
+    except FileNotFoundError as error:
+        raise InvalidInput("restore", f"{error}; run once without --restore to save one") from None
+    problem = checkpoint.mismatch(record, run)
+    if problem:
+        raise InvalidInput("restore", f"the checkpoint of step {step} in {saver.manager.directory} does not fit "
+                           f"this run: {problem}")
 
 
 COMPILATION_CACHE = "~/.cache/jaxlayouts/xla"
@@ -191,15 +269,21 @@ def compile_step(trainer) -> tuple:
     return compiled, time.perf_counter() - start
 
 
-def check_fits(memory: dict, device, opts: BenchOptions) -> None:
+def check_fits(memory: dict, device, opts: BenchOptions, local_devices: int = 1) -> None:
     """OutOfMemory when the compiled peak exceeds the device's capacity (``--device_memory_gb``,
-    else what the device reports)."""
+    else what the device reports), or, on CPU emulation, when the ``local_devices`` peaks together
+    exceed this host's memory, which they all share."""
     capacity = (opts.device_memory_gb * 2**30 if opts.device_memory_gb
                 else (device.memory_stats() or {}).get("bytes_limit"))
     peak = memory["compiled_peak_bytes_per_device"]
     if capacity and peak and peak > capacity:
         raise OutOfMemory(f"compiled peak {peak / 2**30:.4g} GiB per device exceeds the "
                           f"device memory {capacity / 2**30:.4g} GiB")
+    cpu = device is not None and device.platform == "cpu"
+    if cpu and peak and peak * local_devices > host_bytes():  # emulated devices share this host's memory
+        raise OutOfMemory(f"compiled peak {peak / 2**30:.4g} GiB per device x {local_devices} emulated CPU devices "
+                          f"exceeds this host's {host_bytes() / 2**30:.4g} GiB; use fewer devices or a "
+                          "smaller batch, or look at the layout with python -m jaxlayouts.explore")
 
 
 def initial_state(trainer, saver, restore: bool, log) -> tuple:
@@ -219,7 +303,7 @@ def train_steps(trainer, compiled, state, first_step: int, opts: BenchOptions, s
     and the timed steps' seconds."""
     import jax
 
-    from jaxlayouts import data, train
+    from jaxlayouts import checkpoint, data, train
 
     run = trainer.run
     batches = [data.device_batch(
@@ -231,11 +315,13 @@ def train_steps(trainer, compiled, state, first_step: int, opts: BenchOptions, s
     losses, step_times = [], []
     for step, batch in enumerate(batches):
         if step == opts.warmup and opts.profile_dir:
-            jax.profiler.start_trace(opts.profile_dir, create_perfetto_trace=True)
+            with writing("profile_dir", opts.profile_dir):
+                jax.profiler.start_trace(opts.profile_dir, create_perfetto_trace=True)
         start = time.perf_counter()
         state, loss = compiled(state, batch)
         jax.block_until_ready((state, loss))
         elapsed = time.perf_counter() - start
+        check_interrupt()  # a Ctrl-C that arrived inside JAX's dispatch
         losses.append(float(loss))
         if not math.isfinite(losses[-1]):
             raise RuntimeError(f"the loss is {losses[-1]} at step {first_step + step + 1}: training diverged "
@@ -246,16 +332,28 @@ def train_steps(trainer, compiled, state, first_step: int, opts: BenchOptions, s
             f"loss {losses[-1]:.4f}  {elapsed:.3f} s")
         done = first_step + step + 1
         if saver and done % opts.checkpoint_every == 0:
-            if saver.save(done, state, {"next_step": done, "layout": str(run.layout), "model": run.model.name,
-                                        "seed": run.seed, "global_batch": run.global_batch, "seq_len": run.seq_len}):
+            if saver.save(done, state, checkpoint.record_of(run, done)):
                 log(f"  checkpoint: saving step {done} to {opts.checkpoint_dir}")
     if opts.profile_dir:
-        jax.profiler.stop_trace()
+        with writing("profile_dir", opts.profile_dir):
+            jax.profiler.stop_trace()
         try:
             log(profile.report(opts.profile_dir, opts.steps))
         except Exception as error:  # the summary is a reading aid: it never costs the measurement
             log(f"profile: trace written to {opts.profile_dir}; its summary failed ({type(error).__name__}: {error})")
     return losses, step_times
+
+
+@contextlib.contextmanager
+def writing(knob: str, path: str):
+    """A failure inside is a :class:`WriteError` naming ``--knob path`` (status ``write_error``)."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as error:
+        raise WriteError(getattr(error, "errno", None) or errno.EIO, f"--{knob} {path}: could not be written "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from error
 
 
 def measured_fields(run: RunConfig, opts: BenchOptions, device, num_devices: int, losses: list,
@@ -313,31 +411,33 @@ def measure(result: dict, log) -> None:
     opts = config.options(values)
     check_before_devices(values, opts)
     run = config.run_config(values, prepare_devices(values, opts))
+    check_host_memory(run, opts)  # again with a -1 axis resolved (on an accelerator, only now)
     result.update(config.describe(run))
     axis_rules = config.parse_axis_rules(opts.axis_rules)
     result["axis_rules"] = axis_rules or None
     result.update(benchmark(run, opts, axis_rules=axis_rules, log=log))
 
 
-def report(result: dict) -> bool:
-    """Process 0 prints the summary and the JSON line, and appends it to ``--output`` when that
-    is a results file (or none yet); returns whether everything asked for was written."""
-    row = finite_json(result)
-    print(summary(result))
-    print(json.dumps(row), flush=True)
+def report(result: dict) -> None:
+    """Process 0 appends the row to ``--output`` (when that is a results file, or none yet), then
+    prints the summary and the JSON line. A row that could not be appended (a full disk) turns an
+    ``ok`` into ``write_error`` naming the file; the printed row says what happened either way."""
     output = FLAGS["output"].value
-    if not output:
-        return True
-    try:
-        Results(output, knob="output", keyed=False).append(row)
-        return True
-    except (InvalidInput, OSError) as error:
-        print(f"could not append the result to --output {output}: {error}", file=sys.stderr)
-        return False
+    if output and not (result["error"] or "").startswith("--output:"):  # not when --output is the problem
+        try:
+            Results(output, knob="output", keyed=False).append(finite_json(result))
+        except (InvalidInput, OSError) as error:
+            message = f"could not append the result to --output {output}: {error}"
+            print(message, file=sys.stderr)
+            if result["status"] == "ok":
+                result.update(status="write_error", error=message)
+    print(summary(result))
+    print(json.dumps(finite_json(result)), flush=True)
 
 
 def main(argv):
     launch.die_with_parent()
+    signal.signal(signal.SIGINT, _on_interrupt)
     result = {"status": "ok", "error": None, "model": FLAGS.model, "mesh": FLAGS.mesh,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["python -m jaxlayouts.bench"] + sys.argv[1:])}
@@ -348,21 +448,25 @@ def main(argv):
             raise InvalidInput("flags", f"unexpected arguments {argv[1:]}; all options are --flags, "
                                "e.g. --mesh dp=8")
         measure(result, log)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C cannot tear the row
+        result.update(status="interrupted", error=INTERRUPTED)
     except InvalidInput as error:
         result.update(status="invalid", error=str(error))
     except CompileError as error:
         result.update(status="compile_error", error=str(error))
+    except WriteError as error:
+        result.update(status="write_error", error=str(error))
     except Exception as error:  # recorded as data: the sweep reads status and error
         result.update(status="oom" if is_oom(error) else "error", error=f"{type(error).__name__}: {error}")
     result["jax_version"] = importlib.metadata.version("jax")
     jax = sys.modules.get("jax")
-    process = jax.process_index() if jax else 0
-    written = True
+    process = process_index(jax)
     if process == 0:  # only process 0 reports
-        written = report(result)
+        report(result)
     elif result["status"] != "ok":
         log(f"process {process}: {summary(result)}")
-    code = EXIT_CODES[result["status"]] or (0 if written else EXIT_CODES["error"])
+    code = EXIT_CODES[result["status"]]
     if code:
         # Leave at once: a clean shutdown would wait for peers that may never get here, or for
         # background threads of a failed checkpoint save. The launcher (or srun --kill-on-bad-exit)
@@ -371,6 +475,31 @@ def main(argv):
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+INTERRUPTED = "interrupted (Ctrl-C / SIGINT); nothing after this point was measured"
+_interrupt_seen = False
+
+
+def _on_interrupt(signum, frame):
+    """SIGINT: remember it, then raise KeyboardInterrupt as Python does. JAX's dispatch can swallow
+    an exception raised inside it, so the timed loop also checks :func:`check_interrupt`."""
+    global _interrupt_seen
+    _interrupt_seen = True
+    raise KeyboardInterrupt
+
+
+def check_interrupt() -> None:
+    if _interrupt_seen:
+        raise KeyboardInterrupt
+
+
+def process_index(jax) -> int:
+    """This process's index in a multi-process run (0 when JAX never started, or failed to)."""
+    try:
+        return jax.process_index() if jax else 0
+    except Exception:  # a backend that failed to start has no index: report as process 0
+        return 0
 
 
 def report_invalid_flags(error: InvalidInput) -> None:
@@ -382,7 +511,13 @@ def report_invalid_flags(error: InvalidInput) -> None:
 
 def entry():
     config.define_flags(FLAGS)
-    app.run(main, flags_parser=config.flags_parser(report_invalid_flags))
+    try:
+        app.run(main, flags_parser=config.flags_parser(report_invalid_flags))
+    except KeyboardInterrupt:  # before main could record it (while flags were read)
+        result = {"status": "interrupted", "error": INTERRUPTED, "jax_version": importlib.metadata.version("jax")}
+        print(summary(result))
+        print(json.dumps(result), flush=True)
+        sys.exit(EXIT_CODES["interrupted"])
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from absl import flags
 from jaxlayouts.layout import (ACTIVATION_AXES, MAX_EMULATED_DEVICES, MESH_AXES, PARAM_AXES, Layout, RunConfig,
                                load_model_config, parse_mesh)
 from jaxlayouts.results import Results
-from jaxlayouts.schema import InvalidInput, checked, creatable, kind_of, knob, knobs
+from jaxlayouts.schema import InvalidInput, checked, creatable, kind_of, knob, knobs, refuse_special
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +106,7 @@ def options(values: dict) -> BenchOptions:
         if path is None:
             continue
         path = pathlib.Path(path)
+        refuse_special(path, name, knob_example(name))
         if path.is_file() or not creatable(path):
             problem = "is a file" if path.is_file() else "cannot be created here (no such folder, or no permission)"
             raise InvalidInput(name, f"{path} {problem}; give a directory path in a writable folder, "
@@ -152,6 +153,12 @@ def parse_axis_rules(text: str) -> dict:
         unknown = [a for a in axes if a not in MESH_AXES]
         if unknown:
             raise InvalidInput("axis_rules", f"{item!r}: {unknown} are not mesh axes ({', '.join(MESH_AXES)}) or none")
+        twice = sorted({a for a in axes if axes.count(a) > 1})
+        if twice:
+            raise InvalidInput("axis_rules", f"{item!r} names {', '.join(twice)} twice; a dimension is split over "
+                               f"a mesh axis once, e.g. {name}={'+'.join(dict.fromkeys(axes))}")
+        if name in rules:
+            raise InvalidInput("axis_rules", f"{name} is given twice in {text!r}; give each logical axis once")
         rules[name] = None if not axes else axes[0] if len(axes) == 1 else axes
     return rules
 

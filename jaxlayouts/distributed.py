@@ -52,11 +52,23 @@ def detect(coordinator_address=None, num_processes=None, process_id=None) -> Clu
         if not (address and count and index is not None):
             raise ValueError("a multi-process run needs all of --coordinator_address, --num_processes "
                              "and --process_id (or the JAXLAYOUTS_* variables); e.g. use launch/local.sh")
+        check_address(address)
+        if not 0 <= index < count:
+            raise ValueError(f"process {index} of {count}: --process_id runs from 0 to --num_processes - 1")
         return Cluster(address, count, index)
     tasks = int(os.environ.get("SLURM_NTASKS", "1"))
     if "SLURM_JOB_ID" in os.environ and tasks > 1:
         return Cluster(None, tasks, int(os.environ.get("SLURM_PROCID", "0")), slurm=True)
     return Cluster()
+
+
+def check_address(address: str) -> None:
+    """``host:port`` (a name, an IPv4 address or a bracketed IPv6 one; port 1-65535), else ValueError."""
+    host, sep, port = address.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if (not sep or not host or any(c.isspace() for c in address) or not (port.isascii() and port.isdigit())
+            or not 0 < int(port[:6]) < 65536 or (":" in host and not bracketed)):
+        raise ValueError(f"{address[:80]!r} is not host:port (port 1-65535); e.g. 127.0.0.1:12345")
 
 
 def initialize(cluster: Cluster, *, cpu: bool, init_timeout_s: int = 120, heartbeat_timeout_s: int = 30):

@@ -83,6 +83,9 @@ def layout(model: str = "tiny", *, layout: str | None = None, target: str = targ
     costs it on ``hardware`` (default: the target's, else a100-80gb); ``census=True`` adds the census of
     the compiled program (``analysis/census.py``). Arranges the devices itself;
     where JAX already started unsuited, compiles in a child process (and says so)."""
+    _text_argument("layout", layout, "fsdp=8,tp=4 mbs=1", optional=True)
+    _text_argument("target", target, targets.CPU)
+    _text_argument("hardware", hardware, "a100-80gb", optional=True)
     run, checked = _run(model, layout, values)
     chosen = targets.resolve(target)
     hardware = _hardware(hardware, chosen)
@@ -97,6 +100,13 @@ def compare(layouts: list[str], *, model: str = "tiny", target: str = targets.CP
             **values) -> Comparison:
     """Several layouts (text forms, or meshes such as ``"fsdp=8,tp=4"``) of one run side by side:
     memory per device, collective bytes by mesh axis, predicted step time and MFU, and a figure."""
+    if isinstance(layouts, (str, bytes)) or not isinstance(layouts, (list, tuple)) or not layouts:
+        raise InvalidInput("layouts", f"{layouts!r:.80} is not a non-empty list of layouts; give one, e.g. "
+                           "compare([\"fsdp=8,tp=4\", \"dp=8,tp=4\"], model=\"llama-7b\")")
+    for i, text in enumerate(layouts):
+        _text_argument(f"layouts[{i}]", text, "fsdp=8,tp=4")
+    _text_argument("target", target, targets.CPU)
+    _text_argument("hardware", hardware, "a100-80gb", optional=True)
     runs = [_run(model, text, values)[0] for text in layouts]
     chosen = targets.resolve(target)
     _devices_ready(chosen, max(compiled_count(run, chosen) for run in runs))
@@ -113,6 +123,16 @@ def _hardware(name: str | None, target: targets.Target) -> str:
 def compiled_count(run: RunConfig, target: targets.Target) -> int:
     """Devices the compile needs: the layout's on a GPU target, :func:`compiled_run`'s on XLA:CPU."""
     return run.layout.num_devices if target.is_gpu else compiled_run(run)[0].layout.num_devices
+
+
+def _text_argument(name: str, value, example: str, optional: bool = False) -> None:
+    """:class:`InvalidInput` naming the argument ``name`` unless ``value`` is non-empty text
+    (or None where ``optional``)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidInput(name, f"{value!r:.80} is not {'text' if not isinstance(value, str) else 'a value'}; "
+                           f"give one, e.g. {example!r}")
 
 
 def _run(model: str, text: str | None, values: dict) -> tuple[RunConfig, dict]:

@@ -39,7 +39,7 @@ from jaxlayouts.kernels.triton_versions import unavailable_reason
 from jaxlayouts.layout import GPU_ONLY
 from jaxlayouts.model.attention import IMPLEMENTATIONS as ATTENTION
 from jaxlayouts.model.norm import IMPLEMENTATIONS as NORM
-from jaxlayouts.schema import creatable
+from jaxlayouts.schema import creatable, json_value, read_input
 from jaxlayouts.timing import timed
 
 FLAGS = flags.FLAGS
@@ -80,12 +80,13 @@ def load_ceilings(path: str) -> dict:
     """Ceilings from a JSON file with positive ``matmul_tflops`` and ``copy_gbs``; a problem is
     a ``ValueError`` naming ``--ceilings``."""
     try:
-        with open(path) as f:
-            ceilings = json.load(f)
+        ceilings = json_value(read_input(path, "ceilings", limit=2**20))
     except OSError as error:
         raise ValueError(f"--ceilings: cannot read {path}: {error.strerror}") from None
     except json.JSONDecodeError as error:
         raise ValueError(f"--ceilings: {path} is not JSON ({error.msg} at line {error.lineno})") from None
+    except (ValueError, UnicodeDecodeError) as error:  # a device or FIFO, too large, nested too deep
+        raise ValueError(str(error) if str(error).startswith("--ceilings") else f"--ceilings: {path}: {error}") from None
     bad = [key for key in CEILING_KEYS if not isinstance(ceilings, dict) or isinstance(ceilings.get(key), bool)
            or not isinstance(ceilings.get(key), (int, float)) or not math.isfinite(ceilings[key]) or ceilings[key] <= 0]
     if bad:

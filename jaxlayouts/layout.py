@@ -16,7 +16,8 @@ import math
 import pathlib
 
 from jaxlayouts.kernels import triton_versions
-from jaxlayouts.schema import InvalidInput, check_instance, checked, from_mapping, knob, knobs, load_yaml
+from jaxlayouts.schema import (InvalidInput, check_instance, checked, from_mapping, knob, knobs, load_yaml,
+                               refuse_special)
 
 MESH_AXES = ("dp", "fsdp", "cp", "tp", "pp")
 """Mesh axes in mesh order: data replicas, ZeRO/FSDP shards, context parallel (the sequence split
@@ -99,6 +100,7 @@ def load_model_config(name_or_path: str, **overrides) -> ModelConfig:
     path = pathlib.Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / "models" / f"{name_or_path}.yaml"
+    refuse_special(path, "model", "configs/models/tiny.yaml")
     if not path.is_file():
         raise InvalidInput(
             "model", f"unknown model {name_or_path!r}; choose one of {', '.join(model_names())} "
@@ -128,8 +130,10 @@ def parse_mesh(text: str, num_devices: int | None = None) -> dict[str, int]:
         if name in seen:
             raise InvalidInput("mesh", f"{name} is given twice in {text!r}; give each axis once, e.g. dp=8,tp=4")
         seen.add(name)
-        if not (value.isascii() and value.lstrip("-").isdigit()):
-            raise InvalidInput("mesh", f"{name}={value!r} is not an integer, e.g. {name}=2")
+        digits = value[1:] if value.startswith("-") else value
+        if not (digits.isascii() and digits.isdigit()) or len(digits) > 18:
+            raise InvalidInput("mesh", f"{name}={value[:40]!r} is not an integer: write a positive size "
+                               f"(or -1 for the rest) with one sign at most, e.g. {name}=2")
         size = int(value)
         if size == -1:
             if rest is not None:

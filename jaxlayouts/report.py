@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import io
 import json
 import math
 import pathlib
@@ -24,7 +25,7 @@ import matplotlib
 
 from jaxlayouts.plan.validate import REQUIRED as STUDY_COLUMNS
 from jaxlayouts.plan.validate import check_study_row
-from jaxlayouts.schema import InvalidInput, creatable
+from jaxlayouts.schema import InvalidInput, creatable, json_value, read_input, refuse_special
 from jaxlayouts.sweep import STATUSES
 
 matplotlib.use("Agg")
@@ -48,29 +49,35 @@ FIGURES = {
 def load(path: str | pathlib.Path) -> list[Row]:
     """Rows with the common fields: group, layout, status, error, metric inputs and knobs."""
     path = pathlib.Path(path)
+    refuse_special(path, "results", "results/sweep.jsonl")
     if not path.is_file():
         raise FileNotFoundError(f"no results file {path}")
     if path.suffix == ".csv":
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in STUDY_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(f"{path}: no column {', '.join(map(repr, missing))}; expected the reference "
-                                 "study's columns (see ../shared/paper-data/README.md)")
-            rows = list(reader)
+        try:
+            text = read_input(path, "results").decode()
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a UTF-8 text file; give a sweep's JSONL or the study's CSV") from None
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        missing = [c for c in STUDY_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: no column {', '.join(map(repr, missing))}; expected the reference "
+                             "study's columns (see ../shared/paper-data/README.md)")
+        rows = list(reader)
         for n, r in enumerate(rows, 2):
             check_study_row(r, f"{path}:{n}")
         return [_line(path, n, lambda: _checked(_from_study(r))) for n, r in enumerate(rows, 2)]
     try:
-        text = path.read_text()
+        text = read_input(path, "results").decode()
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not a UTF-8 text file; give a sweep's JSONL or the study's CSV") from None
     rows = {}
     for number, line in enumerate(text.splitlines(), 1):
         try:
-            row = json.loads(line)
+            row = json_value(line)
         except json.JSONDecodeError:
             continue  # a line torn by a kill during a write
+        except ValueError as error:  # nested past the bound
+            raise ValueError(f"{path}:{number}: {error}") from None
         if not isinstance(row, dict) or "status" not in row:
             raise ValueError(f"{path}:{number} is not a bench or sweep result (no 'status' field)")
         checked = _line(path, number, lambda: _checked(_from_bench(row)))
@@ -106,6 +113,9 @@ def _checked(row: Row) -> Row:
             raise ValueError(f"{field} is {value!r}; a result gives a non-negative number or null")
     if row["mfu"] is not None and row["mfu"] > 1:
         raise ValueError(f"mfu is {row['mfu']!r}; MFU is a fraction of the peak, at most 1")
+    if row["status"] == "ok" and row["step_time_s"] is not None and row["step_time_s"] <= 0:
+        raise ValueError(f"step_time_s is {row['step_time_s']!r} in a row that ran; a measured step takes "
+                         "time (a positive number of seconds)")
     return row
 
 
@@ -172,35 +182,47 @@ def metric_of(rows: list[Row]) -> tuple[str, str]:
 # Markdown
 
 
+def cell(value, code: bool = False, limit: int | None = None) -> str:
+    """``value`` as one Markdown table cell: a ``|`` escaped, line breaks as spaces, and (as code)
+    no backtick that could end the span early; cut to ``limit`` characters."""
+    text = " ".join(str(value if value is not None else "").split())
+    text = text[:limit] if limit else text
+    if code:
+        return f"`{text.replace('`', chr(39))}`".replace("|", "\\|")
+    return text.replace("|", "\\|")
+
+
 def markdown(rows: list[Row], source: str, figures: list[str]) -> str:
     key, label = metric_of(rows)
     fmt = lambda v: "" if v is None else (f"{100 * v:.1f}%" if key == "mfu" else f"{v:.4g}")
     groups = _groups(rows)
-    lines = ["# Sweep report", "", f"Source: `{source}` ({len(rows)} rows, "
+    lines = ["# Sweep report", "", f"Source: {cell(source, code=True)} ({len(rows)} rows, "
              f"{sum(r['status'] == 'ok' for r in rows)} ok). Metric: {label}.", ""]
     lines += ["## Outcomes by status", "", "| group | " + " | ".join(_statuses(rows)) + " |",
               "| --- |" + " --- |" * len(_statuses(rows))]
     for group, members in groups.items():
         counts = collections.Counter(r["status"] for r in members)
-        lines.append(f"| {group} | " + " | ".join(str(counts.get(s, 0)) for s in _statuses(rows)) + " |")
+        lines.append(f"| {cell(group)} | " + " | ".join(str(counts.get(s, 0)) for s in _statuses(rows)) + " |")
     lines += ["", "## Best layout per group", "", f"| group | layout | {label} | step time (s) |",
               "| --- | --- | --- | --- |"]
     for group, members in groups.items():
         ok = [r for r in members if r["status"] == "ok" and r[key] is not None]
         if ok:
             best = max(ok, key=lambda r: r[key])
-            lines.append(f"| {group} | `{best['layout']}` | {fmt(best[key])} | {best['step_time_s']:.4g} |")
+            lines.append(f"| {cell(group)} | {cell(best['layout'], code=True)} | {fmt(best[key])} | "
+                         f"{best['step_time_s']:.4g} |")
         else:
-            lines.append(f"| {group} | no layout ran | | |")
+            lines.append(f"| {cell(group)} | no layout ran | | |")
     lines += ["", f"## All runs, by {label}", "",
               f"| group | layout | status | {label} | step time (s) | compiled peak (GiB) | error |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     ordered = sorted(rows, key=lambda r: (r["status"] != "ok", -(r[key] or 0)))
     for r in ordered:
-        error = (r["error"] or "").replace("|", "/").replace("\n", " ")[:160]
+        error = cell(r["error"], limit=160)
         memory = f"{r['memory_bytes'] / 2**30:.3f}" if r["memory_bytes"] else ""
         step = f"{r['step_time_s']:.4g}" if r["step_time_s"] is not None else ""
-        lines.append(f"| {r['group']} | `{r['layout']}` | {r['status']} | {fmt(r[key])} | {step} | {memory} | {error} |")
+        lines.append(f"| {cell(r['group'])} | {cell(r['layout'], code=True)} | {r['status']} | {fmt(r[key])} | {step} | "
+                     f"{memory} | {error} |")
     if figures:
         lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in figures]
     return "\n".join(lines) + "\n"

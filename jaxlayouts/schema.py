@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import pathlib
+import stat
 import types
 import typing
 
@@ -101,6 +103,9 @@ def coerce(cls, field: dataclasses.Field, value, where: str = ""):
         number = _integer(value)
         if number is None:
             raise bad("is not an integer")
+        if abs(number) > MAX_INTEGER:
+            raise InvalidInput(name, f"{where}{name + ' ' if where else ''}{_short(value)} does not fit in a "
+                               f"signed 64-bit integer (at most {MAX_INTEGER:,}); e.g. {example}")
         value = number
     elif kind is float:
         if isinstance(value, bool):
@@ -129,15 +134,27 @@ def coerce(cls, field: dataclasses.Field, value, where: str = ""):
     return value
 
 
+MAX_INTEGER = 2**63 - 1
+"""The largest integer any knob takes (JAX's seeds and XLA's sizes are signed 64-bit)."""
+
+
+def _short(value) -> str:
+    text = repr(value) if isinstance(value, str) else str(value) if not isinstance(value, int) else (
+        f"{value}" if abs(value) < 10**30 else f"an integer of {len(str(abs(value)))} digits")
+    return text if len(text) <= 60 else text[:40] + f"... ({len(text)} characters)"
+
+
 def _integer(value) -> int | None:
-    """``value`` as an exact integer (``8``, ``"8"``, ``8.0``, ``"1e3"``), else None."""
+    """``value`` as an exact integer (``8``, ``"8"``, ``8.0``, ``"1e3"``), else None. Text of more
+    than 30 digits reads as a number of that many digits (only its size matters past 64 bits:
+    Python refuses to convert more than 4,300)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value
     text = value.strip() if isinstance(value, str) else None
-    if text is not None and text.isascii() and text.lstrip("+-").isdigit():
-        return int(text)
+    if text is not None and text.isascii() and (sign := text[:1] in "+-") < len(text) and text[sign:].isdigit():
+        return int(text[:sign + 30])  # 30 digits: past 64 bits, which coerce refuses
     try:
         number = float(text if text is not None and text.isascii() else value)
     except (TypeError, ValueError):
@@ -187,12 +204,138 @@ def creatable(path: pathlib.Path) -> bool:
     return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
 
 
+MAX_INPUT_BYTES = 256 * 2**20
+"""The largest input file read (a results file of a million rows is about a quarter of it)."""
+
+
+def special_file(path) -> str | None:
+    """What ``path`` is when it exists but is neither a regular file nor a folder (a device such as
+    /dev/zero, a FIFO, a socket; links followed), else None. Such a file never ends, or never
+    opens, or swallows what is written: every entry point refuses it before any work."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a special file")
+    link = f" (a link to {os.path.realpath(path)})" if os.path.islink(path) else ""
+    return f"{kind}{link}"
+
+
+def refuse_special(path, knob_name: str, example: str) -> None:
+    """:class:`InvalidInput` for ``knob_name`` when ``path`` is a device, FIFO or socket."""
+    kind = special_file(path)
+    if kind:
+        raise InvalidInput(knob_name, f"{path} is {kind}, not a regular file or folder; give one, e.g. "
+                           f"--{knob_name} {example}")
+
+
+def read_input(path, knob_name: str, limit: int = MAX_INPUT_BYTES) -> bytes:
+    """A regular file's bytes, read with a bound: a device, FIFO or socket, or a file over
+    ``limit`` bytes, is :class:`InvalidInput` for ``knob_name``; other failures (missing, a
+    folder, no permission) raise OSError for the caller to word."""
+    path = pathlib.Path(path)
+    refuse_special(path, knob_name, "FILE")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO swapped in since the check does not block
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(21, "Is a directory", str(path))
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidInput(knob_name, f"{path} is not a regular file; give one")
+        if info.st_size > limit:
+            raise InvalidInput(knob_name, f"{path} is {info.st_size:,} bytes, more than the {limit:,} an input "
+                               "file may have; give a smaller file (split the results)")
+        chunks, left = [], limit + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 2**20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise InvalidInput(knob_name, f"{path} grew past {limit:,} bytes while being read; give a finished file")
+    return data
+
+
+MAX_YAML_NODES = 100_000
+MAX_NESTING = 64
+"""Bounds on what an input file may expand to: YAML nodes with every alias expanded (a
+"billion laughs" file is a few lines), and nesting depth of YAML and JSON values."""
+
+
+def _check_expansion(root) -> None:
+    """Refuse a YAML document that expands (aliases counted each time they are used) past
+    ``MAX_YAML_NODES`` nodes, nests deeper than ``MAX_NESTING`` or refers to itself; linear in the
+    document's size (sizes are memoised per node)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node, depth: int) -> int:
+        if depth > MAX_NESTING:
+            raise InvalidInput("yaml", f"nested deeper than {MAX_NESTING} levels; flatten it")
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise InvalidInput("yaml", "an alias refers to a value that contains it; write the value out")
+        open_nodes.add(id(node))
+        children = (node.value if isinstance(node, yaml.SequenceNode) else
+                    [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        total = 1 + sum(size(child, depth + 1) for child in children)
+        open_nodes.discard(id(node))
+        if total > MAX_YAML_NODES:
+            raise InvalidInput("yaml", f"expands to more than {MAX_YAML_NODES:,} values (aliases counted "
+                               "each time they are used); write a smaller file")
+        sizes[id(node)] = total
+        return total
+
+    if root is not None:
+        size(root, 0)
+
+
+def json_value(text: str | bytes):
+    """``json.loads(text)``, but a value nested deeper than ``MAX_NESTING`` levels is a ValueError
+    (not a JSONDecodeError, which readers take for a torn line; not a RecursionError)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        value = None
+        deep = True
+    else:
+        deep = _depth(value) > MAX_NESTING
+    if deep:
+        raise ValueError(f"a JSON value nested deeper than {MAX_NESTING} levels")
+    return value
+
+
+def _depth(value, depth: int = 0) -> int:
+    if depth > MAX_NESTING:
+        return depth
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return max((_depth(child, depth + 1) for child in children), default=depth)
+
+
 def load_yaml(path: pathlib.Path, knob_name: str, empty_ok: bool = False) -> dict:
     """A YAML file's top-level mapping (``{}`` for an empty file where ``empty_ok``); anything else
     (repeated keys too) is :class:`InvalidInput` for ``knob_name``."""
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        loader = _UniqueKeyLoader(read_input(path, knob_name).decode())
+        try:
+            node = loader.get_single_node()
+            _check_expansion(node)
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, yaml.YAMLError) as error:
+        if isinstance(error, InvalidInput) and error.knob == knob_name:
+            raise
+        if isinstance(error, InvalidInput):
+            raise InvalidInput(knob_name, f"{path}: {str(error).split(': ', 1)[1]}") from None
+        if "integer string conversion" in str(error):  # Python's own bound on integer text
+            raise InvalidInput(knob_name, f"{path}: an integer of more than 4,300 digits; sizes are "
+                               f"at most {MAX_INTEGER:,}") from None
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise InvalidInput(knob_name, f"{path}: cannot read it as YAML ({first})") from None
     if data is None and empty_ok:

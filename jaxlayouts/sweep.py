@@ -10,9 +10,10 @@ degree is derived as devices / (other degrees), on the axis ``data_axis``), and 
 Every point gets a stable key (a hash of its resolved bench flags). Invalid points are found in
 this process before anything is launched; the rest run as ``python -m jaxlayouts.bench`` in their
 own process, so a crash, an out-of-memory or a hang costs one point, recorded as data. Each result
-is appended to the JSONL file as one line in one write, flushed and synced; a torn last line (from
-a kill during a write) is dropped on the next start, so a re-run loses at most the point in flight
-and never duplicates one.
+is appended to the JSONL file as one whole line, synced (``results.py``); a torn last line (from
+a kill during a write) is skipped on the next start, so a re-run loses at most the point in flight
+and never duplicates one. The sweep holds the file's lock while it runs (a second sweep on it is
+refused), and Ctrl-C records the point in flight as ``interrupted``, which a re-run runs again.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import itertools
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -32,11 +34,14 @@ from jaxlayouts import config, distributed
 from jaxlayouts.results import Results
 from jaxlayouts.launch import PARENT_PID_VARIABLE
 from jaxlayouts.layout import MAX_EMULATED_DEVICES, MESH_AXES, mesh_text, validate
-from jaxlayouts.schema import InvalidInput, coerce, from_mapping, knob, knobs, load_yaml
+from jaxlayouts.schema import InvalidInput, coerce, from_mapping, knob, knobs, load_yaml, refuse_special
 
 NOT_FROM_SWEEP = ("output", "num_devices", "coordinator_address", "num_processes", "process_id")
 """Bench knobs a sweep file may not set: the sweep and the launcher own them."""
-STATUSES = ("ok", "oom", "invalid", "compile_error", "timeout", "error")
+STATUSES = ("ok", "oom", "invalid", "compile_error", "write_error", "timeout", "interrupted", "error")
+INTERRUPTED = "interrupted"
+"""A point stopped by Ctrl-C: recorded, and run again when the sweep is resumed."""
+INTERRUPT_EXIT = 130
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +67,7 @@ class SweepFile:
 def load_sweep(path: str | pathlib.Path) -> SweepFile:
     """A sweep file, every field checked; :class:`InvalidInput` names the field."""
     path = pathlib.Path(path)
+    refuse_special(path, "sweep_file", "configs/sweeps/cpu_smoke.yaml")
     if not path.is_file():
         raise InvalidInput("sweep_file", f"no sweep file {path}; see configs/sweeps/ for examples")
     sweep = from_mapping(SweepFile, {"name": path.stem, **load_yaml(path, "sweep_file", empty_ok=True)}, path, "sweep_file")
@@ -175,10 +181,14 @@ def prevalidate(point: dict, sweep: SweepFile) -> dict | None:
         run = config.run_config(values, sweep.devices)
     except InvalidInput as error:
         return {"status": "invalid", "error": str(error)}
+    except Exception as error:  # a check that broke is this point's row, never the end of the sweep
+        return {"status": "error", "error": f"checking the point failed: {type(error).__name__}: {error}"}
     try:
         validate(run, sweep.devices or run.layout.num_devices)
     except InvalidInput as error:
         return {"status": "invalid", "error": str(error), **config.describe(run)}
+    except Exception as error:
+        return {"status": "error", "error": f"checking the point failed: {type(error).__name__}: {error}"}
     return None
 
 
@@ -220,15 +230,16 @@ def main(argv=None) -> int:
         # In a multi-node point every node runs the sweep (each bench process joins the run); only
         # process 0 records results and reports progress.
         writer = distributed.detect().process_id == 0
-        results = Results(args.out if writer else os.devnull)
+        results = Results(args.out if writer else None)
         if not args.dry_run:
-            results.create()
+            results.create().hold()  # one sweep writes a results file at a time
     except InvalidInput as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.index is not None:
         keyed = keyed[args.index:args.index + 1]
-    retry = {k for k, _ in keyed if args.retry_failed and results.rows.get(k, {}).get("status", "ok") != "ok"}
+    retry = {k for k, _ in keyed if results.rows.get(k, {}).get("status") == INTERRUPTED
+             or args.retry_failed and results.rows.get(k, {}).get("status", "ok") != "ok"}
     pending = [(k, p) for k, p in keyed if k not in results.rows or k in retry]
     log = lambda message: print(message, file=sys.stderr, flush=True) if writer else None
     log(f"sweep {sweep.name}: {len(keyed)} points, {len(keyed) - len(pending)} already in {args.out}, "
@@ -238,7 +249,13 @@ def main(argv=None) -> int:
             shown = p.get("mesh_error") or " ".join(bench_args(p))
             print(k, results.rows.get(k, {}).get("status", "pending"), shown)
         return 0
-    run_pending(pending, keyed, sweep, results, args.timeout or sweep.timeout_s, writer, log)
+    try:
+        run_pending(pending, keyed, sweep, results, args.timeout or sweep.timeout_s, writer, log)
+    except KeyboardInterrupt:
+        return INTERRUPT_EXIT  # the point in flight is recorded (run_pending)
+    except OSError as error:  # the results file could not take a row (a full disk)
+        log(f"error: --out: {error}; the sweep stopped, and resumes from here when run again")
+        return 1
     counts = {s: sum(1 for k, _ in keyed if results.rows[k]["status"] == s) for s in STATUSES}
     log("done: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
     return 0
@@ -253,7 +270,18 @@ def run_pending(pending, keyed, sweep: SweepFile, results: Results, timeout_s: f
         row = prevalidate(point, sweep)
         if row is None:
             start = time.perf_counter()
-            row = run_point(point, sweep, timeout_s)
+            try:
+                row = run_point(point, sweep, timeout_s)
+            except KeyboardInterrupt:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C cannot tear the row
+                row = {"status": INTERRUPTED, "wall_s": time.perf_counter() - start,
+                       "error": "interrupted (Ctrl-C); run the same command again to resume from this point"}
+                row.update(key=key, sweep=sweep.name, point=point, num_devices=sweep.devices)
+                if writer:
+                    results.append(row)
+                log(f"interrupted at {point.get('mesh')}: recorded as {INTERRUPTED}; {done} of {len(keyed)} "
+                    "points done, the same command resumes")
+                raise
             elapsed.append(time.perf_counter() - start)
         row.update(key=key, sweep=sweep.name, point=point, num_devices=row.get("num_devices") or sweep.devices)
         if writer:
@@ -267,4 +295,8 @@ def run_pending(pending, keyed, sweep: SweepFile, results: Results, timeout_s: f
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before any point ran: nothing to record
+        print("interrupted (Ctrl-C); nothing was recorded, run the same command again", file=sys.stderr)
+        sys.exit(INTERRUPT_EXIT)

@@ -23,7 +23,7 @@ import sys
 import time
 
 from jaxlayouts import targets
-from jaxlayouts.schema import InvalidInput, creatable
+from jaxlayouts.schema import InvalidInput, creatable, json_value
 
 GIB = 2**30
 
@@ -38,8 +38,8 @@ def measured_rows(path: str) -> list[tuple[dict, object, int]]:
         if not line.strip():
             continue
         try:
-            raw = json.loads(line)
-        except json.JSONDecodeError:
+            raw = json_value(line)
+        except ValueError:  # not JSON, or nested past the bound
             raise InvalidInput("file", f"{path}:{number}: not a JSON bench row") from None
         if not isinstance(raw, dict) or raw.get("status") != "ok":
             continue

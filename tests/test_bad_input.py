@@ -185,12 +185,19 @@ def test_workers_die_when_the_launcher_is_killed(tmp_path):
 
 NASTY = ["", "-1", "0", "nan", "-inf", "1e309", "abc", "2.5", "99999999999999999999", "true", "dp=0",
          "dp=-1,tp=-1", "/nonexistent/x", "README.md", "jaxlayouts", "{", "'", "dp=2 mbs=0", "dp=2,dp=4",
-         "/proc/x", "٢"]
+         "/proc/x", "٢", "/dev/full", "/dev/zero", "dp=--2", "9" * 40, "fsdp=-+1"]
 
 
 def _mutations(text: str, rng: random.Random) -> str:
     lines = text.splitlines()
-    choice = rng.randrange(5)
+    choice = rng.randrange(7)
+    if choice == 5:  # an alias bomb, or nesting past the bound
+        return rng.choice([BOMB_TEXT, "x: " + "[" * 200 + "]" * 200 + "\n", '{"status": "ok", "x": '
+                           + "[" * 5000 + "]" * 5000 + "}\n"])
+    if choice == 6 and lines:  # an integer past any bound
+        i = rng.randrange(len(lines))
+        lines[i] = f"{lines[i].split(':')[0]}: {'9' * rng.choice([25, 5000])}"
+        return "\n".join(lines) + "\n"
     if choice == 0 and lines:
         lines.pop(rng.randrange(len(lines)))
     elif choice == 1 and lines:
@@ -204,6 +211,10 @@ def _mutations(text: str, rng: random.Random) -> str:
     else:
         lines.append(f"{rng.choice(['extra', 'grid', 'status', 'key'])}: {rng.choice(NASTY)}")
     return "\n".join(lines) + "\n"
+
+
+BOMB_TEXT = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
 
 
 def _digest(paths) -> dict:
@@ -220,6 +231,10 @@ def _fuzz_case(rng: random.Random, tmp: pathlib.Path, n: int):
     sweep_file.write_text(_mutations("devices: 1\nbase: {model: tiny}\ngrid: {micro_batch: [1, 2]}\n", rng))
     study = tmp / f"study{n}.csv"
     study.write_text(_mutations((ROOT / "tests/data/study_rows.csv").read_text(), rng))
+    if rng.random() < 0.15:  # a special file where a file is read or written
+        fifo = tmp / f"fifo{n}.jsonl"
+        os.mkfifo(fifo)
+        results = rng.choice([fifo, pathlib.Path("/dev/full"), pathlib.Path("/dev/null")])
     flag = lambda names: f"--{rng.choice(names)}={rng.choice(NASTY)}"
     # Baselines that stop at a late check (3 data shards cannot split 2 sequences; 0 kernel
     # iterations), so each case runs every earlier check and rarely compiles anything.
@@ -362,3 +377,289 @@ def test_the_launcher_never_blocks_its_workers_on_a_closed_stdout():
     assert proc.stdout.readline().strip() == b"0"
     proc.stdout.close()  # as `| head -1` does
     assert proc.wait(timeout=60) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Third round (#28): full disks, special files, interrupts, values past validation, nonsense
+
+
+@pytest.fixture
+def special_files(tmp_path):
+    """A device that never ends, one that swallows, a link to a device and a FIFO (whose open
+    blocks until a writer comes)."""
+    link = tmp_path / "zero.jsonl"
+    link.symlink_to("/dev/zero")
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    return {"/dev/full": ("/dev/full", "a device"), "/dev/null": ("/dev/null", "a device"),
+            "link": (str(link), "a device (a link to /dev/zero)"), "fifo": (str(fifo), "a FIFO")}
+
+
+@pytest.mark.parametrize("special", ["/dev/full", "/dev/null", "link", "fifo"])
+def test_special_files_are_refused_before_any_work(special_files, special):
+    from jaxlayouts import report
+    from jaxlayouts.plan.validate import read_rows
+    from jaxlayouts.results import Results
+    from jaxlayouts.sweep import load_sweep
+    path, kind = special_files[special]
+    if special == "/dev/null":  # as an output, the null device is handled: rows are discarded
+        for knob in ("out", "output"):
+            results = Results(path, knob=knob).create()
+            results.append({"status": "ok", "key": "a"})
+            assert results.path is None and list(results.rows) == ["a"]
+    readers = {} if special == "/dev/null" else {
+        "out": lambda: Results(path), "output": lambda: Results(path, knob="output", keyed=False)}
+    readers |= {"model": lambda: load_model_config(path), "sweep_file": lambda: load_sweep(path),
+                "results": lambda: report.load(path), "file": lambda: read_rows(path),
+                "checkpoint_dir": lambda: config.options(config.check_values(config.values_with(checkpoint_dir=path))),
+                "profile_dir": lambda: config.options(config.check_values(config.values_with(profile_dir=path)))}
+    for knob, read in readers.items():
+        with pytest.raises(InvalidInput, match=f"--{knob}: ") as error:
+            read()
+        # a name without a suffix is a model's name: /dev/full is no model
+        assert f"{path} is {kind}, not a regular file" in str(error.value) or (
+            knob == "model" and "unknown model '/dev/" in str(error.value)), (knob, str(error.value))
+
+
+def test_a_bench_output_that_is_a_device_is_invalid_at_once():
+    proc = cli("jaxlayouts.bench", "--output", "/dev/full", *QUICK, timeout=60)
+    assert_clean(proc, codes=(2,))
+    assert json.loads(proc.stdout.splitlines()[-1])["error"].startswith("--output: /dev/full is a device")
+
+
+def test_a_short_or_failed_write_completes_or_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    """os.write may write part of a row: the rest follows; a disk that fills part way leaves no
+    half row behind and names the file."""
+    import errno
+
+    from jaxlayouts import results
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"status": "ok", "key": "a"}\n')
+    real_write, calls = os.write, []
+
+    def short(fd, data):
+        calls.append(len(data))
+        return real_write(fd, bytes(data[:7]))
+    monkeypatch.setattr(results.os, "write", short)
+    results.Results(path).append({"status": "ok", "key": "b", "note": "x" * 40})
+    assert len(calls) > 5 and [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b"]
+
+    def full(fd, data):
+        if len(data) < 30:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, bytes(data[:20]))
+    monkeypatch.setattr(results.os, "write", full)
+    before = path.read_bytes()
+    with pytest.raises(results.WriteError, match=f"^{path}: No space left on device after 60 of 81 bytes$"):
+        results.Results(path).append({"status": "ok", "key": "c", "note": "y" * 40})
+    assert path.read_bytes() == before
+
+
+def _file_size_limit(limit):
+    import resource
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.parametrize("target", ["output", "checkpoint_dir"])
+def test_a_write_that_fails_is_write_error_never_oom(tmp_path, target):
+    """Under a file-size limit (a full disk as one process sees it): the bench's row or its
+    checkpoint cannot be written; the run ends write_error (exit 5) naming the path, the results
+    file holds only whole rows."""
+    output = tmp_path / "out.jsonl"
+    output.write_text(json.dumps({"status": "ok", "pad": "x" * 3000}) + "\n")
+    limit = output.stat().st_size + 200 if target == "output" else 64 * 1024
+    args = [f"--output={output}", *QUICK]
+    if target == "checkpoint_dir":
+        args += [f"--checkpoint_dir={tmp_path / 'ckpt'}", "--checkpoint_every=1"]
+    proc = subprocess.run([sys.executable, "-m", "jaxlayouts.bench", *args], capture_output=True, text=True,
+                          timeout=180, cwd=ROOT, preexec_fn=_file_size_limit(limit),
+                          env=clean_env(PYTHONPATH=str(ROOT), JAX_ENABLE_COMPILATION_CACHE="false"))
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert (proc.returncode, result["status"]) == (5, "write_error"), proc.stderr[-2000:]
+    named = str(output) if target == "output" else f"--checkpoint_dir {tmp_path / 'ckpt'}"
+    assert named in result["error"] and "Traceback" not in proc.stdout
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["status"] for r in rows] == (["ok"] if target == "output" else ["ok", "write_error"])
+
+
+def test_a_second_writer_of_a_results_file_is_refused_clearly(tmp_path):
+    """A sweep holds its results file's lock while it runs: another sweep (or a bench's row,
+    after a short wait) is refused naming the file, instead of doubling its rows."""
+    from jaxlayouts import results
+    path = tmp_path / "r.jsonl"
+    first = results.Results(path).create().hold()
+    try:
+        with pytest.raises(InvalidInput, match=f"--out: {path} is being written by another process"):
+            results.Results(path).create()
+        proc = cli("jaxlayouts.sweep", "configs/sweeps/cpu_smoke.yaml", "--out", str(path), timeout=60)
+        assert_clean(proc, codes=(2,))
+        assert "is being written by another process" in proc.stderr
+        first.append({"status": "ok", "key": "a"})  # the holder still writes
+    finally:
+        first.release()
+    results.Results(path).create().append({"status": "ok", "key": "b"})  # and after it, anyone
+    assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b"]
+
+
+BOMB = BOMB_TEXT
+
+
+@pytest.mark.parametrize("text, message", [
+    (BOMB + "grid: {seed: *i}\n", "expands to more than 100,000 values"),
+    ("grid: &g {seed: [*g]}\n", "an alias refers to a value that contains it"),
+    ("base: " + "[" * 100 + "]" * 100 + "\n", "nested deeper than 64 levels"),
+    ("grid: {seed: [" + "9" * 5000 + "]}\n", "an integer of more than 4,300 digits"),
+])
+def test_inputs_that_expand_are_refused_in_bounded_time(tmp_path, text, message):
+    from jaxlayouts.sweep import load_sweep
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(InvalidInput, match=f"--sweep_file: {path}: {message}"):
+        load_sweep(path)
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"status": "ok", "key": "k", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested deeper than 64 levels"),
+])
+def test_deeply_nested_json_is_refused_not_a_recursion_error(tmp_path, line, message):
+    from jaxlayouts import report
+    from jaxlayouts.plan.validate import read_rows
+    from jaxlayouts.results import Results
+    path = tmp_path / "deep.jsonl"
+    path.write_text(line + "\n")
+    for read, knob in ((lambda: Results(path), "--out: "), (lambda: read_rows(str(path)), "--file: ")):
+        with pytest.raises(InvalidInput, match=knob + f".*deep.jsonl:1: .*{message}"):
+            read()
+    with pytest.raises(ValueError, match=f"deep.jsonl:1: .*{message}"):
+        report.load(path)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"mesh": "dp=--2"}, "--mesh: dp='--2' is not an integer: write a positive size (or -1 for the rest) with one sign"),
+    ({"seed": 2**64}, "--seed: 18446744073709551616 does not fit in a signed 64-bit integer"),
+    ({"seed": "9" * 5000}, "--seed: '" + "9" * 39 + "... (5002 characters) does not fit"),
+    ({"micro_batch": -2**70}, "--micro_batch: -1180591620717411303424 does not fit in a signed 64-bit integer"),
+    ({"axis_rules": "embed=fsdp+fsdp"}, "--axis_rules: 'embed=fsdp+fsdp' names fsdp twice"),
+    ({"axis_rules": "vocab=tp,vocab=none"}, "--axis_rules: vocab is given twice"),
+])
+def test_values_past_validation_are_refused_at_the_boundary(values, message):
+    """Each once passed the checks and failed later (a traceback, or after compiling)."""
+    with pytest.raises(InvalidInput) as error:
+        checked = config.check_values(config.values_with(**values))
+        config.options(checked)
+        config.run_config(checked)
+    assert str(error.value).startswith(message), str(error.value)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["jaxlayouts.bench", "--mesh", "dp=--2"], "--mesh: dp='--2' is not an integer"),
+    (["jaxlayouts.plan", "--explain", "dp=--2 mbs=1"], "--mesh: dp='--2' is not an integer"),
+    (["jaxlayouts.plan", "--gpus", "12"], "--gpus: 12 GPUs do not fill whole nodes of 8"),
+])
+def test_malformed_mesh_text_and_partial_nodes_exit_2(args, message):
+    proc = cli(*args, timeout=60)
+    assert_clean(proc, codes=(2,))
+    assert message in proc.stdout + proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_bad_value_in_one_grid_point_is_a_row_and_the_rest_run(tmp_path):
+    """A mesh with doubled signs, a model file with a 5,000-digit integer, a seed past 64 bits:
+    each its point's invalid row, found before any launch; the good point is pending."""
+    from jaxlayouts import sweep
+    big = tmp_path / "big.yaml"
+    big.write_text((ROOT / "configs/models/tiny.yaml").read_text().replace("vocab_size: 512", "vocab_size: " + "9" * 5000))
+    path = tmp_path / "s.yaml"
+    path.write_text(f"devices: 1\nbase: {{seq_len: 16, global_batch: 2}}\n"
+                    f"grid: {{mesh: ['dp=1', 'dp=--1'], model: [tiny, '{big}'], seed: [0, {2**64}]}}\n")
+    rows = {(p["mesh"], p["model"] == "tiny", p["seed"]): sweep.prevalidate(p, sweep.load_sweep(path))
+            for p in sweep.points(sweep.load_sweep(path))}
+    assert rows.pop(("dp=1", True, 0)) is None
+    assert all(row["status"] == "invalid" for row in rows.values()) and len(rows) == 7
+    assert "--mesh: dp='--1' is not an integer" in rows[("dp=--1", True, 0)]["error"]
+    assert "an integer of more than 4,300 digits" in rows[("dp=1", False, 0)]["error"]
+    assert "--seed: 18446744073709551616 does not fit" in rows[("dp=1", True, 2**64)]["error"]
+
+
+def test_the_host_memory_guard_counts_every_replica(monkeypatch):
+    """On CPU all emulated devices share the host: llama-1b under dp=8,tp=4 holds 8 replicas of
+    a quarter of its state (131 GiB); on a 24 GiB host that is refused before any allocation,
+    with the -1 form too; one device's share fits."""
+    from jaxlayouts import bench
+    monkeypatch.setattr(bench, "host_bytes", lambda: 24 * 2**30)
+    monkeypatch.setattr(bench.devices, "accelerator_present", lambda: False)
+    for mesh, extra in (("dp=8,tp=4", {}), ("dp=-1,tp=4", {"num_devices": 32})):
+        values = config.check_values(config.values_with(model="llama-1b", mesh=mesh, **extra))
+        with pytest.raises(InvalidInput, match=r"--mesh: training llama-1b under dp=8,fsdp=1,tp=4,pp=1 .* on 32 "
+                           r"emulated CPU devices needs at least 131.1 GiB .* it has 24 GiB; use fewer replicas"):
+            bench.check_before_devices(values, config.options(values))
+    values = config.check_values(config.values_with(model="llama-1b", mesh="fsdp=8,tp=4", zero=3))
+    bench.check_before_devices(values, config.options(values))  # 16.4 GiB of state: not refused here
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"JAX_PLATFORMS": "tpuu"}, "--environment: JAX_PLATFORMS: 'tpuu' is not a platform"),
+    ({"XLA_FLAGS": "garbage"}, "--environment: XLA_FLAGS: 'garbage' is not --name=value"),
+    ({"XLA_FLAGS": "--xla_no_such_flag=1"}, "--environment: XLA_FLAGS: XLA refuses '--xla_no_such_flag=1'"),
+    ({"JAX_PLATFORMS": "tpu"}, "--environment: JAX_PLATFORMS='tpu': Unable to initialize backend 'tpu'"),
+    ({"JAXLAYOUTS_COORDINATOR_ADDRESS": "not an address", "JAXLAYOUTS_NUM_PROCESSES": "2",
+      "JAXLAYOUTS_PROCESS_ID": "0"}, "--coordinator_address: 'not an address' is not host:port (port 1-65535)"),
+])
+def test_a_broken_environment_ends_with_the_json_line(env, message):
+    """What the environment says (a platform, XLA's flags, a coordinator) is checked like a flag:
+    the JSON line, invalid, one line naming the variable; never a C++ abort or a raw library error."""
+    proc = subprocess.run([sys.executable, "-m", "jaxlayouts.bench", *QUICK], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env={**clean_env(PYTHONPATH=str(ROOT)), **env})
+    assert_clean(proc, codes=(2,))
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["status"] == "invalid" and result["error"].startswith(message) and "\n" not in result["error"]
+
+
+@pytest.mark.parametrize("call, knob", [
+    (lambda e: e.layout("tiny", layout=5), "--layout: 5 is not text"),
+    (lambda e: e.layout("tiny", hardware=3), "--hardware: 3 is not text"),
+    (lambda e: e.layout("tiny", mesh="dp=--2"), "--mesh: dp='--2' is not an integer"),
+    (lambda e: e.compare([None]), "--layouts[0]: None is not text; give one, e.g. 'fsdp=8,tp=4'"),
+    (lambda e: e.compare([]), "--layouts: [] is not a non-empty list of layouts"),
+    (lambda e: e.compare("dp=2"), "--layouts: 'dp=2' is not a non-empty list of layouts"),
+    (lambda e: e.compare(["dp=2", 3]), "--layouts[1]: 3 is not text"),
+    (lambda e: e.compare(["dp=2"], hardware=5), "--hardware: 5 is not text"),
+    (lambda e: e.layout("tiny", target=None), "--target: None is not text"),
+])
+def test_the_python_api_raises_invalid_input_naming_the_argument(call, knob):
+    from jaxlayouts import explore
+    with pytest.raises(InvalidInput) as error:
+        call(explore)
+    assert str(error.value).startswith(knob), str(error.value)
+
+
+def test_ctrl_c_ends_bench_and_sweep_with_an_interrupted_row_and_the_sweep_resumes(tmp_path):
+    env = clean_env(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    bench = subprocess.Popen([sys.executable, "-m", "jaxlayouts.bench", *QUICK[:4], "--steps", "500", "--warmup", "0",
+                              "--dtype", "float32", f"--output={tmp_path / 'bench.jsonl'}"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in bench.stderr:  # interrupted in the timed loop
+        if "step 1/" in line:
+            break
+    bench.send_signal(signal.SIGINT)
+    out, err = bench.communicate(timeout=60)
+    result = json.loads(out.splitlines()[-1])
+    assert bench.returncode == 130 and result["status"] == "interrupted" and "Traceback" not in out + err, err[-2000:]
+    assert json.loads((tmp_path / "bench.jsonl").read_text())["status"] == "interrupted"
+
+    grid = tmp_path / "s.yaml"
+    grid.write_text("devices: 1\nbase: {seq_len: 16, global_batch: 2, steps: 500, warmup: 0}\ngrid: {seed: [1, 2]}\n")
+    out_file = tmp_path / "sweep.jsonl"
+    sweep = subprocess.Popen([sys.executable, "-m", "jaxlayouts.sweep", str(grid), "--out", str(out_file)], cwd=ROOT,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "2 to run" in sweep.stderr.readline()
+    time.sleep(1.5)  # the first point's bench is running
+    sweep.send_signal(signal.SIGINT)
+    _, err = sweep.communicate(timeout=60)
+    assert sweep.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted at dp=-1,fsdp=1,tp=1,pp=1: recorded as interrupted; 0 of 2 points done" in err
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["interrupted"] and rows[0]["point"]["seed"] == 1
+    resumed = cli("jaxlayouts.sweep", str(grid), "--out", str(out_file), "--dry-run")
+    assert "0 already in" in resumed.stderr and "2 to run" in resumed.stderr, resumed.stderr

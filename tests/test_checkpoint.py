@@ -24,19 +24,46 @@ def straight(devices):
     return {"losses": losses(devices, "dp=1", steps=4)}
 
 
-def test_restore_under_another_layout_and_device_count(tmp_path, straight):
-    ckpt = str(tmp_path / "ckpt")
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Two steps under ``dp=2,fsdp=2,tp=2`` saved at step 2: ``(checkpoint dir, result, process)``."""
+    ckpt = str(tmp_path_factory.mktemp("saved") / "ckpt")
     code, first, proc = run_bench("--mesh", "dp=2,fsdp=2,tp=2", "--steps", "2", "--checkpoint_dir", ckpt,
-                              "--checkpoint_every", "2", *QUICK)
+                                  "--checkpoint_every", "2", *QUICK)
     assert code == 0, proc.stderr[-3000:]
-    saved = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if "checkpoint: saving" in line]
-    assert saved == [f"checkpoint: saving step 2 to {ckpt}"] and _complete_steps(pathlib.Path(ckpt)) == [2]
+    return ckpt, first, proc
+
+
+def test_restore_under_another_layout_and_device_count(saved, straight):
+    ckpt, first, proc = saved
+    lines = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if "checkpoint: saving" in line]
+    assert lines == [f"checkpoint: saving step 2 to {ckpt}"] and _complete_steps(pathlib.Path(ckpt)) == [2]
     code, resumed, proc = run_bench("--mesh", "fsdp=2,tp=2", "--zero", "1", "--steps", "2", "--checkpoint_dir", ckpt,
                                 "--restore", *QUICK)
     assert code == 0, proc.stderr[-3000:]
     assert resumed["first_step"] == 2 and resumed["num_devices"] == 4
     assert resumed["restored_from"].startswith("dp=2,fsdp=2,tp=2,pp=1")
     np.testing.assert_allclose(first["losses"] + resumed["losses"], straight["losses"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"seq_len": 16}, "other settings (seq_len 32 there, 16 here)"),
+    ({"global_batch": 16, "seed": 7}, "(global_batch 8 there, 16 here; seed 0 there, 7 here)"),
+    ({"vocab_size": 256}, "it holds 'tiny' and this run trains 'tiny': vocab_size 512 there, 256 here"),
+])
+def test_restore_refuses_another_model_or_other_run_settings(devices, saved, changes, message):
+    """Before compiling: a checkpoint resumes only the model it holds, on the data it was at."""
+    import dataclasses
+
+    from jaxlayouts.layout import InvalidInput
+    vocab = changes.pop("vocab_size", None)
+    run = dataclasses.replace(make_run("fsdp=2,tp=2"), **changes)
+    if vocab:
+        run = dataclasses.replace(run, model=dataclasses.replace(run.model, vocab_size=vocab))
+    with pytest.raises(InvalidInput, match=r"--restore: the checkpoint of step 2 in .* does not fit this run") as error:
+        benchmark(run, devices=devices[:4], steps=1, warmup=0, checkpoint_dir=saved[0], restore=True,
+                  log=lambda _: None)
+    assert message in str(error.value), str(error.value)
 
 
 def test_restore_without_a_checkpoint_dir_is_invalid():

@@ -211,3 +211,25 @@ def test_unrolled_zero3_pipelines_hold_no_stacked_chunk(remat, peak):
                       pp=2, micro_batch=1, sequence_parallel=True, remat=remat, attention="cudnn", zero=3)
     m = cost.predict(w, load_hardware("h100-80gb")).memory_bytes
     assert (m["total"] - m["overhead"]) / cost.GIB == pytest.approx(peak, rel=0.12)
+
+
+def test_pipeline_sends_across_nodes_use_the_inter_node_link():
+    """pp=4 over two nodes of 8: one send per tick crosses the node boundary, so a slower network
+    slows the pipeline; inside one node the network changes nothing."""
+    hw = load_hardware("a100-80gb")
+    slow = dataclasses.replace(hw, inter_node_bandwidth=hw.inter_node_bandwidth / 1000)
+    across = workload(data_parallel=1, pp=4, global_batch=64)    # 16 GPUs: 2 nodes
+    inside = workload(data_parallel=1, pp=2, global_batch=64)    # 8 GPUs: 1 node
+    assert cost.predict(across, slow).time_s["pipeline_p2p"] > 100 * cost.predict(across, hw).time_s["pipeline_p2p"]
+    assert cost.predict(across, slow).step_time_s > cost.predict(across, hw).step_time_s
+    assert cost.predict(inside, slow).step_time_s == cost.predict(inside, hw).step_time_s
+
+
+def test_predicted_mfu_never_exceeds_one():
+    """Calibration constants past physics (a matmul at 50x the peak) cannot predict MFU above 1."""
+    hw = load_hardware("a100-80gb")
+    fast = dataclasses.replace(hw, calibration=dataclasses.replace(hw.calibration, matmul_efficiency=50.0,
+                                                                   flash2_efficiency=50.0, layer_launch_s=0.0))
+    for changes in ({}, {"tp": 1, "data_parallel": 64}, {"pp": 2, "global_batch": 64}):
+        p = cost.predict(workload(**changes), fast)
+        assert 0 < p.mfu <= 1 + 1e-12, (changes, p.mfu)

@@ -137,3 +137,14 @@ def test_bench_rows_are_read_or_named(tmp_path):
     path.write_text("not json\n")  # (a line starting with "{" that does not parse is a torn write: skipped)
     with pytest.raises(InvalidInput, match="rows.jsonl:1: not a JSON bench row"):
         read_rows(str(path))
+
+
+def test_rows_from_other_hardware_are_warned_about():
+    from jaxlayouts.plan.validate import hardware_mismatch
+    study, h200 = read_rows("tests/data/study_rows.csv"), read_rows(str(H200_ROWS))
+    assert hardware_mismatch(study, load_hardware("a100-80gb")) is None
+    assert hardware_mismatch(h200, load_hardware("h200")) is None
+    warning = hardware_mismatch(study, load_hardware("h200"))
+    assert "--hardware h200, but the rows were measured on a100-80gb (the reference study)" in warning
+    assert "e.g. --hardware a100-80gb" in warning
+    assert "measured on NVIDIA H200" in hardware_mismatch(h200, load_hardware("a100-80gb"))

@@ -37,3 +37,36 @@ def test_report_rejects_files_that_are_not_results(tmp_path):
     with pytest.raises(ValueError, match="no column .*'tp'"):
         report.load(table)
     assert report.main([str(foreign), "--out", str(tmp_path / "out")]) == 2
+
+
+def _row(**changes):
+    import json
+    base = {"status": "ok", "key": "k", "sweep": "s", "model": "tiny", "layout": "dp=2 mbs=1", "error": None,
+            "step_time_s": 0.5, "mfu": 0.25, "seq_len": 32, "num_devices": 2, "mesh": {"tp": 1, "pp": 1}}
+    return json.dumps({**base, **changes}) + "\n"
+
+
+def test_table_cells_escape_pipes_and_line_breaks(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(_row(sweep="a|b\nc", layout="dp=2 | x`y") +
+                    _row(key="j", status="error", error="boom | bang\nTraceback", sweep="a|b\nc"))
+    text = report.markdown(report.load(path), "x|y.jsonl", [])
+    assert len([line for line in text.splitlines() if line.startswith("| a\\|b c |")]) == 4
+    assert "| a\\|b c | `dp=2 \\| x'y` | ok | 25.0% | 0.5 |" in text
+    assert "boom \\| bang Traceback |" in text and "Source: `x\\|y.jsonl`" in text
+    # every table row has as many unescaped cell separators as its header
+    for block in text.split("\n\n"):
+        lines = [line for line in block.splitlines() if line.startswith("|")]
+        if lines:
+            counts = {line.replace("\\|", "").count("|") for line in lines}
+            assert len(counts) == 1, lines
+
+
+@pytest.mark.parametrize("step_time", [0, 0.0])
+def test_a_row_that_ran_in_no_time_is_refused(tmp_path, step_time):
+    path = tmp_path / "r.jsonl"
+    path.write_text(_row() + _row(key="z", step_time_s=step_time))
+    with pytest.raises(ValueError, match=f"r.jsonl:2: step_time_s is {step_time!r}"):
+        report.load(path)
+    path.write_text(_row(key="z", status="invalid", step_time_s=0))   # a row that measured nothing may hold it
+    assert report.load(path)[0]["status"] == "invalid"

@@ -55,7 +55,10 @@ MASK_VALUE = pallas.MASK_VALUE
 
 def zigzag_order(seq_len: int, cp: int) -> np.ndarray:
     """The sequence positions in storage order: device ``i``'s two chunks, ``i`` and
-    ``2 cp - 1 - i``, for ``i = 0 .. cp - 1``; the identity when ``cp == 1``."""
+    ``2 cp - 1 - i``, for ``i = 0 .. cp - 1``; the identity when ``cp == 1`` (any ``seq_len``, odd
+    ones too: validation asks ``seq_len`` to be a multiple of ``2 cp`` only when ``cp > 1``)."""
+    if cp == 1:
+        return np.arange(seq_len)
     chunks = np.arange(seq_len).reshape(2 * cp, seq_len // (2 * cp))
     return np.concatenate([np.concatenate([chunks[i], chunks[2 * cp - 1 - i]]) for i in range(cp)])
 

@@ -143,8 +143,11 @@ def validate_command(path: str, hw, as_json: bool):
     if memcheck.is_grid_file(path):
         return validate_grid_command(path, hw, as_json)
     # imported here, not at the top: scipy's import would add 0.6 s to every plan that does not validate
-    from jaxlayouts.plan.validate import evaluate, fit, leave_one_out, predict_rows, read_rows, write_predictions
+    from jaxlayouts.plan.validate import (evaluate, fit, hardware_mismatch, leave_one_out, predict_rows, read_rows,
+                                          write_predictions)
     rows = read_rows(path)
+    if (warning := hardware_mismatch(rows, hw)):
+        print(f"warning: {warning}", file=sys.stderr)
     if FLAGS.fit:
         hw = fit(rows, hw)
         saved = save_calibration(hw.name, hw.calibration, f"Fitted by: python -m jaxlayouts.plan validate "
@@ -206,7 +209,16 @@ def _cell(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def check_flags(validating: bool) -> None:
+def check_whole_nodes(gpus: int, hw, knob: str) -> None:
+    """A cluster is whole nodes: more GPUs than one node holds must be a multiple of
+    ``gpus_per_node`` (else the node boundaries the cost model puts links on do not exist)."""
+    if gpus > hw.gpus_per_node and gpus % hw.gpus_per_node:
+        raise InvalidInput(knob, f"{gpus} GPUs do not fill whole nodes of {hw.gpus_per_node} ({hw.name}'s "
+                           f"gpus_per_node); use a multiple of {hw.gpus_per_node}, e.g. "
+                           f"{max(1, gpus // hw.gpus_per_node) * hw.gpus_per_node} GPUs")
+
+
+def check_flags(validating: bool, hw) -> None:
     """Reject nonsense in the planner's own numeric flags, naming the flag."""
     if FLAGS.fit and not validating:
         raise InvalidInput("fit", "re-fits the calibration on measured runs: python -m jaxlayouts.plan "
@@ -229,6 +241,8 @@ def check_flags(validating: bool) -> None:
     for name, value in positive.items():
         if value < 1:
             raise InvalidInput(name, f"{value}: must be a positive integer, e.g. --{name} {FLAGS[name].default}")
+    if not validating and FLAGS.explain is None:
+        check_whole_nodes(FLAGS.gpus, hw, "gpus")
     if FLAGS.gpus > MAX_GPUS:
         raise InvalidInput("gpus", f"{FLAGS.gpus}: the planner enumerates at most {MAX_GPUS} GPUs; "
                            "e.g. --gpus 4096")
@@ -247,7 +261,7 @@ def main(argv):
     try:
         values = config.values_from_flags(FLAGS)
         hw = load_hardware(FLAGS.hardware)
-        check_flags(validating=len(argv) > 1)
+        check_flags(validating=len(argv) > 1, hw=hw)
         if FLAGS.memory_fraction is not None:
             check_memory_fraction(FLAGS.memory_fraction)
             hw = dataclasses.replace(hw, memory_fraction=FLAGS.memory_fraction)
@@ -272,6 +286,7 @@ def main(argv):
                                    "drop --gpus with --explain or make them agree")
             run = RunConfig(model=model, layout=layout, seq_len=seq_len, global_batch=global_batch)
             validate(run, layout.num_devices, platform="gpu")
+            check_whole_nodes(layout.num_devices, hw, "explain")
             prediction = cost.predict(cost.Workload.from_run(run), hw)
             print(json.dumps(row(run, prediction)) if FLAGS.json else explain(run, hw, prediction))
             return

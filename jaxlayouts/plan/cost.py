@@ -673,11 +673,13 @@ def pipeline_ticks(w: Workload) -> float:
 
 
 def pipeline_p2p_time(w: Workload, hw: Hardware, per_node: dict) -> float:
-    """One activation sent forward and one gradient back per tick, each in full."""
+    """One activation sent forward and one gradient back per tick, each in full. Every tick waits
+    for its slowest send: when the stages span nodes (fewer than pp on one node), one send per tick
+    crosses a node boundary and runs at the inter-node link's speed."""
     if w.pp == 1:
         return 0.0
     pp_bytes = w.dtype_bytes * w.micro_batch * w.local_seq * w.model.d_model / (w.tp if w.sequence_parallel else 1)
-    link = hw.link_bandwidth(2, min(2, per_node["pp"]))
+    link = hw.link_bandwidth(2, 2 if per_node["pp"] >= w.pp else 1)
     return 2 * pipeline_ticks(w) * (pp_bytes / link + hw.collective_latency_s)
 
 
@@ -796,8 +798,10 @@ def predict(w: Workload, hw: Hardware) -> Prediction:
               "grad_accumulation": accumulation_time(w, hw), "optimizer": optimizer_time(w, hw)}
     if w.cp > 1:  # the ring's exposed sends (all-gather CP's collectives inside pipelines)
         time_s["context_parallel"] = totals["context_parallel"]
-    step = sum(time_s.values())
     model_flops = flops.model_flops_per_token(w.model, w.seq_len) * w.global_batch * w.seq_len
+    # No step beats the peak: compute takes at least the model's FLOPs at peak (MFU <= 1).
+    time_s["compute"] += max(0.0, model_flops / (w.devices * hw.peak_tflops * 1e12) - sum(time_s.values()))
+    step = sum(time_s.values())
     mem, usable = memory(w, hw), w.trainer.usable_bytes(hw)
     return Prediction(step_time_s=step, mfu=model_flops / (w.devices * (hw.peak_tflops * 1e12) * step),
                       memory_bytes=mem, time_s=time_s, fits=mem["total"] <= usable, usable_bytes=usable)

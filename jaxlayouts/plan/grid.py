@@ -37,12 +37,11 @@ import subprocess
 import sys
 import time
 
-import yaml
-
 from jaxlayouts import targets
 from jaxlayouts.layout import InvalidInput, Layout, RunConfig, load_model_config, validate
 from jaxlayouts.plan import cost
 from jaxlayouts.results import Results
+from jaxlayouts.schema import load_yaml
 
 SOURCE = {True: "XLA:GPU deviceless compile", False: "XLA:CPU compile (emulated devices)"}
 GROUP_KEYS = {"model", "seq_len", "global_batch", "dtype", "layouts", "base", "vary", "note"}
@@ -89,10 +88,7 @@ def _texts(group: dict) -> list[str]:
 
 def read_grid(path: str) -> list[Point]:
     """The grid's points in file order, each layout in its canonical text form, without repeats."""
-    try:
-        spec = yaml.safe_load(pathlib.Path(path).read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise InvalidInput("grid", f"{path}: cannot read it as a grid YAML ({error})") from None
+    spec = load_yaml(pathlib.Path(path), "grid")  # bounded: size, aliases, nesting, special files
     groups = spec.get("groups") if isinstance(spec, dict) else None
     if not isinstance(groups, list) or not groups:
         raise InvalidInput("grid", f"{path}: expected a mapping with a list 'groups:' of layout groups")

@@ -10,7 +10,7 @@ import re
 import yaml
 
 from jaxlayouts.layout import CONFIG_DIR
-from jaxlayouts.schema import InvalidInput, coerce, from_mapping, knob, knobs, load_yaml
+from jaxlayouts.schema import InvalidInput, coerce, from_mapping, knob, knobs, load_yaml, refuse_special
 
 HARDWARE_DIR = CONFIG_DIR / "hardware"
 REQUIRED = dataclasses.MISSING
@@ -106,6 +106,7 @@ def load_hardware(name_or_path: str) -> Hardware:
     path = pathlib.Path(name_or_path)
     if not path.suffix:
         path = HARDWARE_DIR / f"{name_or_path}.yaml"
+    refuse_special(path, "hardware", "configs/hardware/h200.yaml")
     if not path.is_file():
         raise InvalidInput("hardware", f"unknown hardware {name_or_path!r}; choose one of "
                            f"{', '.join(hardware_names())} or give a YAML path with the same fields")

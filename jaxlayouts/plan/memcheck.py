@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxlayouts.layout import InvalidInput, Layout, RunConfig, load_model_config
 from jaxlayouts.plan import cost
+from jaxlayouts.schema import json_value, read_input, special_file
 
 COMPILED = "compiled"
 DEFAULT_GRID = pathlib.Path(__file__).resolve().parents[2] / "docs" / "results" / "h100-memory-grid.jsonl"
@@ -39,13 +40,15 @@ _model = functools.lru_cache(load_model_config)
 
 def is_grid_file(path: str) -> bool:
     """Whether ``path`` is a file of compiled rows (its first row says it comes from a compile)."""
+    if special_file(path):
+        return False  # a device or FIFO: the readers refuse it by name
     try:
         with open(path) as f:
             for line in f:
                 if line.strip():
-                    row = json.loads(line)
+                    row = json_value(line)
                     return isinstance(row, dict) and "compile" in str(row.get("source", ""))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, ValueError):
         return False
     return False
 
@@ -55,16 +58,18 @@ def read_grid_rows(path: str) -> tuple[list[dict], dict]:
     count of rows by status."""
     latest = {}
     try:
-        lines = pathlib.Path(path).read_text().splitlines()
+        lines = read_input(path, "file").decode().splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise InvalidInput("file", f"{path}: cannot read it ({error})") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json_value(line)
         except json.JSONDecodeError:
             continue  # a line torn by a kill during a write
+        except ValueError as error:  # nested past the bound
+            raise InvalidInput("file", f"{path}:{number}: {error}") from None
         if not isinstance(row, dict) or "status" not in row:
             raise InvalidInput("file", f"{path}:{number}: not a grid row (no status)")
         latest[row.get("key", number)] = row

@@ -25,7 +25,7 @@ import functools
 import io
 import json
 import math
-import pathlib
+import re
 import warnings
 
 import numpy as np
@@ -34,6 +34,7 @@ import scipy.stats
 
 from jaxlayouts import config
 from jaxlayouts.layout import InvalidInput, Layout, RunConfig, load_model_config
+from jaxlayouts.schema import json_value, read_input
 from jaxlayouts.plan.cost import (GIB, Prediction, Workload, memory, predict, stage_memory, stages,
                                 tp_activation_surcharge)
 from jaxlayouts.plan.hardware import BASE_CALIBRATION, Hardware, calibration_path, read_calibration
@@ -100,9 +101,9 @@ def read_bench_rows(path: str) -> list[dict]:
     latest = {}  # the last row of a sweep point counts (a retry appends its new row)
     for number, line in ((i, line) for i, line in enumerate(read_text(path).splitlines(), 1) if line.strip()):
         try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as error:
-            if line.lstrip().startswith("{"):
+            raw = json_value(line)
+        except ValueError as error:
+            if isinstance(error, json.JSONDecodeError) and line.lstrip().startswith("{"):
                 continue  # a line torn by a kill during a write (``results.py`` leaves it in place)
             raise InvalidInput("file", f"{path}:{number}: not a JSON bench row ({error})") from None
         if not isinstance(raw, dict) or "status" not in raw:
@@ -119,6 +120,7 @@ def read_bench_rows(path: str) -> list[dict]:
         rows.append({"sweep": raw.get("sweep") or f"{raw['model']} on {raw.get('num_devices', 1)} x "
                                                    f"{raw.get('device_kind', 'device')}",
                      "status": raw["status"], "mfu": raw.get("mfu"), "layout": raw["layout"],
+                     "device_kind": raw.get("device_kind") if isinstance(raw.get("device_kind"), str) else None,
                      "seq_len": run.seq_len, "step_time_s": raw.get("step_time_s"),
                      "measured_peak_gib": round(peak / GIB, 3) if peak else None, "_workload": Workload.from_run(run)})
     if not rows:
@@ -126,10 +128,34 @@ def read_bench_rows(path: str) -> list[dict]:
     return rows
 
 
+STUDY_HARDWARE = "a100-80gb"
+"""What the reference study measured on (its published table has no hardware column)."""
+
+
+def _chip(name: str) -> str:
+    """The chip a hardware name or device kind names: ``NVIDIA H200`` and ``h200`` -> ``h200``,
+    ``a100-80gb`` and ``NVIDIA A100-SXM4-80GB`` -> ``a100``."""
+    match = re.search(r"([a-z]+\d+)", name.lower().replace("nvidia", ""))
+    return match.group(1) if match else name.lower()
+
+
+def hardware_mismatch(rows: list[dict], hw: Hardware) -> str | None:
+    """A warning when the rows were measured on another chip than ``hw``: predictions would use
+    ``hw``'s peak, memory and links for runs that had others."""
+    measured = sorted({(r.get("device_kind") if "_workload" in r else STUDY_HARDWARE) or "" for r in rows} - {""})
+    other = [m for m in measured if _chip(m) != _chip(hw.name)]
+    if not other:
+        return None
+    return (f"--hardware {hw.name}, but the rows were measured on {', '.join(other)}"
+            f"{' (the reference study)' if STUDY_HARDWARE in other else ''}; the errors below compare "
+            f"{hw.name}'s predictions with another chip's runs: give the rows' hardware, e.g. --hardware "
+            f"{STUDY_HARDWARE if STUDY_HARDWARE in other else _chip(other[0])}")
+
+
 def read_text(path: str) -> str:
     """A file's text; a missing, unreadable or non-UTF-8 one is :class:`InvalidInput`."""
     try:
-        return pathlib.Path(path).read_text()
+        return read_input(path, "file").decode()
     except (OSError, UnicodeDecodeError) as error:
         raise InvalidInput("file", f"{path}: cannot read it as text ({type(error).__name__}: "
                            f"{getattr(error, 'strerror', None) or error}); give the study's CSV or bench JSON "
