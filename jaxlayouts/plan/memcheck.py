@@ -174,5 +174,5 @@ def validated_error(hw, path: str = str(DEFAULT_GRID)) -> str | None:
     except ValueError:
         pass
     s = m["memory"]
-    return (f"memory: median {s['median_abs']:.1%}, p90 {s['p90_abs']:.1%} vs XLA:GPU compiled peaks on "
-            f"{m['layouts']} layouts ({shown}), fits agreement {m['fits_agreement']:.1%}")
+    return (f"memory: median {s['median_abs']:.1%}, p90 {s['p90_abs']:.1%} vs XLA:GPU compiled peaks of "
+            f"{m['layouts']} H100 layouts with scanned layers ({shown}), fits agreement {m['fits_agreement']:.1%}")
