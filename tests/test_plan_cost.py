@@ -233,3 +233,30 @@ def test_predicted_mfu_never_exceeds_one():
     for changes in ({}, {"tp": 1, "data_parallel": 64}, {"pp": 2, "global_batch": 64}):
         p = cost.predict(workload(**changes), fast)
         assert 0 < p.mfu <= 1 + 1e-12, (changes, p.mfu)
+
+
+def test_full_remat_recompute_and_head_backward_not_live_together():
+    """pp = 1, full remat: the layer recomputed in the scan's backward and the head's backward
+    (logits) set the peak apart, the larger of the two counts (a 32k-token llama-7b step)."""
+    w = cost.Workload(model=load_model_config("llama-7b"), seq_len=32768, global_batch=32, data_parallel=32, tp=2,
+                      pp=1, micro_batch=1, remat="full", attention="cudnn", zero=2, scan_layers=True)
+    stage = cost.stages(w)[0]
+    recomputed = w.trainer.layer_kept_bytes(w, "none")
+    logits = w.trainer.logits_bytes_per_token(w) * w.micro_batch * w.local_seq
+    inputs = stage.layers * w.trainer.layer_kept_bytes(w)
+    assert cost._stage_activation_bytes(w, stage) == pytest.approx(inputs + max(recomputed, logits))
+
+
+def test_zero3_head_backward_holds_gathered_head_and_embedding_gradient():
+    """ZeRO-3 at pp = 1: the gathered LM head and the embedding's dense gradient, e V d / t each,
+    beside the logits (llama-13b fsdp=64's buffer assignment); none under ZeRO-2 or pipelines."""
+    m = load_model_config("llama-13b")
+    w = cost.Workload(model=m, seq_len=2048, global_batch=512, data_parallel=64, tp=1, pp=1, micro_batch=1,
+                      remat="full", attention="cudnn", zero=3, scan_layers=True)
+    assert w.trainer.head_backward_buffers(w) == 2 * 2 * m.vocab_size * m.d_model
+    assert w.trainer.head_backward_buffers(dataclasses.replace(w, tp=4, data_parallel=16)) == m.vocab_size * m.d_model
+    assert w.trainer.head_backward_buffers(dataclasses.replace(w, zero=2)) == 0
+    hw = load_hardware("h100-80gb")
+    peak = 8.96 * cost.GIB   # XLA:GPU's compiled peak of this layout (docs/results/h100-memory-grid.jsonl)
+    m_ = cost.memory(w, hw)
+    assert abs(m_["total"] - m_["overhead"] - peak) / peak < 0.05

@@ -252,6 +252,20 @@ class Trainer:
         optimizer = 8 * params / (shard if w.zero >= 1 else 1)
         return weights, grads, optimizer
 
+    def head_backward_buffers(self, w: Workload) -> float:
+        """Bytes beside the logits at the LM head's backward, per device. ZeRO-3 without pp: the
+        LM head's weight all-gathered over fsdp in the compute dtype and the embedding's dense
+        gradient (the zeroed operand of the token lookup's transposed scatter-add, which XLA
+        schedules there), ``e V d / t`` each. XLA:GPU's live ranges of llama-13b fsdp=64, ZeRO-3,
+        full remat (``--scan_layers``): the peak (8.96 GiB) is in the head's backward with
+        ``all-gather-start`` of ``bf16[5120,128000]`` (1.22 GiB), the scatter-add's
+        ``bf16[128000,5120]`` (1.22 GiB), the two float32 logits-sized buffers and the scan's
+        stacked layer inputs; this term had it 18% low. At tp = 8 (llama-65b) the rows stay
+        25-34% low: part of the embedding gradient is whole over tp there, not modelled."""
+        if w.zero < 3 or w.pp > 1:
+            return 0.0
+        return 2 * w.dtype_bytes * w.model.vocab_size * w.model.d_model / w.tp
+
     def kept_score_bytes(self, w: Workload) -> float:
         """Bytes per score element unfused attention keeps (``model/attention.xla_attention``):
         the masked float32 scores, their float32 softmax and the probabilities in the compute dtype.
@@ -518,10 +532,14 @@ def _stage_activation_bytes(w: Workload, stage: Stage) -> float:
         kept = stash + stage.layers / w.virtual_stages * w.trainer.layer_kept_bytes(w)
     else:
         kept = stage.layers * stage.in_flight * w.trainer.layer_kept_bytes(w)
-    if w.remat == "full" and stage.layers:
-        kept += w.trainer.layer_kept_bytes(w, "none")  # one layer recomputed
+    recomputed = w.trainer.layer_kept_bytes(w, "none") if w.remat == "full" and stage.layers else 0.0  # one layer
+    head = 0.0
     if stage.head:
-        kept += w.trainer.logits_bytes_per_token(w) * w.micro_batch * w.local_seq
+        head = w.trainer.logits_bytes_per_token(w) * w.micro_batch * w.local_seq + w.trainer.head_backward_buffers(w)
+    # pp = 1: full remat recomputes a layer in the layer scan's backward, after the head's
+    # backward has freed the logits, so the two are not live together and the larger sets the
+    # peak (32k-token and mbs=8 full-remat rows were 10-22% high with both); pipelines keep both
+    kept += max(recomputed, head) if w.pp == 1 else recomputed + head
     if w.ring and stage.layers and attention_class(w) in ("unfused", "fused"):
         # ring attention keeps no scores, but its unfused backward holds one causal 2c x 2c block's
         # float32 scores and their gradient, and the probabilities in the compute dtype, at a time
