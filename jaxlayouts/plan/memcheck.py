@@ -15,8 +15,8 @@ plus the planner's overhead term is at most the usable bytes (``Hardware.usable_
 two agree is the agreement.
 
 Every figure here is compiled, not measured on a device: XLA:GPU's deviceless compile was within
-1% of the H200's measured peak on 13 llama-1b runs (``targets.py``), which is why it is the
-reference at cluster scale, where nothing was measured.
+1.1% of the H200's measured peak on the 7 llama-1b rows of ``docs/deviceless.md`` (``targets.py``),
+which is why it is the reference at cluster scale, where nothing was measured.
 """
 
 from __future__ import annotations
