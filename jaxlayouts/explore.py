@@ -53,7 +53,7 @@ from jaxlayouts.explore_view import Comparison, Report
 from jaxlayouts.layout import MAX_EMULATED_DEVICES, Layout, RunConfig, mesh_text, parse_mesh, validate
 from jaxlayouts.plan import cost
 from jaxlayouts.plan.hardware import load_hardware
-from jaxlayouts.schema import InvalidInput, creatable, knobs
+from jaxlayouts.schema import InvalidInput, creatable, knobs, refuse_special
 
 FLAGS = flags.FLAGS
 MAX_TARGET_DEVICES = 65536
@@ -86,10 +86,14 @@ def layout(model: str = "tiny", *, layout: str | None = None, target: str = targ
     _text_argument("layout", layout, "fsdp=8,tp=4 mbs=1", optional=True)
     _text_argument("target", target, targets.CPU)
     _text_argument("hardware", hardware, "a100-80gb", optional=True)
+    if not isinstance(census, bool):
+        raise InvalidInput("census", f"{census!r:.40} is not True or False; e.g. census=True")
     run, checked = _run(model, layout, values)
     chosen = targets.resolve(target)
-    hardware = _hardware(hardware, chosen)
+    hardware = _hardware(hardware, target, chosen)
     count = compiled_count(run, chosen)
+    if chosen.is_gpu:
+        chosen.topology(count)
     if _devices_ready(chosen, count):
         return Report(explore(run, hardware, target=target, census=census))
     return Report(_in_child_process(checked, hardware, target, "XLA:GPU" if chosen.is_gpu
@@ -113,9 +117,10 @@ def compare(layouts: list[str], *, model: str = "tiny", target: str = targets.CP
     return Comparison([layout(model, layout=text, target=target, hardware=hardware, **values) for text in layouts])
 
 
-def _hardware(name: str | None, target: targets.Target) -> str:
-    """The analytic model's hardware: as given, else the target's, else the study's A100."""
-    name = name or (target.name if target.is_gpu else "a100-80gb")
+def _hardware(name: str | None, target_name: str, target: targets.Target) -> str:
+    """The analytic model's hardware: as given, else the target's own file (``target_name``, a name
+    or YAML path), else the study's A100."""
+    name = name or (target_name if target.is_gpu else "a100-80gb")
     load_hardware(name)
     return name
 
@@ -190,6 +195,7 @@ def explore(run: RunConfig, hardware: str = "a100-80gb", devices_=None, target: 
         devices_ = targets.devices(chosen, run.layout.num_devices)
     step = compile_step(run, devices_)
     if hlo_out:
+        pathlib.Path(hlo_out).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(hlo_out).write_text(step.hlo_text)
     hw = load_hardware(hardware)
     workload = cost.Workload.from_run(run, step.backend)  # the step compiled: scanned on CPU by default
@@ -330,16 +336,22 @@ def main(argv):
             target.topology(count)
         run = config.run_config(values, count)
         validate(run, count, platform="gpu" if target.is_gpu else "cpu")
-        hardware = _hardware(FLAGS.hardware, target)
-        if FLAGS.hlo_out and (pathlib.Path(FLAGS.hlo_out).is_dir() or not creatable(pathlib.Path(FLAGS.hlo_out))):
-            raise InvalidInput("hlo_out", f"{FLAGS.hlo_out} is a folder or cannot be written; give a file, e.g. "
-                               "--hlo_out step.hlo")
+        hardware = _hardware(FLAGS.hardware, FLAGS.target, target)
+        if FLAGS.hlo_out is not None:
+            out = pathlib.Path(FLAGS.hlo_out)
+            refuse_special(out, "hlo_out", "step.hlo")
+            if not FLAGS.hlo_out.strip() or out.is_dir() or not creatable(out):
+                raise InvalidInput("hlo_out", f"{FLAGS.hlo_out!r} is a folder or cannot be written; give a file, "
+                                   "e.g. --hlo_out step.hlo")
         targets.prepare(target, compiled_count(run, target))
     except InvalidInput as error:
         config.print_invalid(error)
         sys.exit(2)
     try:
-        report = Report(explore(run, hardware, target=target.name, hlo_out=FLAGS.hlo_out, census=FLAGS.census))
+        report = Report(explore(run, hardware, target=FLAGS.target, hlo_out=FLAGS.hlo_out, census=FLAGS.census))
+    except OSError as error:  # the compile succeeded; --hlo_out could not be written
+        print(f"error: --hlo_out: cannot write {FLAGS.hlo_out} ({error.strerror or error})", file=sys.stderr)
+        sys.exit(5)
     except Exception as error:  # XLA's own limits, named rather than a traceback
         print(f"error: XLA could not compile {run.layout}: {type(error).__name__}: "
               f"{str(error).splitlines()[0][:300]}", file=sys.stderr)

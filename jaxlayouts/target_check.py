@@ -7,7 +7,8 @@ measured peak (``memory.device_peak_bytes``, JAX's ``peak_bytes_in_use``)::
 
 The compiled peak is arguments + outputs - aliased + temporaries of XLA's buffer assignment
 (``analysis/memory.py``); the error is (compiled - measured) / measured. Rows measured ok with a
-device peak are compared; others are skipped. Exit 0, or 2 for bad input.
+device peak are compared; others are skipped. Exit 0; 2 for bad input; 5 when the table cannot be
+written.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 import time
 
 from jaxlayouts import targets
+from jaxlayouts.layout import validate
 from jaxlayouts.schema import InvalidInput, creatable, json_value
 
 GIB = 2**30
@@ -31,7 +33,7 @@ GIB = 2**30
 def measured_rows(path: str) -> list[tuple[dict, object, int]]:
     """``(row, run, measured peak bytes)`` of every row measured ok with a device peak (the last
     row of a sweep point counts), its knobs checked as the bench checks them."""
-    from jaxlayouts.plan.validate import check_bench_row, read_text  # scipy: only when checking
+    from jaxlayouts.plan.validate import BENCH_REQUIRED, check_bench_row, read_text  # scipy: only when checking
 
     out = []
     for number, line in enumerate(read_text(path).splitlines(), 1):
@@ -43,6 +45,9 @@ def measured_rows(path: str) -> list[tuple[dict, object, int]]:
             raise InvalidInput("file", f"{path}:{number}: not a JSON bench row") from None
         if not isinstance(raw, dict) or raw.get("status") != "ok":
             continue
+        missing = [k for k in BENCH_REQUIRED if k not in raw]
+        if missing:
+            raise InvalidInput("rows", f"{path}:{number}: a bench row needs {list(BENCH_REQUIRED)}; missing {missing}")
         run, peak = check_bench_row(raw, f"{path}:{number}")
         if peak:
             out.append((raw, run, int(peak)))
@@ -82,8 +87,14 @@ def provenance() -> dict:
     version = lambda name: importlib.metadata.version(name)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=pathlib.Path(__file__).parent).stdout.strip() or None
+    plugins = []
+    for name in targets.PLUGINS:
+        try:
+            plugins.append(f"{name} {version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return {"date": datetime.date.today().isoformat(), "jax": version("jax"), "jaxlib": version("jaxlib"),
-            "jax_cuda12_plugin": version("jax-cuda12-plugin"), "commit": commit,
+            "plugin": ", ".join(plugins), "commit": commit,
             "command": "python -m jaxlayouts.target_check " + " ".join(sys.argv[1:])}
 
 
@@ -97,7 +108,7 @@ def markdown(result: dict) -> str:
                      f"{r['compiled_peak_bytes'] / GIB:.2f} | {r['error']:+.2%} | {r['compile_s']} |")
     return "\n".join([
         f"Compiled for `{result['target']}` without a GPU on {result['date']}: jax {result['jax']}, jaxlib "
-        f"{result['jaxlib']}, jax-cuda12-plugin {result['jax_cuda12_plugin']}, commit {result['commit']}.",
+        f"{result['jaxlib']}, {result['plugin']}, commit {result['commit']}.",
         f"Command: `{result['command']}`", "",
         *lines, "",
         f"Median |error| {result['median_abs_error']:.2%}, max {result['max_abs_error']:.2%} over "
@@ -114,17 +125,28 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         measured = measured_rows(args.rows)
-        kinds = {str(raw.get("device_kind")) for raw, _, _ in measured}
-        name = args.target or (targets.matching(kinds.pop()) if len(kinds) == 1 else None)
+        kinds = sorted({str(raw.get("device_kind")) for raw, _, _ in measured})
+        if len(kinds) > 1:
+            raise InvalidInput("rows", f"{args.rows}: rows from several device kinds ({', '.join(kinds)}); "
+                               "compare one device's rows at a time: split the file")
+        name = args.target or targets.matching(kinds[0])
         if name is None:
-            raise InvalidInput("target", f"the rows were measured on {', '.join(sorted(kinds))}, which no target "
-                               f"describes; name one: --target {targets.gpu_targets()[-1]}")
+            raise InvalidInput("target", f"the rows were measured on {kinds[0]}, which no target describes; "
+                               f"name one: --target {targets.gpu_targets()[-1]}")
         target = targets.resolve(name)
         if not target.is_gpu:
             raise InvalidInput("target", "compares a GPU compile with a GPU's measurement; choose one of "
                                f"{', '.join(targets.gpu_targets())}")
-        if args.markdown and (pathlib.Path(args.markdown).is_dir() or not creatable(pathlib.Path(args.markdown))):
-            raise InvalidInput("markdown", f"{args.markdown} is a folder or cannot be written; e.g. --markdown check.md")
+        for raw, run, _ in measured:  # every row must compile for the target before any does
+            validate(run, run.layout.num_devices, platform="gpu")
+            target.topology(run.layout.num_devices)
+        if args.markdown is not None:
+            out = pathlib.Path(args.markdown)
+            if not args.markdown.strip() or out.is_dir() or not creatable(out) or (out.exists() and not out.is_file()):
+                raise InvalidInput("markdown", f"{args.markdown!r} is not a writable file; e.g. --markdown check.md")
+            if out.resolve() == pathlib.Path(args.rows).resolve():
+                raise InvalidInput("markdown", f"{args.markdown} is the rows file itself; write the table elsewhere, "
+                                   "e.g. --markdown check.md")
         targets.prepare(target, 1)
     except InvalidInput as error:
         print(f"invalid: {error}", file=sys.stderr)
@@ -132,7 +154,12 @@ def main(argv=None) -> int:
     result = check(args.rows, target)
     text = markdown(result)
     if args.markdown:
-        pathlib.Path(args.markdown).write_text(text + "\n")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text + "\n")
+        except OSError as error:
+            print(f"error: --markdown: cannot write {args.markdown} ({error.strerror or error})", file=sys.stderr)
+            return 5
     print(json.dumps(result) if args.json else text)
     return 0
 

@@ -12,9 +12,13 @@
 # SESSION_STEPS="tune profile" runs some of the steps (tests/test_gpu_session.py runs the last).
 set -uo pipefail
 dry=()
-[ "${1:-}" = "--dry-run" ] && dry=(--dry-run)
-: "${OUT:?set OUT to the folder for the results}"
-mkdir -p "$OUT/kit"
+case "$#:${1:-}" in
+  0:) ;;
+  1:--dry-run) dry=(--dry-run) ;;
+  *) echo "error: the one option is --dry-run, got: $*" >&2; exit 2 ;;
+esac
+[ -n "${OUT:-}" ] || { echo "error: set OUT to the folder for the results, e.g. OUT=/tmp/session bash $0 --dry-run" >&2; exit 2; }
+mkdir -p "$OUT/kit" || { echo "error: OUT=$OUT: cannot make the folder $OUT/kit" >&2; exit 2; }
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 log="$OUT/session.log"
 steps=" ${SESSION_STEPS:-kit tune profile deviceless} "  # a subset, e.g. for the CPU test

@@ -133,3 +133,32 @@ def test_plan_verify_compiles_its_picks_for_the_gpu_target():
     assert proc.returncode == 0, proc.stderr[-2000:]
     (pick,) = out["top"]
     assert pick["compiled"]["compiler"] == "XLA:GPU for h100-80gb" and pick["compiled"]["peak_gib"] > 0
+
+
+def test_target_check_refuses_before_compiling(tmp_path, capsys):
+    """Its own input as --markdown, rows of two devices, a row without its model: exit 2, the rows
+    file untouched, a message naming the knob."""
+    from jaxlayouts import target_check
+    row = {"status": "ok", "model": "tiny", "layout": "dp=1 mbs=1", "seq_len": 32, "global_batch": 8,
+           "dtype": "bfloat16", "mfu": 0.5, "step_time_s": 1.0, "device_kind": "NVIDIA H200",
+           "memory": {"device_peak_bytes": 2**20}}
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps(row) + "\n")
+    before = rows.read_text()
+    assert target_check.main([str(rows), "--markdown", str(rows)]) == 2 and rows.read_text() == before
+    assert "--markdown" in capsys.readouterr().err
+    rows.write_text(before + json.dumps({**row, "device_kind": "NVIDIA H100 80GB HBM3"}) + "\n")
+    assert target_check.main([str(rows)]) == 2 and "several device kinds" in capsys.readouterr().err
+    rows.write_text(json.dumps({k: v for k, v in row.items() if k != "model"}) + "\n")
+    assert target_check.main([str(rows)]) == 2 and "missing ['model']" in capsys.readouterr().err
+
+
+def test_plan_target_without_verify_and_malformed_grids_are_refused(tmp_path):
+    from jaxlayouts.plan.grid import read_grid
+    proc, _ = run_module("jaxlayouts.plan", "--model", "tiny", "--gpus", "8", "--target", "h200")
+    assert proc.returncode == 2 and "--target: h200 is what --verify compiles for" in proc.stderr
+    grid = tmp_path / "grid.yaml"
+    for group in ('base: "dp=8 mbs"', 'layouts: [5]', 'base: "dp=2", vary: [zero, 1]'):
+        grid.write_text(f"groups:\n  - {{model: tiny, seq_len: 32, global_batch: 8, {group}}}\n")
+        with pytest.raises(InvalidInput, match="group 1: base must be a layout text"):
+            read_grid(str(grid))

@@ -249,6 +249,12 @@ def check_flags(validating: bool, hw) -> None:
     if FLAGS.verify < 0:
         raise InvalidInput("verify", f"{FLAGS.verify}: compile the top N >= 0 layouts, e.g. --verify 2")
     target = targets.resolve(FLAGS.target)
+    if target.is_gpu and not FLAGS.verify and not validating:  # plan grid compiles for --target itself
+        raise InvalidInput("target", f"{FLAGS.target} is what --verify compiles for; add --verify N, e.g. "
+                           f"--verify 3 --target {FLAGS.target}")
+    if target.is_gpu and FLAGS.verify and FLAGS["hardware"].present and hw.name != target.name:
+        raise InvalidInput("target", f"{FLAGS.target} compiles for another GPU than --hardware {FLAGS.hardware} "
+                           f"costs; drop --hardware (it follows the target) or make them agree")
     if FLAGS.verify and target.is_gpu:
         targets.check_compiler()
     if FLAGS.verify and not target.is_gpu and FLAGS.gpus > MAX_EMULATED_DEVICES:
@@ -260,7 +266,8 @@ def check_flags(validating: bool, hw) -> None:
 def main(argv):
     try:
         values = config.values_from_flags(FLAGS)
-        hw = load_hardware(FLAGS.hardware)
+        gpu_target = FLAGS.target != targets.CPU and not FLAGS["hardware"].present
+        hw = load_hardware(FLAGS.target if gpu_target else FLAGS.hardware)  # the hardware follows a GPU target
         check_flags(validating=len(argv) > 1, hw=hw)
         if FLAGS.memory_fraction is not None:
             check_memory_fraction(FLAGS.memory_fraction)

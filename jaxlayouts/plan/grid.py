@@ -68,8 +68,16 @@ class Point:
 
 def _texts(group: dict) -> list[str]:
     """A group's layout texts: its ``layouts`` and the product of ``base`` over ``vary``."""
-    texts = list(group.get("layouts") or [])
+    texts = group.get("layouts") or []
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise TypeError("layouts is not a list of layout texts")
+    texts = list(texts)
     if "base" in group:
+        if not isinstance(group["base"], str) or not group["base"].split():
+            raise TypeError("base is not a layout text")
+        if not isinstance(group.get("vary") or {}, dict) or not all(
+                isinstance(v, list) for v in (group.get("vary") or {}).values()):
+            raise TypeError("vary is not a mapping of lists")
         mesh, *rest = str(group["base"]).split()
         base = {"mesh": mesh, **dict(item.split("=", 1) for item in rest)}
         vary = group.get("vary") or {}
@@ -98,13 +106,27 @@ def read_grid(path: str) -> list[Point]:
         if unknown or not {"model", "seq_len", "global_batch"} <= set(group):
             raise InvalidInput("grid", f"{path}: group {number} needs model, seq_len and global_batch "
                                f"(unknown keys: {sorted(unknown)})")
-        for text in _texts(group):
-            point = Point(group["model"], str(Layout.parse(text)), int(group["seq_len"]),
-                          int(group["global_batch"]), group.get("dtype", "bfloat16"), group.get("note"))
+        for number_field in ("seq_len", "global_batch"):
+            value = group[number_field]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidInput("grid", f"{path}: group {number}: {number_field} {value!r:.40} is not a positive "
+                                   f"integer; e.g. {number_field}: 2048")
+        if not isinstance(group["model"], str) or not isinstance(group.get("dtype", "bfloat16"), str):
+            raise InvalidInput("grid", f"{path}: group {number}: model and dtype are names, e.g. model: llama-7b")
+        try:
+            texts = _texts(group)
+        except (ValueError, TypeError, AttributeError):
+            raise InvalidInput("grid", f"{path}: group {number}: base must be a layout text (\"fsdp=8,tp=2 mbs=1\"), "
+                               "vary a mapping of lists ({zero: [1, 3]}), layouts a list of layout texts") from None
+        for text in texts:
+            point = Point(group["model"], str(Layout.parse(text)), group["seq_len"],
+                          group["global_batch"], group.get("dtype", "bfloat16"), group.get("note"))
             same = (point.model, point.layout, point.seq_len, point.global_batch, point.dtype)
             if same not in seen:
                 seen.add(same)
                 points.append(point)
+    if not points:
+        raise InvalidInput("grid", f"{path}: its groups declare no layout; give each 'layouts:' or 'base:'")
     return points
 
 

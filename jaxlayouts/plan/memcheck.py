@@ -22,12 +22,13 @@ which is why it is the reference at cluster scale, where nothing was measured.
 from __future__ import annotations
 
 import functools
+import math
 import json
 import pathlib
 
 import numpy as np
 
-from jaxlayouts.layout import InvalidInput, Layout, RunConfig, load_model_config
+from jaxlayouts.layout import InvalidInput, Layout, RunConfig, load_model_config, validate
 from jaxlayouts.plan import cost
 from jaxlayouts.schema import json_value, read_input, special_file
 
@@ -70,21 +71,33 @@ def read_grid_rows(path: str) -> tuple[list[dict], dict]:
             continue  # a line torn by a kill during a write
         except ValueError as error:  # nested past the bound
             raise InvalidInput("file", f"{path}:{number}: {error}") from None
-        if not isinstance(row, dict) or "status" not in row:
+        if not isinstance(row, dict) or not isinstance(row.get("status"), str):
             raise InvalidInput("file", f"{path}:{number}: not a grid row (no status)")
-        latest[row.get("key", number)] = row
-    statuses = {}
-    rows = []
-    for row in latest.values():
+        key = row.get("key", number)
+        latest[key if isinstance(key, (str, int)) else number] = (number, row)
+    statuses, rows, compiled_for = {}, [], set()
+    for number, row in latest.values():
         statuses[row["status"]] = statuses.get(row["status"], 0) + 1
         if row["status"] != COMPILED:
             continue
-        peak = (row.get("memory") or {}).get("compiled_peak_bytes")
-        if not isinstance(peak, (int, float)) or peak <= 0:
-            continue
-        run = RunConfig(model=_model(row["model"]), layout=Layout.parse(row["layout"]), seq_len=row["seq_len"],
-                        global_batch=row["global_batch"], dtype=row.get("dtype", "bfloat16"))
+        memory = row.get("memory")
+        peak = memory.get("compiled_peak_bytes") if isinstance(memory, dict) else None
+        if not isinstance(peak, (int, float)) or isinstance(peak, bool) or not math.isfinite(peak) or peak <= 0:
+            raise InvalidInput("file", f"{path}:{number}: a compiled row needs memory.compiled_peak_bytes, a positive "
+                               f"number of bytes; got {peak!r:.40}")
+        try:
+            run = RunConfig(model=_model(row["model"]), layout=Layout.parse(row["layout"]), seq_len=row["seq_len"],
+                            global_batch=row["global_batch"], dtype=row.get("dtype", "bfloat16"))
+            validate(run, run.layout.num_devices, platform="gpu")
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            detail = str(error) if isinstance(error, InvalidInput) else f"{type(error).__name__}: {error}"
+            raise InvalidInput("file", f"{path}:{number}: not a compiled grid row with model, layout, seq_len and "
+                               f"global_batch ({detail[:200]})") from None
+        compiled_for.add(str(row.get("target")))
         rows.append({**row, "_run": run, "_peak": float(peak)})
+    if len(compiled_for) > 1:
+        raise InvalidInput("file", f"{path}: rows compiled for several targets ({', '.join(sorted(compiled_for))}); "
+                           "validate one target's grid at a time")
     return rows, statuses
 
 
