@@ -438,6 +438,7 @@ def report(result: dict) -> None:
 def main(argv):
     launch.die_with_parent()
     signal.signal(signal.SIGINT, _on_interrupt)
+    sys.unraisablehook = _quiet_interrupts
     result = {"status": "ok", "error": None, "model": FLAGS.model, "mesh": FLAGS.mesh,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["python -m jaxlayouts.bench"] + sys.argv[1:])}
@@ -487,6 +488,13 @@ def _on_interrupt(signum, frame):
     global _interrupt_seen
     _interrupt_seen = True
     raise KeyboardInterrupt
+
+
+def _quiet_interrupts(unraisable, default=sys.unraisablehook) -> None:
+    """A Ctrl-C that lands in a callback Python cannot raise from (JAX's garbage-collection hook)
+    is dropped there without a traceback; :func:`check_interrupt` acts on it after the step."""
+    if not issubclass(unraisable.exc_type, KeyboardInterrupt):
+        default(unraisable)
 
 
 def check_interrupt() -> None:
