@@ -25,32 +25,19 @@ import time
 
 from jaxlayouts import targets
 from jaxlayouts.layout import validate
-from jaxlayouts.schema import InvalidInput, creatable, json_value
+from jaxlayouts.schema import InvalidInput, creatable
 
 GIB = 2**30
 
 
 def measured_rows(path: str) -> list[tuple[dict, object, int]]:
-    """``(row, run, measured peak bytes)`` of every row measured ok with a device peak (the last
-    row of a sweep point counts), its knobs checked as the bench checks them."""
-    from jaxlayouts.plan.validate import BENCH_REQUIRED, check_bench_row, read_text  # scipy: only when checking
+    """``(row, run, measured peak bytes)`` of every row measured ok with a device peak, read as
+    ``plan validate`` reads bench rows (``plan.validate.read_bench_rows``: the last row of a sweep
+    point counts, its knobs checked as the bench checks them)."""
+    from jaxlayouts.plan.validate import read_bench_rows  # scipy: only when checking
 
-    out = []
-    for number, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            raw = json_value(line)
-        except ValueError:  # not JSON, or nested past the bound
-            raise InvalidInput("file", f"{path}:{number}: not a JSON bench row") from None
-        if not isinstance(raw, dict) or raw.get("status") != "ok":
-            continue
-        missing = [k for k in BENCH_REQUIRED if k not in raw]
-        if missing:
-            raise InvalidInput("rows", f"{path}:{number}: a bench row needs {list(BENCH_REQUIRED)}; missing {missing}")
-        run, peak = check_bench_row(raw, f"{path}:{number}")
-        if peak:
-            out.append((raw, run, int(peak)))
+    out = [(r["_raw"], r["_run"], int(r["_raw"]["memory"]["device_peak_bytes"])) for r in read_bench_rows(path)
+           if r["status"] == "ok" and r["measured_peak_gib"]]
     if not out:
         raise InvalidInput("file", f"{path}: no bench row measured ok with memory.device_peak_bytes")
     return out

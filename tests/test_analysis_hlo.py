@@ -17,3 +17,15 @@ def test_replica_group_spellings(groups, axes):
     text = f"ENTRY %main {{\n  %x = f32[8,2]{{1,0}} parameter(0)\n  ROOT %a = f32[8,2]{{1,0}} all-gather(%x), {groups}, dimensions={{0}}\n}}"
     (found,) = hlo.collectives(text, {"dp": 2, "fsdp": 1, "tp": 4, "pp": 1})
     assert found.axes == axes and found.bytes == 64
+
+
+def test_an_async_combined_collective_counts_its_results_not_its_operands():
+    """XLA:GPU's start op holds ``((operands), (results))``; the -done op's shape is the result."""
+    text = """ENTRY %main {
+  %x = bf16[4]{0} parameter(0)
+  %y = bf16[8]{0} parameter(1)
+  %s = ((bf16[4]{0}, bf16[8]{0}), (bf16[16]{0}, bf16[32]{0})) all-gather-start(%x, %y), replica_groups=[2,4]<=[8], dimensions={0}
+  ROOT %d = (bf16[16]{0}, bf16[32]{0}) all-gather-done(%s)
+}"""
+    (found,) = hlo.collectives(text, {"dp": 2, "fsdp": 1, "tp": 4, "pp": 1})
+    assert found.kind == "all-gather" and found.axes == ("tp",) and found.bytes == (16 + 32) * 2

@@ -122,7 +122,8 @@ def read_bench_rows(path: str) -> list[dict]:
                      "status": raw["status"], "mfu": raw.get("mfu"), "layout": raw["layout"],
                      "device_kind": raw.get("device_kind") if isinstance(raw.get("device_kind"), str) else None,
                      "seq_len": run.seq_len, "step_time_s": raw.get("step_time_s"),
-                     "measured_peak_gib": round(peak / GIB, 3) if peak else None, "_workload": Workload.from_run(run)})
+                     "measured_peak_gib": round(peak / GIB, 3) if peak else None, "_workload": Workload.from_run(run),
+                     "_run": run, "_raw": raw})
     if not rows:
         raise InvalidInput("file", f"{path}: no bench rows measured ok or oom")
     return rows
