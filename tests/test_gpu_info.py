@@ -1,9 +1,12 @@
 """python -m jaxlayouts.gpu_info: what it says on this CPU, and what it would say on an H100."""
 
+import json
+import subprocess
+import sys
 import types
 
 import pytest
-from conftest import run_module
+from conftest import clean_env, run_module
 
 from jaxlayouts import gpu_info
 from jaxlayouts.bench import host_bytes
@@ -50,6 +53,10 @@ def test_the_allocator_fraction_is_read_as_jaxlib_reads_it():
     assert allocator_fraction({"XLA_CLIENT_MEM_FRACTION": "0.8", "XLA_PYTHON_CLIENT_MEM_FRACTION": ".9"}) == 0.8
     with pytest.raises(InvalidInput, match="--environment: XLA_CLIENT_MEM_FRACTION='most' is not a number"):
         allocator_fraction({"XLA_CLIENT_MEM_FRACTION": "most"})
+    proc = subprocess.run([sys.executable, "-m", "jaxlayouts.bench", "--model", "tiny"], capture_output=True, text=True,
+                          timeout=120, env=clean_env(XLA_CLIENT_MEM_FRACTION="most"))
+    assert proc.returncode == 2  # the bench names it before JAX reads it
+    assert json.loads(proc.stdout.splitlines()[-1])["error"].startswith("--environment: XLA_CLIENT_MEM_FRACTION='most'")
 
 
 def test_a_gpu_bench_row_records_the_fraction_it_ran_with(monkeypatch):
