@@ -36,6 +36,7 @@ from jaxlayouts.analysis import profile
 from jaxlayouts.analysis.memory import compiled_memory
 from jaxlayouts.config import BenchOptions
 from jaxlayouts.layout import Layout, RunConfig, validate
+from jaxlayouts.plan.hardware import allocator_fraction
 from jaxlayouts.results import Results, WriteError
 from jaxlayouts.schema import InvalidInput, check_instance, finite_json
 
@@ -74,6 +75,7 @@ def check_before_devices(values: dict, opts: BenchOptions) -> None:
     problem = devices.check_environment()
     if problem:
         raise InvalidInput("environment", problem)
+    allocator_fraction()  # a memory fraction that is not a number, named before JAX reads it
     count = config.emulated_device_count(values)
     if count is None:  # a -1 axis on an accelerator: checked once JAX has counted the devices (measure)
         return
@@ -368,8 +370,11 @@ def measured_fields(run: RunConfig, opts: BenchOptions, device, num_devices: int
     if mfu is not None and mfu > 1:
         raise InvalidInput("peak_tflops", f"the step ran at {achieved:.4g} model TFLOP/s per device, above the "
                            f"peak of {peak:g}: give the device's real bf16 peak, e.g. --peak_tflops 989")
-    memory = {**memory, "device_peak_bytes": (device.memory_stats() or {}).get("peak_bytes_in_use")}
+    stats = device.memory_stats() or {}
+    memory = {**memory, "device_peak_bytes": stats.get("peak_bytes_in_use"), "device_bytes_limit": stats.get("bytes_limit")}
     return {"device_kind": device.device_kind, "step_time_s": step_time, "step_times_s": step_times,
+            # the share of GPU memory JAX's allocator took (plan validate holds it to the hardware file's)
+            "memory_fraction": None if device.platform == "cpu" else allocator_fraction(),
             "tokens_per_s": tokens_per_s, "model_flops_per_token": flops.model_flops_per_token(run.model, run.seq_len),
             "model_tflops_per_device": achieved, "mfu": mfu, "peak_tflops": peak, "memory": memory,
             "losses": losses, "steps": opts.steps, "warmup": opts.warmup}

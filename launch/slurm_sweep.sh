@@ -7,6 +7,8 @@
 #   python -m jaxlayouts.report results/study_13b_2k_64gpu/*.jsonl --out reports/study_13b_2k_64gpu/
 #
 # Extra sbatch options go after the two arguments, e.g. --partition=gpu --time=01:00:00.
+# JAXLAYOUTS_HARDWARE (default h100-80gb) names the hardware file whose memory_fraction the jobs run
+# with (launch/slurm.sbatch); plan with the same --hardware.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: launch/slurm_sweep.sh SWEEP.yaml OUT_DIR [sbatch options...]" >&2
@@ -20,6 +22,8 @@ points=$(python -m jaxlayouts.sweep "$sweep" --out /dev/null --dry-run 2>/dev/nu
 devices=$(python -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['devices'])" "$sweep")
 nodes=$(( (devices + 7) / 8 ))
 here=$(cd "$(dirname "$0")" && pwd)
-echo "submitting $points points of $sweep on $nodes nodes each"
+hardware=${JAXLAYOUTS_HARDWARE:-h100-80gb}
+fraction=$(python -m jaxlayouts.plan.hardware --hardware "$hardware" --print memory_fraction)
+echo "submitting $points points of $sweep on $nodes nodes each (memory fraction $fraction, $hardware)"
 sbatch --array=0-$((points - 1)) --nodes="$nodes" "$@" "$here/slurm.sbatch" \
   bash -c "python -m jaxlayouts.sweep '$sweep' --index \$SLURM_ARRAY_TASK_ID --out '$out/point-\$SLURM_ARRAY_TASK_ID.jsonl'"

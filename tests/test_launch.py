@@ -28,5 +28,6 @@ def test_slurm_sweep_submits_one_array_task_per_point(tmp_path):
                            str(tmp_path / "out"), "--partition=gpu"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "sbatch --array=0-95 --nodes=8 --partition=gpu" in proc.stdout
+    assert "on 8 nodes each (memory fraction 0.75, h100-80gb)" in proc.stdout  # the hardware file's, as the jobs run
     assert "jaxlayouts.sweep 'configs/sweeps/study_13b_2k_64gpu.yaml' --index $SLURM_ARRAY_TASK_ID" in proc.stdout
     assert subprocess.run(["bash", "-n", "launch/slurm.sbatch"]).returncode == 0

@@ -148,3 +148,21 @@ def test_rows_from_other_hardware_are_warned_about():
     assert "--hardware h200, but the rows were measured on a100-80gb (the reference study)" in warning
     assert "e.g. --hardware a100-80gb" in warning
     assert "measured on NVIDIA H200" in hardware_mismatch(h200, load_hardware("a100-80gb"))
+
+
+def test_rows_run_at_another_memory_fraction_are_warned_about():
+    """A bench row records the allocator's fraction it ran with; validating it against a hardware
+    file that assumes another names both and the flag that makes them agree."""
+    import dataclasses
+
+    from jaxlayouts.plan.validate import hardware_mismatch
+    rows = read_rows(str(H200_ROWS))
+    h200 = load_hardware("h200")
+    rows[0]["_raw"] = {**rows[0]["_raw"], "memory_fraction": 0.95}
+    warning = hardware_mismatch(rows, h200)
+    assert warning == ("the rows ran with JAX's allocator at memory_fraction 0.95, but h200 assumes 0.75, so what "
+                       "fits differs: validate with --memory_fraction 0.95, or bench with the hardware file's "
+                       "fraction (launch/slurm.sbatch exports it)")
+    assert hardware_mismatch(rows, dataclasses.replace(h200, memory_fraction=0.95)) is None
+    rows[0]["_raw"]["memory_fraction"] = 0.75  # the same as the file's: nothing to say
+    assert hardware_mismatch(rows, h200) is None

@@ -317,6 +317,9 @@ def main(argv):
                    if len(cps) > 1 else "")
         print(f"{len(ranked)} layouts of {model.name} on {FLAGS.gpus} x {hw.name} ranked in {elapsed:.1f} s "
               f"(predicted; calibration {hw.calibration_source}{with_cp})")
+        print(f"usable memory per GPU: {hw.usable_bytes:,.0f} bytes ({hw.usable_bytes / 2**30:.1f} GiB), "
+              f"memory_fraction {hw.memory_fraction:g} of {hw.hbm_bytes / 2**30:.4g} GiB HBM"
+              f"{' (--memory_fraction)' if FLAGS.memory_fraction is not None else f' ({hw.name} file)'}")
         validated = memcheck.validated_error(hw)
         if validated:
             print(validated)
@@ -337,6 +340,7 @@ def main(argv):
     if FLAGS.json:
         print(json.dumps({"model": model.name, "gpus": FLAGS.gpus, "hardware": hw.name,
                           "candidates": len(ranked), "seconds": elapsed, "top": top,
+                          "usable_bytes": hw.usable_bytes, "memory_fraction": hw.memory_fraction,
                           "memory_validated": memcheck.validated_error(hw)}))
 
 

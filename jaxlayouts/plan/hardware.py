@@ -1,11 +1,19 @@
 """Hardware descriptions (``configs/hardware/NAME.yaml``) and their fitted calibration constants
-(``configs/hardware/NAME.calibration.yaml``, written by ``python -m jaxlayouts.plan validate --fit``)."""
+(``configs/hardware/NAME.calibration.yaml``, written by ``python -m jaxlayouts.plan validate --fit``).
+
+One field from the shell, for scripts (``launch/slurm.sbatch`` exports the allocator's fraction so):
+
+    python -m jaxlayouts.plan.hardware --hardware h100-80gb --print memory_fraction
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import os
 import pathlib
 import re
+import sys
 
 import yaml
 
@@ -14,6 +22,10 @@ from jaxlayouts.schema import InvalidInput, coerce, from_mapping, knob, knobs, l
 
 HARDWARE_DIR = CONFIG_DIR / "hardware"
 REQUIRED = dataclasses.MISSING
+JAX_MEMORY_FRACTION = 0.75
+"""The share of a GPU's memory JAX's allocator takes when no variable says otherwise."""
+MEMORY_FRACTION_VARIABLES = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+"""Where jaxlib reads that share (``xla_client.py``), the second deprecated; both set is an error there."""
 BASE_CALIBRATION = "a100-80gb"
 """The calibration fitted on the reference study's runs: the fallback, and where a fit of this
 project's step starts (constants no bench row exercises keep its values)."""
@@ -136,9 +148,46 @@ def check_memory_fraction(value: float) -> None:
     coerce(Hardware, next(f for f in knobs(Hardware) if f.name == "memory_fraction"), value)
 
 
+def allocator_fraction(environ=os.environ) -> float:
+    """The share of GPU memory JAX's allocator takes in this environment: the first of
+    :data:`MEMORY_FRACTION_VARIABLES` that is set, else JAX's default."""
+    for name in MEMORY_FRACTION_VARIABLES:
+        if environ.get(name):
+            try:
+                return float(environ[name])
+            except ValueError:
+                raise InvalidInput("environment", f"{name}={environ[name]!r} is not a number; e.g. "
+                                   f"{name}={JAX_MEMORY_FRACTION}, or unset it") from None
+    return JAX_MEMORY_FRACTION
+
+
 def save_calibration(name: str, calibration: Calibration, header: str) -> pathlib.Path:
     path = calibration_path(name)
     body = yaml.safe_dump({k: float(f"{float(v):.4g}") for k, v in dataclasses.asdict(calibration).items()
                            if v is not None}, sort_keys=False)
     path.write_text("".join(f"# {line}\n" for line in header.splitlines()) + body)
     return path
+
+
+def main(argv=None) -> int:
+    """Print one field of a hardware file (``usable_bytes`` too), for shell scripts."""
+    from jaxlayouts.config import print_invalid
+
+    fields = [f.name for f in knobs(Hardware)] + ["usable_bytes"]
+    parser = argparse.ArgumentParser(prog="python -m jaxlayouts.plan.hardware", description=main.__doc__)
+    parser.add_argument("--hardware", required=True, help=f"one of {', '.join(hardware_names())}, or a YAML path")
+    parser.add_argument("--print", dest="field", required=True, help=f"one of {', '.join(fields)}")
+    args = parser.parse_args(argv)
+    try:
+        if args.field not in fields:
+            raise InvalidInput("print", f"{args.field!r} is not a hardware field; choose one of {', '.join(fields)}, "
+                               "e.g. --print memory_fraction")
+        print(getattr(load_hardware(args.hardware), args.field))
+    except InvalidInput as error:
+        print_invalid(error)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -141,16 +141,25 @@ def _chip(name: str) -> str:
 
 
 def hardware_mismatch(rows: list[dict], hw: Hardware) -> str | None:
-    """A warning when the rows were measured on another chip than ``hw``: predictions would use
-    ``hw``'s peak, memory and links for runs that had others."""
+    """A warning when the rows were measured on another chip than ``hw`` (predictions would use
+    ``hw``'s peak, memory and links for runs that had others), or with JAX's allocator at another
+    share of memory than ``hw.memory_fraction`` (a bench row's ``memory_fraction``: what fits differs)."""
+    problems = []
     measured = sorted({(r.get("device_kind") if "_workload" in r else STUDY_HARDWARE) or "" for r in rows} - {""})
     other = [m for m in measured if _chip(m) != _chip(hw.name)]
-    if not other:
-        return None
-    return (f"--hardware {hw.name}, but the rows were measured on {', '.join(other)}"
-            f"{' (the reference study)' if STUDY_HARDWARE in other else ''}; the errors below compare "
-            f"{hw.name}'s predictions with another chip's runs: give the rows' hardware, e.g. --hardware "
-            f"{STUDY_HARDWARE if STUDY_HARDWARE in other else _chip(other[0])}")
+    if other:
+        problems.append(f"--hardware {hw.name}, but the rows were measured on {', '.join(other)}"
+                        f"{' (the reference study)' if STUDY_HARDWARE in other else ''}; the errors below compare "
+                        f"{hw.name}'s predictions with another chip's runs: give the rows' hardware, e.g. --hardware "
+                        f"{STUDY_HARDWARE if STUDY_HARDWARE in other else _chip(other[0])}")
+    fractions = sorted({f for r in rows if isinstance(f := r.get("_raw", {}).get("memory_fraction"), (int, float))
+                        and not isinstance(f, bool) and f != hw.memory_fraction})
+    if fractions:
+        problems.append(f"the rows ran with JAX's allocator at memory_fraction {', '.join(f'{f:g}' for f in fractions)}, "
+                        f"but {hw.name} assumes {hw.memory_fraction:g}, so what fits differs: validate with "
+                        f"--memory_fraction {fractions[0]:g}, or bench with the hardware file's fraction "
+                        "(launch/slurm.sbatch exports it)")
+    return "; ".join(problems) or None
 
 
 def read_text(path: str) -> str:
