@@ -32,7 +32,7 @@ import time
 from absl import app, flags, logging
 
 from jaxlayouts import config, devices, distributed, launch
-from jaxlayouts.analysis import profile
+from jaxlayouts.analysis import hlo, profile
 from jaxlayouts.analysis.memory import compiled_memory
 from jaxlayouts.config import BenchOptions
 from jaxlayouts.layout import Layout, RunConfig, validate
@@ -340,7 +340,8 @@ def train_steps(trainer, compiled, state, first_step: int, opts: BenchOptions, s
         with writing("profile_dir", opts.profile_dir):
             jax.profiler.stop_trace()
         try:
-            log(profile.report(opts.profile_dir, opts.steps))
+            axes = hlo.collective_axes(compiled.as_text(), dict(trainer.mesh.shape))
+            log(profile.report(opts.profile_dir, opts.steps, axes=axes))
         except Exception as error:  # the summary is a reading aid: it never costs the measurement
             log(f"profile: trace written to {opts.profile_dir}; its summary failed ({type(error).__name__}: {error})")
     return losses, step_times

@@ -43,3 +43,14 @@ def measure(small: bool = False) -> dict:
             "copy_gbs": copy_gbs(shape["copy_bytes"], **runs),
             "matmul_shape": [shape["matmul_size"]] * 3, "copy_bytes": shape["copy_bytes"],
             "dtype": "bfloat16"}
+
+
+def text(ceilings: dict, platform: str) -> str:
+    """The ceilings as a sentence; on CPU, that they are this CPU's figures, not a GPU's."""
+    line = (f"matmul {ceilings['matmul_tflops']:.3g} TFLOP/s, copy {ceilings['copy_gbs']:.3g} GB/s (read + write). "
+            "Each `vs matmul` / `vs copy` is a rate over these (one shape's median, not a bound: above 1, "
+            "the kernel ran faster than that matmul or copy)")
+    if platform == "cpu":
+        line += (". **These are CPU figures** (emulation at tiny shapes, a check of the harness): the ratios are "
+                 "to this CPU, not to any GPU")
+    return line

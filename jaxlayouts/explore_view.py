@@ -13,6 +13,7 @@ import json
 
 from jaxlayouts.analysis.census import table_rows as census_rows
 from jaxlayouts.layout import MESH_AXES, mesh_text
+from jaxlayouts.units import bytes_text
 
 GIB, MIB = 2**30, 2**20
 MEMORY_ROWS = (
@@ -93,12 +94,13 @@ class Report:
         return ["memory per device, GiB", f"compiled ({compiler})", "analytic (plan/cost.py)"], rows
 
     def _collectives(self):
-        return (["collective", "mesh axes", "MiB", "per step"],
-                [[c["kind"], ",".join(c["axes"]), f"{c['bytes'] / MIB:.4g}", c["count"]]
+        return (["collective", "mesh axes", "size per device", "count per step", "bytes per step"],
+                [[c["kind"], ",".join(c["axes"]), bytes_text(c["bytes"]), c["count"], bytes_text(c["bytes"] * c["count"])]
                  for c in self.data["collectives"]])
 
     def _census(self):
-        return ["per step (loop trips multiplied in)", "count", "MiB"], census_rows(self.data["census"])
+        return (["op (loop trips multiplied in)", "count per step", "bytes per step"],
+                census_rows(self.data["census"]))
 
     def _summary(self) -> list[str]:
         d, p = self.data, self.data["predicted"]
@@ -138,9 +140,13 @@ class Report:
                 f"{_table_html(*self._memory())}<ul>{notes}</ul><h4>Collectives per step</h4>"
                 f"{_table_html(*self._collectives())}{census}</div>")
 
-    def show(self, name: str, limit: int = 32) -> str:
-        """Print (and return) how one parameter or activation is laid out over the mesh: each
-        distinct shard, its index ranges, and the devices that hold it."""
+    def show(self, name: str, limit: int = 32) -> None:
+        """Print :meth:`placement_text` (returns nothing, so a notebook shows it once)."""
+        print(self.placement_text(name, limit))
+
+    def placement_text(self, name: str, limit: int = 32) -> str:
+        """How one parameter or activation is laid out over the mesh: each distinct shard, its
+        index ranges, and the devices that hold it."""
         entries = {e["name"]: e for e in self.data["params"] + self.data["activations"]}
         if name not in entries:
             raise KeyError(f"{name!r} is not a parameter or activation of this report; choose one of "
@@ -154,9 +160,7 @@ class Report:
         lines += [f"  {slices:<40} on {where}" for slices, where in shards[:limit]]
         if len(shards) > limit:
             lines.append(f"  ... and {len(shards) - limit} more")
-        text = "\n".join(lines)
-        print(text)
-        return text
+        return "\n".join(lines)
 
 
 class Comparison:
@@ -175,8 +179,11 @@ class Comparison:
         self._figure = None
 
     def _table(self):
-        header = list(self.rows[0])
-        return header, [[v if isinstance(v, str) else f"{v:.4g}" for v in row.values()] for row in self.rows]
+        """``rows`` for people: sizes in binary units, MFU as a percentage."""
+        cell = lambda k, v: (v if isinstance(v, str) else bytes_text(v * GIB) if "_gib" in k
+                             else f"{v:.1%}" if k.endswith("mfu") else f"{v:.4g}")
+        header = [k.replace("_gib", "") for k in self.rows[0]]
+        return header, [[cell(k, v) for k, v in row.items()] for row in self.rows]
 
     def text(self) -> str:
         return _table_text(*self._table())
@@ -194,7 +201,8 @@ class Comparison:
         """A matplotlib figure: compiled memory, collective GiB per step by mesh axes, predicted MFU."""
         if self._figure is None:
             import matplotlib.pyplot as plt  # only when a figure is asked for
-            fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+            fig, axes = plt.subplots(1, 3, figsize=(15, 5.5))
+            plt.close(fig)  # shown once in a notebook, as this value, not also as pyplot's open figure
             names = [f"#{i + 1}" for i in range(len(self.rows))]
             axes[0].bar(names, [r["compiled_peak_gib"] for r in self.rows])
             axes[0].set_title("compiled peak per device (GiB)")
@@ -204,10 +212,13 @@ class Comparison:
                 axes[1].bar(names, values, bottom=bottom, label=ax_name)
                 bottom = [b + v for b, v in zip(bottom, values)]
             axes[1].set_title("collectives per step per device (GiB)")
-            axes[1].legend(fontsize=8)
+            axes[1].legend(title="mesh axes", fontsize=11, title_fontsize=11)
             axes[2].bar(names, [100 * r["predicted_mfu"] for r in self.rows])
             axes[2].set_title("predicted MFU (%)")
-            fig.suptitle("; ".join(f"{n}: {r['layout']}" for n, r in zip(names, self.rows)), fontsize=7)
-            fig.tight_layout()
+            for ax in axes:
+                ax.tick_params(labelsize=11)
+            fig.text(0.01, 0.01, "\n".join(f"{n}: {r['layout']}" for n, r in zip(names, self.rows)), fontsize=10,
+                     family="monospace", va="bottom")
+            fig.tight_layout(rect=(0, 0.045 * len(self.rows), 1, 1))
             self._figure = fig
         return self._figure

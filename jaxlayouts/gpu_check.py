@@ -352,7 +352,7 @@ def markdown(doc: dict) -> str:
               "| " + " | ".join(str(v) if v else "n/a" for v in doc["versions"].values()) + " |", "",
               "## Ceilings (measured through JAX, random inputs, median)", "",
               f"- matmul {' x '.join(map(str, c.get('matmul_shape', [])))} {c.get('dtype', '')}: "
-              f"{_cell(c.get('matmul_tflops'), '{:.1f}')} TFLOP/s",
+              f"{_cell(c.get('matmul_tflops'), '{:.3g}')} TFLOP/s",
               f"- device copy of {_cell(c.get('copy_bytes'), '{:.0f}', 2**-20)} MiB: "
               f"{_cell(c.get('copy_gbs'), '{:.0f}')} GB/s counting read + write", "",
               f"## Training step: {grid['model']}, global batch {grid['global_batch']}, one device",

@@ -33,6 +33,7 @@ from absl import app, flags
 
 from jaxlayouts import config
 from jaxlayouts.ceilings import measure
+from jaxlayouts.ceilings import text as ceilings_text
 from jaxlayouts.flops import attention_flops
 from jaxlayouts.kernels import interpret_mode
 from jaxlayouts.kernels.triton_versions import unavailable_reason
@@ -192,8 +193,8 @@ def norm_rows(platform: str) -> list[dict]:
     return rows
 
 
-def _cell(value, digits=2):
-    return "n/a" if value is None else f"{value:.{digits}f}"
+def _cell(value, spec=".2f"):
+    return "n/a" if value is None else format(value, spec)
 
 
 def markdown(header: dict, attention: list[dict], norm: list[dict]) -> str:
@@ -202,17 +203,16 @@ def markdown(header: dict, attention: list[dict], norm: list[dict]) -> str:
              f"{header['date']}, jax {header['jax_version']}, {header['platform']}"
              f"{' (Pallas in interpret mode: tiny shapes, not kernel performance)' if header['interpret'] else ''}.",
              f"Command: `{header['command']}`", "",
-             f"Ceilings ({ceilings['source']}): matmul {ceilings['matmul_tflops']:.1f} TFLOP/s, "
-             f"copy {ceilings['copy_gbs']:.1f} GB/s (read + write).", "",
+             f"Ceilings ({ceilings['source']}): {ceilings_text(ceilings, header['platform'])}.", "",
              "## Attention (causal; TFLOP/s count causal FLOPs: 2 matmuls halved, backward 2.5x)", "",
              "| T | batch x heads x d | impl | fwd ms | fwd TFLOP/s | fwd vs matmul | fwd vs cudnn | "
              "fwd+bwd ms | fwd+bwd TFLOP/s | fwd+bwd vs matmul | fwd+bwd vs cudnn | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in attention:
         lines.append(f"| {r['seq_len']} | {r['batch']}x{r['heads']}x{r['head_dim']} | {r['implementation']} | "
-                     f"{_cell(r['forward_ms'])} | {_cell(r['forward_tflops'], 3)} | "
+                     f"{_cell(r['forward_ms'])} | {_cell(r['forward_tflops'], '.3g')} | "
                      f"{_cell(r['forward_tflops_vs_matmul'])} | {_cell(r['forward_vs_cudnn'])} | "
-                     f"{_cell(r['forward_backward_ms'])} | {_cell(r['forward_backward_tflops'], 3)} | "
+                     f"{_cell(r['forward_backward_ms'])} | {_cell(r['forward_backward_tflops'], '.3g')} | "
                      f"{_cell(r['forward_backward_tflops_vs_matmul'])} | {_cell(r['forward_backward_vs_cudnn'])} | "
                      f"{r['reason'] or ''} |")
     lines += ["", "## RMSNorm (GB/s of the bytes a fused kernel moves)", "",

@@ -26,7 +26,7 @@ import matplotlib
 from jaxlayouts.plan.validate import REQUIRED as STUDY_COLUMNS
 from jaxlayouts.plan.validate import check_study_row
 from jaxlayouts.schema import InvalidInput, creatable, json_value, read_input, refuse_special
-from jaxlayouts.sweep import STATUSES
+from jaxlayouts.sweep import STATUSES, cpu_caveat
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -146,6 +146,7 @@ def _from_bench(r: dict) -> Row:
         "step_time_s": r.get("step_time_s"), "mfu": r.get("mfu"),
         "tflops_per_device": r.get("model_tflops_per_device"),
         "memory_bytes": (r.get("memory") or {}).get("compiled_peak_bytes_per_device"),
+        "platform": r.get("platform"), "steps": r.get("steps"),
     }
 
 
@@ -168,6 +169,7 @@ def _from_study(r: dict) -> Row:
         "cp": 1, "tp": tp, "pp": pp, "micro_batch": int(r["micro_batch_size"]), "remat": remat,
         "kernel": r["kernel"], "sequence_parallel": sp, "step_time_s": number(r["step_time_s"]),
         "mfu": number(r["mfu"]), "tflops_per_device": number(r.get("tflops_megatron")), "memory_bytes": None,
+        "platform": "gpu", "steps": None,
     }
 
 
@@ -198,12 +200,16 @@ def markdown(rows: list[Row], source: str, figures: list[str]) -> str:
     groups = _groups(rows)
     lines = ["# Sweep report", "", f"Source: {cell(source, code=True)} ({len(rows)} rows, "
              f"{sum(r['status'] == 'ok' for r in rows)} ok). Metric: {label}.", ""]
+    caveat = cpu_caveat(rows)
+    if caveat:
+        lines += [f"**Caveat:** {caveat}.", ""]
     lines += ["## Outcomes by status", "", "| group | " + " | ".join(_statuses(rows)) + " |",
               "| --- |" + " --- |" * len(_statuses(rows))]
     for group, members in groups.items():
         counts = collections.Counter(r["status"] for r in members)
         lines.append(f"| {cell(group)} | " + " | ".join(str(counts.get(s, 0)) for s in _statuses(rows)) + " |")
-    lines += ["", "## Best layout per group", "", f"| group | layout | {label} | step time (s) |",
+    lines += ["", "## Best layout per group", "", *(["(CPU emulation: see the caveat above.)", ""] if caveat else []),
+              f"| group | layout | {label} | step time (s) |",
               "| --- | --- | --- | --- |"]
     for group, members in groups.items():
         ok = [r for r in members if r["status"] == "ok" and r[key] is not None]
@@ -213,7 +219,7 @@ def markdown(rows: list[Row], source: str, figures: list[str]) -> str:
                          f"{best['step_time_s']:.4g} |")
         else:
             lines.append(f"| {cell(group)} | no layout ran | | |")
-    lines += ["", f"## All runs, by {label}", "",
+    lines += ["", f"## All runs, by {label}", "", *(["(CPU emulation: see the caveat above.)", ""] if caveat else []),
               f"| group | layout | status | {label} | step time (s) | compiled peak (GiB) | error |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     ordered = sorted(rows, key=lambda r: (r["status"] != "ok", -(r[key] or 0)))
@@ -275,8 +281,10 @@ def _commonest_status(rows: list[Row]) -> str:
     return collections.Counter(r["status"] for r in rows).most_common(1)[0][0] if rows else ""
 
 
-def _save(fig, path: pathlib.Path, title: str):
-    fig.suptitle(title, fontsize=11)
+def _save(fig, path: pathlib.Path, title: str, rows: list[Row]):
+    """Title (marked when its timings are CPU emulation's), lay out, write and close ``fig``."""
+    fig.suptitle(title + ("\n(emulated CPU devices: not GPU timings, differences may be noise)"
+                          if cpu_caveat(rows) else ""), fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -310,7 +318,7 @@ def knob_figure(rows: list[Row], field: str, xlabel: str, title: str, path: path
         ax.set_xlabel(xlabel)
         ax.set_ylabel(_best_label(key, label))
         ax.set_ylim(0, top * 1.18)
-    _save(fig, path, f"{label} {title}")
+    _save(fig, path, f"{label} {title}", rows)
     return True
 
 
@@ -340,7 +348,7 @@ def tp_pp_figure(rows: list[Row], path: pathlib.Path) -> bool:
         ax.set_ylabel("pipeline-parallel degree")
         ax.set_title(group, fontsize=9)
         fig.colorbar(image, ax=ax, label=_best_label(key, label))
-    _save(fig, path, f"{label} by tensor- and pipeline-parallel degree")
+    _save(fig, path, f"{label} by tensor- and pipeline-parallel degree", rows)
     return True
 
 
@@ -369,7 +377,7 @@ def scaling_figure(rows: list[Row], path: pathlib.Path) -> bool:
     ax.set_xlabel("devices")
     ax.set_ylabel("best step time (s)")
     ax.legend(fontsize=8)
-    _save(fig, path, "Step-time scaling across device counts")
+    _save(fig, path, "Step-time scaling across device counts", rows)
     return True
 
 

@@ -40,6 +40,18 @@ NOT_FROM_SWEEP = ("output", "num_devices", "coordinator_address", "num_processes
 """Bench knobs a sweep file may not set: the sweep and the launcher own them."""
 STATUSES = ("ok", "oom", "invalid", "compile_error", "write_error", "timeout", "interrupted", "error")
 INTERRUPTED = "interrupted"
+
+
+def cpu_caveat(rows: list[dict]) -> str | None:
+    """The caveat on timings from emulated CPU devices among ``rows`` (ok rows with ``platform``
+    cpu), or None: they show that layouts run, not which is faster on a GPU."""
+    cpu = [r for r in rows if r.get("status") == "ok" and r.get("platform") == "cpu"]
+    if not cpu:
+        return None
+    steps = sorted({r["steps"] for r in cpu if isinstance(r.get("steps"), int)})
+    timed = f", {'-'.join(map(str, (steps[0], steps[-1]) if len(steps) > 1 else steps))} timed step(s) each" if steps else ""
+    return (f"{len(cpu)} timing(s) here come from emulated CPU devices (XLA:CPU on a shared host{timed}): they show "
+            "that a layout runs, not how fast it is on a GPU; their order, even a 2x gap, can be noise")
 """A point stopped by Ctrl-C: recorded, and run again when the sweep is resumed."""
 INTERRUPT_EXIT = 130
 
@@ -258,6 +270,8 @@ def main(argv=None) -> int:
         return 1
     counts = {s: sum(1 for k, _ in keyed if results.rows[k]["status"] == s) for s in STATUSES}
     log("done: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    if (caveat := cpu_caveat([results.rows[k] for k, _ in keyed])):
+        log(f"note: {caveat}")
     return 0
 
 

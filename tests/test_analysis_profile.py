@@ -44,8 +44,31 @@ def test_bench_profile_dir_prints_the_top_ops_and_how_to_open_the_trace(profiled
     assert all(s > 0 for s in shares) and shares == sorted(shares, reverse=True) and sum(shares) <= 1 + 1e-9
     assert sum(op["count"] for op in summary["ops"]) > 0
     printed = proc.stderr
-    assert "profile: XLA op time on host threads" in printed and "over 2 steps" in printed
+    assert "profile: XLA op time on host threads" in printed and "ms busy per device and step" in printed and ", 2 steps)" in printed
     for op in summary["ops"][:3]:
         assert f"{100 * op['share']:5.1f}%" in printed and op["name"] in printed
     assert f"trace: {summary['run_dir']}" in printed and "https://ui.perfetto.dev" in printed
     assert summary["perfetto_file"].endswith("perfetto_trace.json.gz") and "tensorboard --logdir" in printed
+
+
+def test_times_and_counts_are_per_device_and_step_and_collectives_name_their_axes(tmp_path):
+    # Two CPU devices each run the step twice: per device and step, 30 us busy (the two ops of
+    # device 0 overlap by 5 us), all-reduce.7 once; summed over devices it would read 2x, and
+    # overlapping streams would count twice.
+    x = lambda device, tid, ts, dur, name: {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": name,
+                                            "args": {"hlo_op": name, "device_ordinal": str(device)}}
+    events = []
+    for step in (0, 100):
+        events += [x(0, 1, step, 20, "all-reduce.7"), x(0, 2, step + 15, 15, "fusion.1"),
+                   x(1, 3, step, 20, "all-reduce.7"), x(1, 3, step + 20, 10, "fusion.1")]
+    run = tmp_path / "plugins" / "profile" / "run1"
+    run.mkdir(parents=True)
+    with gzip.open(run / "host.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    summary = profile.top_ops(tmp_path)
+    assert summary["devices"] == 2 and summary["busy_s"] == pytest.approx(60e-6)  # 2 steps x 30 us per device
+    text = profile.report(tmp_path, steps=2, axes={"all-reduce.7": ("tp",)})
+    assert "0.03 ms busy per device and step (the union of a device's ops' intervals, mean over 2 device(s), 2 steps)" in text
+    assert "ms per device and step" in text and "count per device and step" in text
+    line = next(l for l in text.splitlines() if "all-reduce.7" in l)
+    assert line.split() == ["61.5%", "0.020", "1", "all-reduce.7", "over", "tp"]

@@ -52,9 +52,9 @@ def test_the_slurm_template_runs_at_the_fraction_the_planner_assumes(tmp_path):
 def test_plan_prints_the_usable_memory_and_the_picks_sweep_is_its_top_3():
     proc, _ = run_module(*PLAN, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[1] == ("usable memory per GPU: 64,424,509,440 bytes (60.0 GiB), memory_fraction "
+    assert proc.stdout.splitlines()[2] == ("usable memory per GPU: 64,424,509,440 bytes (60.0 GiB), memory_fraction "
                                            "0.75 of 80 GiB HBM (h100-80gb file)")
-    top = [re.match(r"\s*\d+ (.+?)\s{2,}", line)[1] for line in proc.stdout.splitlines()[-3:]]
+    top = [re.match(r"\s*\d+ (.+?)\s{2,}", line)[1] for line in proc.stdout.splitlines() if re.match(r"\s+\d ", line)]
     sweep = load_sweep(PICKS)
     swept = [str(config.run_config(config.check_values(config.values_with("knob", **p)), sweep.devices).layout)
              for p in points(sweep)]

@@ -24,15 +24,18 @@ def test_the_notebook_runs_top_to_bottom_in_a_fresh_python(tmp_path):
     assert cells[0].startswith("# The run") and "MODEL, SEQ_LEN, GLOBAL_BATCH =" in cells[0]
     assert 'TARGET = "h100-80gb"' in cells[0]  # the notebook leads with XLA:GPU's program
     cells[0] = 'MODEL, SEQ_LEN, GLOBAL_BATCH = "tiny", 32, 64\nTARGET = "h100-80gb"'
-    script = "\n".join(cells) + "\nprint(r.text()); print(c.text())\nc.figure.savefig('compare.png')\n"
+    script = "\n".join(cells) + ("\nprint(r.text()); print(c.text())\nc.figure.savefig('compare.png')\n"
+                                  # shown once in a notebook: show() returns nothing, the figure is not pyplot's
+                                  "import matplotlib.pyplot as plt\nassert r.show('residual') is None\n"
+                                  "assert c.figure is c.figure and plt.get_fignums() == []\n")
     env = {k: v for k, v in clean_env().items() if k not in ("JAX_PLATFORMS",)}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    assert "layers/attn/wq 4x128x8x16 float32" in out and "32 distinct shard(s) of 4x16x2x16, each on 1" in out
-    assert "residual 8x32x128 bfloat16" in out and "8 distinct shard(s) of 1x32x128, each on 4" in out
-    assert "dp=1,fsdp=16,tp=2,pp=1" in out and "predicted_mfu" in out
+    assert "layers/attn/wq 4x128x8x16 float32" in out and "8 distinct shard(s) of 4x16x8x16, each on 1" in out
+    assert "residual 32x32x128 bfloat16" in out and "8 distinct shard(s) of 4x32x128, each on 1" in out
+    assert "dp=1,fsdp=2,tp=4,pp=1 mbs=4 zero=2" in out and "predicted_mfu" in out
     assert "compiled    by XLA:GPU (NVIDIA H100 80GB HBM3, no GPU) for target h100-80gb" in out
     assert "Trust the XLA:GPU figure" in out and "on h100-80gb (fits;" in out
     assert (tmp_path / "compare.png").stat().st_size > 10_000

@@ -41,6 +41,7 @@ def test_kernel_benchmark_reports_every_implementation(tmp_path):
     assert norms["triton"]["status"] == "unavailable"
     assert "| 64 | 4x2x64 | pallas |" in markdown.read_text()
     assert "Ceilings (measured): matmul " in markdown.read_text()
+    assert "**These are CPU figures**" in markdown.read_text() and " 0.000 " not in markdown.read_text()
 
 
 def test_kernel_benchmark_reads_given_ceilings(tmp_path):

@@ -15,6 +15,10 @@ def test_plan_ranks_a_65b_grid():
     top = result["top"]
     assert all(r["fits"] for r in top) and [r["mfu"] for r in top] == sorted((r["mfu"] for r in top), reverse=True)
     assert all(r["predicted"] and r["memory_gib"]["total"] <= 80 for r in top)
+    assert result["calibration"].startswith("calibration a100-80gb.calibration.yaml: fitted on 639 rows")
+    assert all(r["unmeasured_kernels"] == [k for k in (f"attn={r['layout'].split('attn=')[1].split()[0]}",
+                                                       f"norm={r['layout'].split('norm=')[1].split()[0]}")
+                                           if k not in ("attn=xla", "norm=xla")] for r in top)
 
 
 def test_plan_verifies_its_top_layout_by_compiling_it():
@@ -36,6 +40,11 @@ def test_plan_explains_a_layout_and_rejects_bad_input():
     proc, _ = run_module("jaxlayouts.plan", "--model", "llama-65b", "--explain", layout)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "predicted MFU" in proc.stdout and "bubble" in proc.stdout and "activations" in proc.stdout
+    assert "calibration a100-80gb.calibration.yaml: fitted on 639 rows (ok/oom)" in proc.stdout
+    assert "† uses a kernel no calibration row timed on a100-80gb (attn=pallas, norm=pallas)" in proc.stdout
+    assert "re-runs each chunk's forward" not in proc.stdout  # remat=full: the recompute is the policy's
+    proc, _ = run_module("jaxlayouts.plan", "--model", "llama-65b", "--explain", layout.replace("remat=full", "remat=none"))
+    assert "(recompute with remat=none under pp: the pipeline re-runs each chunk's forward in its backward tick" in proc.stdout
     proc, _ = run_module("jaxlayouts.plan", "--hardware", "v100")
     assert proc.returncode == 2 and "--hardware: unknown hardware 'v100'" in proc.stderr
     proc, _ = run_module("jaxlayouts.plan", "--model", "llama-65b", "--explain", "tp=3,pp=4")

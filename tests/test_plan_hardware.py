@@ -30,3 +30,15 @@ def test_hardware_descriptions_load_with_numbers(tmp_path, monkeypatch):
     own.write_text(own.read_text().replace("peak_tflops: 312", "peak_tflops: fast"))
     with pytest.raises(InvalidInput, match="peak_tflops 'fast' is not a number"):
         load_hardware(str(own))
+
+
+def test_a_calibration_says_what_it_was_fitted_on_and_which_kernels_no_row_timed():
+    a100, h200, h100 = load_hardware("a100-80gb"), load_hardware("h200"), load_hardware("h100-80gb")
+    assert (a100.fitted_on.rows, a100.fitted_on.hardware) == (639, ("a100-80gb",))
+    assert a100.fitted_on.unmeasured("pallas", "pallas", "a100-80gb") == ["attn=pallas", "norm=pallas"]
+    assert a100.fitted_on.unmeasured("xla", "xla", "a100-80gb") == []  # the study's unfused kernels' constants
+    assert (h200.fitted_on.rows, h200.fitted_on.hardware) == (7, ("NVIDIA H200",))
+    assert h200.fitted_on.unmeasured("cudnn", "pallas", "h200") == []
+    assert h200.fitted_on.unmeasured("pallas_jax", "triton", "h200") == ["attn=pallas_jax", "norm=triton"]
+    assert h100.fitted_on == h200.fitted_on  # calibration_from: h200's rows, none on an H100
+    assert h100.fitted_on.unmeasured("cudnn", "xla", "h100-80gb") == ["attn=cudnn", "norm=xla"]

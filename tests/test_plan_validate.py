@@ -166,3 +166,28 @@ def test_rows_run_at_another_memory_fraction_are_warned_about():
     assert hardware_mismatch(rows, dataclasses.replace(h200, memory_fraction=0.95)) is None
     rows[0]["_raw"]["memory_fraction"] = 0.75  # the same as the file's: nothing to say
     assert hardware_mismatch(rows, h200) is None
+
+
+def test_cross_model_fits_on_one_model_and_predicts_the_other(tmp_path):
+    from jaxlayouts.plan.validate import cross_model, cross_model_markdown, fitted_on
+    path = tmp_path / "runs.csv"
+    path.write_text("sweep,model,seq_len,world_size,micro_batch_size,tp,pp,sequence_parallel,"
+                    "activation_checkpointing,kernel,status,step_time_s,mfu,tflops_megatron\n"
+                    + "".join(f"a,13B,2048,64,1,{tp},1,False,disabled,torch,ok,1,{mfu},1\n"
+                              for tp, mfu in ((2, 0.40), (4, 0.35)))
+                    + "".join(f"b,30B,2048,64,1,{tp},2,False,disabled,flash_attention2,ok,1,{mfu},1\n"
+                              for tp, mfu in ((2, 0.45), (4, 0.40), (8, 0.30))))
+    rows, hw = read_rows(str(path)), load_hardware("a100-80gb")
+    result = cross_model(rows, hw, rounds=1)
+    assert list(result) == ["13B", "30B"] and result["30B"]["fitted_on"] == ["13B"]
+    assert (result["30B"]["train_rows"], result["30B"]["heldout"]["rows"]) == (2, 3)
+    assert result["30B"]["calibration"] == evaluate(rows[2:], hw)   # the shipped file on the same rows
+    heldout = result["13B"]["heldout"]
+    assert heldout["mfu_median_ape"] == pytest.approx(heldout["mfu_mape"])  # two rows: median = mean
+    table = cross_model_markdown(result, "CMD", "a100-80gb.calibration.yaml", "2026-12-05")
+    assert "Generated on 2026-12-05 by `CMD`" in table
+    assert f"| 30B | 13B (2 rows) | 3 | {result['30B']['heldout']['oom_accuracy']:.1%} / " in table
+    assert f"| b | {result['30B']['heldout']['sweeps']['b']['spearman']:.3f} / " in table
+    assert fitted_on(rows, "runs.csv").attention == ("xla",)  # the study's unfused attention is costed as ours
+    with pytest.raises(InvalidInput, match="needs two"):
+        cross_model(rows[:2], hw)

@@ -70,3 +70,18 @@ def test_a_row_that_ran_in_no_time_is_refused(tmp_path, step_time):
         report.load(path)
     path.write_text(_row(key="z", status="invalid", step_time_s=0))   # a row that measured nothing may hold it
     assert report.load(path)[0]["status"] == "invalid"
+
+
+def test_cpu_timings_carry_a_caveat_wherever_they_are_ranked(tmp_path):
+    import json
+    from jaxlayouts.sweep import cpu_caveat
+    rows = [{"status": "ok", "platform": "cpu", "steps": 2, "model": "tiny", "layout": f"dp=2 remat={remat}",
+             "step_time_s": t, "model_tflops_per_device": 1 / t} for remat, t in (("full", 0.40), ("none", 1.03))]
+    path = tmp_path / "cpu.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report.write_report(path, tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text()
+    caveat = cpu_caveat(rows)
+    assert caveat.startswith("2 timing(s) here come from emulated CPU devices (XLA:CPU on a shared host, 2 timed step(s) each)")
+    assert f"**Caveat:** {caveat}." in text and text.count("(CPU emulation: see the caveat above.)") == 2
+    assert cpu_caveat([{**rows[0], "platform": "gpu"}]) is None

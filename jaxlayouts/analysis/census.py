@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 
 from jaxlayouts.analysis import hlo
+from jaxlayouts.units import bytes_text
 
 COPY_KINDS = ("copy", "dynamic-slice (memcpy)", "dynamic-update-slice (memcpy)", "dynamic-slice (loop kernel)",
               "dynamic-update-slice (loop kernel)", "loop predicate to host")
@@ -227,12 +228,11 @@ def summary(c: dict) -> dict:
 
 
 def table_rows(c: dict) -> list[list]:
-    """``[what, count per step, MiB per step]`` rows, in the report's order."""
-    mib = lambda b: f"{b / 2**20:.4g}"
+    """``[what, count per step, bytes per step]`` rows, in the report's order."""
     rows = [[f"GEMM {dtypes}", n, ""] for dtypes, n in c["gemms"]["by_dtype"].items()]
     rows.append(["GEMMs in all", c["gemms"]["total"], ""])
-    rows += [[kind, v["count"], mib(v["bytes"])] for kind, v in c["copy_like"]["by_kind"].items()]
-    rows.append(["copy-like in all", c["copy_like"]["total"]["count"], mib(c["copy_like"]["total"]["bytes"])])
+    rows += [[kind, v["count"], bytes_text(v["bytes"])] for kind, v in c["copy_like"]["by_kind"].items()]
+    rows.append(["copy-like in all", c["copy_like"]["total"]["count"], bytes_text(c["copy_like"]["total"]["bytes"])])
     rows += [["fusions (kernels)", c["fusions"], ""], ["  of which loop add fusions", c["loop_add_fusions"], ""]]
-    rows += [[f"{x['kind']} over {','.join(x['axes'])}", x["count"], mib(x["bytes"])] for x in c["collectives"]]
+    rows += [[f"{x['kind']} over {','.join(x['axes'])}", x["count"], bytes_text(x["bytes"])] for x in c["collectives"]]
     return rows

@@ -40,6 +40,7 @@ class Collective:
     computation: str
     lowered_as: str | None = None
     executions: int = 1  # times it runs per call of the program: enclosing loops' trip counts multiplied
+    instruction: str = ""  # the HLO instruction (a combined all-reduce's elements share it), as a profile names it
 
 
 def shape_bytes(shape: str) -> int:
@@ -131,9 +132,15 @@ def collectives(hlo_text: str, mesh_shape: dict) -> list[Collective]:
                     kind, lowered_as = "reduce-scatter", "all-reduce+dynamic-slice"
                 found.append(Collective(kind=kind, axes=axes, bytes=shape_bytes(element_shape),
                                         name=element_name, computation=computation,
-                                        lowered_as=lowered_as,
+                                        lowered_as=lowered_as, instruction=m["name"],
                                         executions=executions.get(computation, 1)))
     return found
+
+
+def collective_axes(hlo_text: str, mesh_shape: dict) -> dict[str, tuple]:
+    """Each collective instruction's name -> the mesh axes it spans (``collectives``), to name the
+    collectives of a profile (``analysis/profile.py``)."""
+    return {c.instruction: c.axes for c in collectives(hlo_text, mesh_shape)}
 
 
 def _done_shape(name: str, op: str, body: list[str]) -> str:

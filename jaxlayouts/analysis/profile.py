@@ -14,7 +14,11 @@ module reads the JSON:
 
 An op's time is its self time: its duration less that of the events nested in it on the same
 thread (on CPU a ``while`` thunk contains its body's ops). Shares are of the sum over all ops
-counted, so they add up to 100% over all ops and to at most 100% over the top ones.
+counted, so they add up to 100% over all ops and to at most 100% over the top ones. Every device
+runs its own copy of the step (on GPU a process per device; on CPU the ops name their
+``device_ordinal``), so times and counts are printed per device and step: summed over devices and
+divided by their number. A device's *busy time* is the union of its ops' intervals (streams that
+overlap count once), the time per step as the device saw it.
 """
 
 from __future__ import annotations
@@ -74,9 +78,25 @@ def op_events(trace: dict) -> tuple[list[dict], str]:
                   "XLA op events of the host threads stand in for device ops)")
 
 
+def device_of(event: dict) -> str:
+    """The device an op ran on: a CPU op's ``device_ordinal``, else its process (a GPU device)."""
+    return str(event.get("args", {}).get("device_ordinal", event["pid"]))
+
+
+def busy_time(events: list[dict]) -> float:
+    """The length of the union of the events' intervals (overlapping ones count once)."""
+    total, end = 0.0, float("-inf")
+    for e in sorted(events, key=lambda e: e["ts"]):
+        start, stop = e["ts"], e["ts"] + e["dur"]
+        total += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return total
+
+
 def top_ops(log_dir: str | pathlib.Path, top: int = 15) -> dict:
     """Summary of the newest trace under ``log_dir``: the ``top`` ops by self time, with
-    ``name``, ``time_s``, ``share`` (of all ops counted) and ``count``."""
+    ``name``, ``time_s`` and ``count`` (summed over devices), ``share`` (of all ops counted); the
+    number of ``devices`` and their mean ``busy_s``."""
     run = latest_run(log_dir)
     trace_file = next(run.glob("*.trace.json.gz"))
     with gzip.open(trace_file, "rt") as f:
@@ -86,24 +106,34 @@ def top_ops(log_dir: str | pathlib.Path, top: int = 15) -> dict:
         time_us[e["name"]] += t
         count[e["name"]] += 1
     total = sum(time_us.values())
+    by_device = collections.defaultdict(list)
+    for e in events:
+        by_device[device_of(e)].append(e)
+    busy = sum(map(busy_time, by_device.values())) / max(1, len(by_device))
     ops = [{"name": name, "time_s": t / 1e6, "share": t / total if total else 0.0, "count": count[name]}
            for name, t in time_us.most_common(top)]
     perfetto = run / "perfetto_trace.json.gz"
     return {"run_dir": str(run), "trace_file": str(trace_file),
             "perfetto_file": str(perfetto) if perfetto.exists() else None,
-            "source": source, "total_s": total / 1e6, "num_ops": len(time_us), "ops": ops}
+            "source": source, "total_s": total / 1e6, "devices": len(by_device), "busy_s": busy / 1e6,
+            "num_ops": len(time_us), "ops": ops}
 
 
-def report(log_dir: str | pathlib.Path, steps: int | None = None, top: int = 15) -> str:
-    """The summary of :func:`top_ops` as a table, then where the trace is and how to open it."""
+def report(log_dir: str | pathlib.Path, steps: int | None = None, top: int = 15, axes: dict | None = None) -> str:
+    """The summary of :func:`top_ops` as a table, then where the trace is and how to open it; a
+    collective named in ``axes`` (``hlo.collective_axes``) is shown with the mesh axes it spans."""
+    axes = axes or {}
+    named = lambda op: f"{op} over {','.join(axes[op]) or 'no axis'}" if op in axes else op
     summary = top_ops(log_dir, top)
-    per_step = f" over {steps} steps ({summary['total_s'] / steps * 1e3:.2f} ms per step)" if steps else ""
-    lines = [f"profile: {summary['source']}: {summary['total_s']:.4f} s{per_step}; "
-             f"top {len(summary['ops'])} of {summary['num_ops']} ops",
-             f"  {'share':>6}  {'ms':>10}  {'count' + (' per step' if steps else ''):>15}  op"]
+    per = max(1, summary["devices"]) * (steps or 1)  # per device (and step): summed over devices
+    unit = "per device and step" if steps else "per device"
+    lines = [f"profile: {summary['source']}",
+             f"  {summary['busy_s'] / (steps or 1) * 1e3:.2f} ms busy {unit} (the union of a device's ops' "
+             f"intervals, mean over {summary['devices']} device(s){f', {steps} steps' if steps else ''}); "
+             f"top {len(summary['ops'])} of {summary['num_ops']} ops by self time",
+             f"  {'share':>6}  {'ms ' + unit:>22}  {'count ' + unit:>25}  op"]
     for op in summary["ops"]:
-        n = op["count"] / steps if steps else op["count"]
-        lines.append(f"  {100 * op['share']:5.1f}%  {op['time_s'] * 1e3:10.3f}  {n:15g}  {op['name']}")
+        lines.append(f"  {100 * op['share']:5.1f}%  {op['time_s'] * 1e3 / per:22.3f}  {op['count'] / per:25g}  {named(op['name'])}")
     lines.append(f"trace: {summary['run_dir']}")
     lines.append(f"  open with xprof (`pip install xprof`; `xprof --logdir {log_dir}`) or TensorBoard (`tensorboard --logdir {log_dir}`, Profile tab)")
     if summary["perfetto_file"]:

@@ -4,7 +4,7 @@
     python -m jaxlayouts.plan ... --explain "dp=4,tp=8,pp=4 mbs=1 remat=none attn=pallas norm=pallas"
     python -m jaxlayouts.plan ... --verify 3      # ahead-of-time compile of the top 3 (analysis/compiled.py)
     python -m jaxlayouts.plan ... --verify 3 --target h100-80gb   # ... with XLA:GPU, no GPU needed
-    python -m jaxlayouts.plan validate ../shared/paper-data/calibration_runs.csv --hardware a100-80gb [--fit] [--predictions OUT.csv]
+    python -m jaxlayouts.plan validate ../shared/paper-data/calibration_runs.csv --hardware a100-80gb [--fit] [--predictions OUT.csv] [--cross_model OUT.md]
     python -m jaxlayouts.plan validate configs/hardware/measured/h200-2026-11-30.jsonl --hardware h200 [--fit]
 
 The layout space: tp (inside a node) x pp x data axis (dp with ZeRO-0, or fsdp with ZeRO-1/2/3),
@@ -31,8 +31,9 @@ from jaxlayouts.analysis.compiled import XLA_CPU_DEVICE_LIMIT, compile_step, whi
 from jaxlayouts.layout import (MAX_EMULATED_DEVICES, InvalidInput, Layout, RunConfig, attention_runs_under_cp,
                                load_model_config, validate)
 from jaxlayouts.plan import cost, memcheck
-from jaxlayouts.plan.hardware import check_memory_fraction, load_hardware, save_calibration
+from jaxlayouts.plan.hardware import check_memory_fraction, chip, load_hardware, save_calibration
 from jaxlayouts.schema import finite_json
+from jaxlayouts.units import bytes_text
 
 FLAGS = flags.FLAGS
 config.define_flags(FLAGS, ("model", "seq_len", "global_batch"))  # the run's knobs, with the study's sizes:
@@ -51,6 +52,8 @@ flags.DEFINE_bool("fit", False, "validate: re-fit the calibration constants on t
 flags.DEFINE_string("predictions", None, "validate: also write every row with its predictions to this CSV.")
 flags.DEFINE_bool("leave_one_out", False, "validate: predict each row from a fit on all the other rows "
                   "(held out), instead of from the hardware's calibration.")
+flags.DEFINE_string("cross_model", None, "validate: predict each model's rows from a fit on the other models' "
+                    "rows (and from the calibration file) and write the tables to this Markdown file.")
 flags.DEFINE_string("out", None, "grid: the JSON lines file compiled rows are appended to (resumable).")
 flags.DEFINE_bool("retry_errors", False, "grid: compile again the points whose row in --out is an error.")
 flags.DEFINE_float("memory_fraction", None, "Share of HBM the allocator may use (default: the hardware file's, "
@@ -113,23 +116,71 @@ def candidates(model, gpus: int, seq_len: int, global_batch: int, gpus_per_node:
             yield run
 
 
-def row(run: RunConfig, prediction: cost.Prediction) -> dict:
+def row(run: RunConfig, prediction: cost.Prediction, hw) -> dict:
     gib = lambda b: b / 2 ** 30
     return {"layout": str(run.layout), "predicted": True, "mfu": prediction.mfu,
             "step_time_s": prediction.step_time_s, "fits": prediction.fits,
             "memory_gib": {k: gib(v) for k, v in prediction.memory_bytes.items()},
-            "time_s": prediction.time_s, "dominant": prediction.dominant}
+            "time_s": prediction.time_s, "dominant": prediction.dominant,
+            "unmeasured_kernels": unmeasured_kernels(run.layout, hw)}
+
+
+def unmeasured_kernels(layout: Layout, hw) -> list[str]:
+    """The layout's kernels no row of ``hw``'s calibration timed on ``hw``'s chip (all of them
+    when the calibration does not say what it was fitted on)."""
+    if hw.fitted_on is None:
+        return [f"attn={layout.attention}", f"norm={layout.norm}"]
+    return hw.fitted_on.unmeasured(layout.attention, layout.norm, hw.name)
+
+
+def trust_line(hw) -> str:
+    """What the predictions rest on: the calibration file, its rows, their hardware, its held-out error."""
+    f = hw.fitted_on
+    if f is None:
+        return (f"calibration {hw.calibration_source}: no record of the rows behind it, so no held-out error; "
+                "refit with plan validate FILE --fit")
+    borrowed = "" if chip(hw.name) in map(chip, f.hardware) else f"; none on {hw.name}: every constant is borrowed"
+    return (f"calibration {hw.calibration_source}: fitted on {f.rows} rows (ok/oom) of {f.file}, measured on "
+            f"{', '.join(f.hardware)}{borrowed}; held-out error: {f.heldout}")
+
+
+UNMEASURED_MARK = "†"
+
+
+def unmeasured_legend(rows: list[dict], hw) -> str | None:
+    """The legend of ``UNMEASURED_MARK``, naming the kernels it stands for among ``rows``."""
+    kernels = sorted({k for r in rows for k in r["unmeasured_kernels"]})
+    if not kernels:
+        return None
+    return (f"{UNMEASURED_MARK} uses a kernel no calibration row timed on {hw.name} ({', '.join(kernels)}): its "
+            "time comes from a borrowed or default constant, not from a measurement")
+
+
+PIPELINE_RECOMPUTE = ("recompute with remat=none under pp: the pipeline re-runs each chunk's forward in its "
+                      "backward tick, whatever the remat policy (jaxlayouts/parallel/pipeline.py)")
+
+
+def pipeline_recompute(layout: Layout, terms) -> bool:
+    """Whether a ``recompute`` among ``terms`` is the pipeline's own, not a remat policy's."""
+    return "recompute" in terms and layout.mesh.get("pp", 1) > 1 and layout.remat == "none"
 
 
 def rank(runs, hw) -> list[dict]:
-    rows = [row(run, cost.predict(cost.Workload.from_run(run), hw)) for run in runs]
+    rows = [row(run, cost.predict(cost.Workload.from_run(run), hw), hw) for run in runs]
     return sorted(rows, key=lambda r: (not r["fits"], -r["mfu"]))
 
 
 def explain(run: RunConfig, hw, p: cost.Prediction) -> str:
-    lines = [f"{run.layout} on {run.layout.num_devices} x {hw.name}: predicted MFU {p.mfu:.1%}, "
-             f"step {p.step_time_s:.2f} s", "time per step:"]
+    unmeasured = unmeasured_kernels(run.layout, hw)
+    mark = UNMEASURED_MARK if unmeasured else ""
+    lines = [f"{run.layout} on {run.layout.num_devices} x {hw.name}: predicted MFU {p.mfu:.1%}{mark}, "
+             f"step {p.step_time_s:.2f} s", trust_line(hw)]
+    if unmeasured:
+        lines.append(unmeasured_legend([{"unmeasured_kernels": unmeasured}], hw))
+    lines.append("time per step:")
     lines += [f"  {k:<16} {v:8.3f} s  {v / p.step_time_s:6.1%}" for k, v in sorted(p.time_s.items(), key=lambda kv: -kv[1])]
+    if pipeline_recompute(run.layout, [k for k, v in p.time_s.items() if v > 0]):
+        lines.append(f"  ({PIPELINE_RECOMPUTE})")
     context = cost.context_parallel_text(cost.Workload.from_run(run), p)
     if context:
         lines.append(f"context parallelism: {context}")
@@ -143,16 +194,22 @@ def validate_command(path: str, hw, as_json: bool):
     if memcheck.is_grid_file(path):
         return validate_grid_command(path, hw, as_json)
     # imported here, not at the top: scipy's import would add 0.6 s to every plan that does not validate
-    from jaxlayouts.plan.validate import (evaluate, fit, hardware_mismatch, leave_one_out, predict_rows, read_rows,
-                                          write_predictions)
+    from jaxlayouts.plan.validate import (cross_model, cross_model_markdown, evaluate, fit, fitted_on,
+                                          hardware_mismatch, leave_one_out, predict_rows, read_rows, write_predictions)
     rows = read_rows(path)
     if (warning := hardware_mismatch(rows, hw)):
         print(f"warning: {warning}", file=sys.stderr)
+    if FLAGS.cross_model:
+        command = f"python -m jaxlayouts.plan validate {path} --hardware {hw.name} --cross_model {FLAGS.cross_model}"
+        text = cross_model_markdown(cross_model(rows, hw), command, hw.calibration_source, time.strftime("%Y-%m-%d"))
+        pathlib.Path(FLAGS.cross_model).write_text(text)
+        print(text, end="")
+        return
     if FLAGS.fit:
         hw = fit(rows, hw)
         saved = save_calibration(hw.name, hw.calibration, f"Fitted by: python -m jaxlayouts.plan validate "
                                  f"{path} --hardware {hw.name} --fit\n({len(rows)} rows ok/oom; memory, then "
-                                 "time by Powell's method: jaxlayouts/plan/validate.py fit)")
+                                 "time by Powell's method: jaxlayouts/plan/validate.py fit)", fitted_on(rows, path))
         print(f"saved {saved}")
     predictions = leave_one_out(rows, hw) if FLAGS.leave_one_out else predict_rows(rows, hw)
     result = evaluate(rows, hw, predictions)
@@ -178,9 +235,9 @@ def validate_command(path: str, hw, as_json: bool):
 def validate_grid_command(path: str, hw, as_json: bool):
     """``plan validate GRID.jsonl``: the planner's memory against XLA's compiled peaks (``plan/memcheck.py``)."""
     from jaxlayouts.plan import memcheck
-    if FLAGS.fit or FLAGS.leave_one_out or FLAGS.predictions:
+    if FLAGS.fit or FLAGS.leave_one_out or FLAGS.predictions or FLAGS.cross_model:
         raise InvalidInput("file", f"{path} holds compiled rows: validate reports the memory error against them; "
-                           "--fit, --leave_one_out and --predictions apply to measured rows")
+                           "--fit, --leave_one_out, --predictions and --cross_model apply to measured rows")
     rows, statuses = memcheck.read_grid_rows(path)
     result = memcheck.evaluate_grid(rows, hw)
     if as_json:
@@ -223,6 +280,11 @@ def check_flags(validating: bool, hw) -> None:
     if FLAGS.fit and not validating:
         raise InvalidInput("fit", "re-fits the calibration on measured runs: python -m jaxlayouts.plan "
                            "validate FILE.csv --fit")
+    if FLAGS.cross_model and (not validating or FLAGS.fit or FLAGS.leave_one_out or FLAGS.predictions):
+        raise InvalidInput("cross_model", "writes a validated file's held-out tables, alone: python -m "
+                           "jaxlayouts.plan validate FILE.csv --cross_model docs/results/heldout.md")
+    if FLAGS.cross_model and not pathlib.Path(FLAGS.cross_model).resolve().parent.is_dir():
+        raise InvalidInput("cross_model", f"{FLAGS.cross_model}: its folder does not exist; e.g. --cross_model heldout.md")
     if FLAGS.leave_one_out and (not validating or FLAGS.fit):
         raise InvalidInput("leave_one_out", "validates held-out fits of a file's rows, without --fit: "
                            "python -m jaxlayouts.plan validate FILE.jsonl --leave_one_out")
@@ -295,7 +357,7 @@ def main(argv):
             validate(run, layout.num_devices, platform="gpu")
             check_whole_nodes(layout.num_devices, hw, "explain")
             prediction = cost.predict(cost.Workload.from_run(run), hw)
-            print(json.dumps(row(run, prediction)) if FLAGS.json else explain(run, hw, prediction))
+            print(json.dumps(row(run, prediction, hw)) if FLAGS.json else explain(run, hw, prediction))
             return
     except InvalidInput as error:
         config.print_invalid(error)
@@ -316,29 +378,35 @@ def main(argv):
         with_cp = (f"; cp up to {cps[-1]}: at least {CP_MIN_TOKENS_PER_DEVICE} tokens per device"
                    if len(cps) > 1 else "")
         print(f"{len(ranked)} layouts of {model.name} on {FLAGS.gpus} x {hw.name} ranked in {elapsed:.1f} s "
-              f"(predicted; calibration {hw.calibration_source}{with_cp})")
+              f"(predicted{with_cp})")
+        print(trust_line(hw))
         print(f"usable memory per GPU: {hw.usable_bytes:,.0f} bytes ({hw.usable_bytes / 2**30:.1f} GiB), "
               f"memory_fraction {hw.memory_fraction:g} of {hw.hbm_bytes / 2**30:.4g} GiB HBM"
               f"{' (--memory_fraction)' if FLAGS.memory_fraction is not None else f' ({hw.name} file)'}")
         validated = memcheck.validated_error(hw)
         if validated:
             print(validated)
-        print(f"{'#':>3} {'layout':<96} {'MFU':>6} {'step s':>8} {'GiB/GPU':>8}  dominant terms")
+        print(f"{'#':>3} {'layout':<96} {'MFU':>7} {'step s':>8} {'GiB/GPU':>8}  dominant terms")
         for i, r in enumerate(top, 1):
             flag = "" if r["fits"] else "  (does not fit)"
-            print(f"{i:>3} {r['layout']:<96} {r['mfu']:6.1%} {r['step_time_s']:8.2f} "
+            mark = UNMEASURED_MARK if r["unmeasured_kernels"] else " "
+            print(f"{i:>3} {r['layout']:<96} {r['mfu']:6.1%}{mark} {r['step_time_s']:8.2f} "
                   f"{r['memory_gib']['total']:8.1f}  {', '.join(r['dominant'])}{flag}")
             if "not_compiled" in r.get("compiled", {}):
                 print(f"    not compiled: {r['compiled']['not_compiled']}")
             elif "compiled" in r:
                 print(f"    compiled ({r['compiled']['compiler']}): {r['compiled']['peak_gib']:.4g} GiB peak per device "
                       f"(analytic without runtime overhead {r['compiled']['analytic_gib']:.4g}), "
-                      f"{r['compiled']['collective_gib_per_step']:.4g} GiB of collectives per step")
+                      f"{bytes_text(r['compiled']['collective_gib_per_step'] * 2**30)} of collectives per step")
                 if r["compiled"]["exceeds_usable"]:
                     print(f"    WARNING: the compiled peak exceeds the {hw.usable_bytes / 2**30:.4g} GiB the allocator "
                           f"may use on {hw.name}. {r['compiled']['which_to_trust']}")
+        if (legend := unmeasured_legend(top, hw)):
+            print(legend)
+        if any(pipeline_recompute(Layout.parse(r["layout"]), r["dominant"]) for r in top):
+            print(PIPELINE_RECOMPUTE)
     if FLAGS.json:
-        print(json.dumps({"model": model.name, "gpus": FLAGS.gpus, "hardware": hw.name,
+        print(json.dumps({"model": model.name, "gpus": FLAGS.gpus, "hardware": hw.name, "calibration": trust_line(hw),
                           "candidates": len(ranked), "seconds": elapsed, "top": top,
                           "usable_bytes": hw.usable_bytes, "memory_fraction": hw.memory_fraction,
                           "memory_validated": memcheck.validated_error(hw)}))

@@ -67,6 +67,33 @@ class Calibration:
 
 
 @dataclasses.dataclass(frozen=True)
+class FittedOn:
+    """What a calibration was fitted on (the ``fitted_on`` mapping of its file, written by
+    ``--fit``): printed with every ranking, so a prediction says how far to trust it."""
+
+    file: str
+    rows: int                       # rows measured ok or oom
+    hardware: tuple[str, ...]       # the chips the rows ran on
+    attention: tuple[str, ...] = ()  # this project's kernels some ok row timed (``validate.fitted_on``)
+    norm: tuple[str, ...] = ()
+    heldout: str = "not measured for this fit"
+
+    def unmeasured(self, attention: str, norm: str, hardware: str) -> list[str]:
+        """The kernels of a layout no row timed on ``hardware``'s chip (all of them when no row
+        ran on that chip), as ``attn=K`` / ``norm=K``."""
+        on_chip = chip(hardware) in map(chip, self.hardware)
+        return ([f"attn={attention}"] if not on_chip or attention not in self.attention else []) + \
+               ([f"norm={norm}"] if not on_chip or norm not in self.norm else [])
+
+
+def chip(name: str) -> str:
+    """The chip a hardware name or device kind names: ``NVIDIA H200`` and ``h200`` -> ``h200``,
+    ``a100-80gb`` and ``NVIDIA A100-SXM4-80GB`` -> ``a100``."""
+    match = re.search(r"([a-z]+\d+)", name.lower().replace("nvidia", ""))
+    return match.group(1) if match else name.lower()
+
+
+@dataclasses.dataclass(frozen=True)
 class Hardware:
     name: str = knob(REQUIRED, "The hardware's name.", example="h200")
     peak_tflops: float = knob(REQUIRED, "Dense bf16 peak per GPU, TFLOP/s.", above=0, example=989)
@@ -87,6 +114,7 @@ class Hardware:
                                   example="h100-sxm-80gb")
     calibration: Calibration = Calibration()
     calibration_source: str = "defaults (not fitted)"
+    fitted_on: FittedOn | None = None
 
     @property
     def usable_bytes(self) -> float:
@@ -135,12 +163,25 @@ def load_hardware(name_or_path: str) -> Hardware:
                       calibration_path(BASE_CALIBRATION)):
         if candidate.is_file():
             return dataclasses.replace(hardware, calibration=read_calibration(candidate),
-                                       calibration_source=candidate.name)
+                                       calibration_source=candidate.name, fitted_on=read_fitted_on(candidate))
     return hardware
 
 
 def read_calibration(path: pathlib.Path) -> Calibration:
-    return from_mapping(Calibration, load_yaml(path, "hardware"), path, "hardware")
+    constants = {k: v for k, v in load_yaml(path, "hardware").items() if k != "fitted_on"}
+    return from_mapping(Calibration, constants, path, "hardware")
+
+
+def read_fitted_on(path: pathlib.Path) -> FittedOn | None:
+    """The file's ``fitted_on`` mapping, or None (a calibration written before it existed)."""
+    data = load_yaml(path, "hardware").get("fitted_on")
+    if data is None:
+        return None
+    fields = [f.name for f in dataclasses.fields(FittedOn)]
+    if not isinstance(data, dict) or set(data) - set(fields) or not {"file", "rows", "hardware"} <= set(data):
+        raise InvalidInput("hardware", f"{path}: fitted_on must map {fields} (file, rows and hardware at least), "
+                           f"as --fit writes it")
+    return FittedOn(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def check_memory_fraction(value: float) -> None:
@@ -161,10 +202,11 @@ def allocator_fraction(environ=os.environ) -> float:
     return JAX_MEMORY_FRACTION
 
 
-def save_calibration(name: str, calibration: Calibration, header: str) -> pathlib.Path:
+def save_calibration(name: str, calibration: Calibration, header: str, fitted_on: FittedOn) -> pathlib.Path:
     path = calibration_path(name)
-    body = yaml.safe_dump({k: float(f"{float(v):.4g}") for k, v in dataclasses.asdict(calibration).items()
-                           if v is not None}, sort_keys=False)
+    constants = {k: float(f"{float(v):.4g}") for k, v in dataclasses.asdict(calibration).items() if v is not None}
+    trust = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(fitted_on).items()}
+    body = yaml.safe_dump({**constants, "fitted_on": trust}, sort_keys=False)
     path.write_text("".join(f"# {line}\n" for line in header.splitlines()) + body)
     return path
 

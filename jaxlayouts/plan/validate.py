@@ -25,7 +25,6 @@ import functools
 import io
 import json
 import math
-import re
 import warnings
 
 import numpy as np
@@ -35,9 +34,9 @@ import scipy.stats
 from jaxlayouts import config
 from jaxlayouts.layout import InvalidInput, Layout, RunConfig, load_model_config
 from jaxlayouts.schema import json_value, read_input
-from jaxlayouts.plan.cost import (GIB, Prediction, Workload, memory, predict, stage_memory, stages,
+from jaxlayouts.plan.cost import (ATTENTION_CLASS, GIB, Prediction, attention_class, Workload, memory, predict, stage_memory, stages,
                                 tp_activation_surcharge)
-from jaxlayouts.plan.hardware import BASE_CALIBRATION, Hardware, calibration_path, read_calibration
+from jaxlayouts.plan.hardware import BASE_CALIBRATION, Calibration, FittedOn, Hardware, calibration_path, chip, read_calibration
 from jaxlayouts.plan.study import STUDY
 
 KERNELS = {"torch": ("unfused", False), "fused": ("fused", False), "flash_attention": ("flash1", False),
@@ -133,25 +132,17 @@ STUDY_HARDWARE = "a100-80gb"
 """What the reference study measured on (its published table has no hardware column)."""
 
 
-def _chip(name: str) -> str:
-    """The chip a hardware name or device kind names: ``NVIDIA H200`` and ``h200`` -> ``h200``,
-    ``a100-80gb`` and ``NVIDIA A100-SXM4-80GB`` -> ``a100``."""
-    match = re.search(r"([a-z]+\d+)", name.lower().replace("nvidia", ""))
-    return match.group(1) if match else name.lower()
-
-
 def hardware_mismatch(rows: list[dict], hw: Hardware) -> str | None:
     """A warning when the rows were measured on another chip than ``hw`` (predictions would use
     ``hw``'s peak, memory and links for runs that had others), or with JAX's allocator at another
     share of memory than ``hw.memory_fraction`` (a bench row's ``memory_fraction``: what fits differs)."""
     problems = []
-    measured = sorted({(r.get("device_kind") if "_workload" in r else STUDY_HARDWARE) or "" for r in rows} - {""})
-    other = [m for m in measured if _chip(m) != _chip(hw.name)]
+    other = [m for m in measured_on(rows) if chip(m) != chip(hw.name)]
     if other:
         problems.append(f"--hardware {hw.name}, but the rows were measured on {', '.join(other)}"
                         f"{' (the reference study)' if STUDY_HARDWARE in other else ''}; the errors below compare "
                         f"{hw.name}'s predictions with another chip's runs: give the rows' hardware, e.g. --hardware "
-                        f"{STUDY_HARDWARE if STUDY_HARDWARE in other else _chip(other[0])}")
+                        f"{STUDY_HARDWARE if STUDY_HARDWARE in other else chip(other[0])}")
     fractions = sorted({f for r in rows if isinstance(f := r.get("_raw", {}).get("memory_fraction"), (int, float))
                         and not isinstance(f, bool) and f != hw.memory_fraction})
     if fractions:
@@ -160,6 +151,27 @@ def hardware_mismatch(rows: list[dict], hw: Hardware) -> str | None:
                         f"--memory_fraction {fractions[0]:g}, or bench with the hardware file's fraction "
                         "(launch/slurm.sbatch exports it)")
     return "; ".join(problems) or None
+
+
+def measured_on(rows: list[dict]) -> list[str]:
+    """The hardware the rows ran on: bench rows' device kinds, the study's A100."""
+    return sorted({(r.get("device_kind") if "_workload" in r else STUDY_HARDWARE) or "" for r in rows} - {""})
+
+
+def model_of(row: dict) -> str:
+    """A row's model: the study's ``13B``, a bench row's ``llama-1b``."""
+    return row["_run"].model.name if "_run" in row else row["model"]
+
+
+def fitted_on(rows: list[dict], path: str) -> FittedOn:
+    """What a fit on ``rows`` saw: the file, the rows, their hardware and the kernels of this
+    project some ok row timed. The study's unfused attention and norm are costed by the constants
+    of our ``xla`` ones (``cost.ATTENTION_CLASS``); its fused and flash kernels are none of ours."""
+    loads = [workload(r) for r in rows if r["status"] == "ok"]
+    attention = {{"unfused": "xla"}.get(w.attention, w.attention) for w in loads} & set(ATTENTION_CLASS)
+    norm = {w.norm for w in loads if not (w.fused_norm and w.norm == "xla")}  # the study's fused norm: not ours
+    return FittedOn(file=path, rows=len(rows), hardware=tuple(measured_on(rows)), attention=tuple(sorted(attention)),
+                    norm=tuple(sorted(norm)))
 
 
 def read_text(path: str) -> str:
@@ -265,7 +277,8 @@ def evaluate(rows: list[dict], hw: Hardware, predictions: list[Prediction] | Non
             "top_ranked": _describe(top_row), "top_ranked_predicted_mfu": top.mfu,
         }
     result = {"rows": len(rows), "oom_accuracy": float(np.mean(oom_hits)),
-              "mfu_mape": float(np.mean(errors)) if errors else None, "sweeps": sweeps}
+              "mfu_mape": float(np.mean(errors)) if errors else None,
+              "mfu_median_ape": float(np.median(errors)) if errors else None, "sweeps": sweeps}
     if memory_errors:
         result["memory_mape"] = float(np.mean(memory_errors))
     return result
@@ -326,7 +339,7 @@ def fit(rows: list[dict], hw: Hardware, rounds: int = 3, log=print) -> Hardware:
             base, **STEP_START, **KERNEL_BENCH_PRIORS.get(hw.calibration_from or hw.name, {})))
         hw = fit_memory_peaks(rows, hw)
     else:
-        hw, time_names = fit_memory(rows, hw), list(STUDY_TIME_CONSTANTS)
+        hw, time_names = fit_memory(rows, hw), study_constants(rows)
     ok = [r for r in rows if r["status"] == "ok"]
     for round_ in range(rounds):
         x0 = np.log([max(_start(hw.calibration, n), 1e-6) for n in time_names])
@@ -355,6 +368,69 @@ def leave_one_out(rows: list[dict], hw: Hardware, rounds: int = 3) -> list[Predi
     """Each row predicted by a calibration ``fit`` on all the other rows (never on itself)."""
     return [predict(workload(row), fit(rows[:i] + rows[i + 1:], hw, rounds, log=lambda *_: None))
             for i, row in enumerate(rows)]
+
+
+def cross_model(rows: list[dict], hw: Hardware, rounds: int = 3) -> dict:
+    """Per model of the rows: its rows predicted by a ``fit`` on the other models' rows
+    (``heldout``; the fit starts from the constants' defaults, never from a fit that saw the
+    held-out rows), and by ``hw``'s own calibration (``calibration``), each ``evaluate``d; and
+    the held-out ok rows with the ``worst`` MFU errors."""
+    models = sorted({model_of(r) for r in rows})
+    if len(models) < 2:
+        raise InvalidInput("cross_model", f"the rows hold one model ({models[0]}); a cross-model figure needs two")
+    result = {}
+    for model in models:
+        train, test = [r for r in rows if model_of(r) != model], [r for r in rows if model_of(r) == model]
+        fitted = fit(train, dataclasses.replace(hw, calibration=Calibration()), rounds, log=lambda *_: None)
+        predictions = predict_rows(test, fitted)
+        errors = sorted(((p.mfu / float(r["mfu"]) - 1, r) for r, p in zip(test, predictions) if r["status"] == "ok"),
+                        key=lambda e: -abs(e[0]))
+        result[model] = {"fitted_on": sorted({model_of(r) for r in train}), "train_rows": len(train),
+                         "heldout": evaluate(test, fitted, predictions), "calibration": evaluate(test, hw),
+                         "worst": [{"row": _describe(r), "sweep": r["sweep"], "error": e} for e, r in errors[:5]]}
+    return result
+
+
+def cross_model_markdown(result: dict, command: str, calibration: str, date: str) -> str:
+    """``cross_model``'s result as the tables of ``docs/results/study-heldout.md``."""
+    pct = lambda v: "n/a" if v is None else f"{v:.1%}"
+    rho = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:.3f}"
+    lines = ["# The planner's calibration held out across models", "",
+             f"Generated on {date} by `{command}` (`jaxlayouts/plan/validate.py` `cross_model`). *Held out*: each "
+             "model's rows predicted from a fit (`fit`, 3 rounds) on the other model's rows only, started from the "
+             "constants' defaults; a constant those rows do not exercise keeps its default. *In sample*: the same "
+             f"rows predicted by `{calibration}`, fitted on all rows.", "",
+             "| predicted | fitted on | rows | OOM accuracy, held out / in sample | MFU error held out, "
+             "median / mean abs | MFU error in sample, median / mean abs |", "| --- | --- | --- | --- | --- | --- |"]
+    for model, r in result.items():
+        h, c = r["heldout"], r["calibration"]
+        lines.append(f"| {model} | {', '.join(r['fitted_on'])} ({r['train_rows']} rows) | {h['rows']} | "
+                     f"{pct(h['oom_accuracy'])} / {pct(c['oom_accuracy'])} | {pct(h['mfu_median_ape'])} / "
+                     f"{pct(h['mfu_mape'])} | {pct(c['mfu_median_ape'])} / {pct(c['mfu_mape'])} |")
+    lines += ["", "| sweep | Spearman held out / in sample | best measured MFU | measured MFU of the first pick, "
+              "held out / in sample |", "| --- | --- | --- | --- |"]
+    first = lambda s: pct(s["measured_mfu_of_top_ranked"]) if s["measured_mfu_of_top_ranked"] is not None \
+        else s["top_ranked_status"]
+    for r in result.values():
+        for name, h in r["heldout"]["sweeps"].items():
+            c = r["calibration"]["sweeps"][name]
+            lines.append(f"| {name} | {rho(h['spearman'])} / {rho(c['spearman'])} | {pct(h['best_measured_mfu'])} | "
+                         f"{first(h)} / {first(c)} |")
+    lines += ["", "The largest held-out MFU errors (predicted / measured - 1):", "",
+              "| predicted | sweep | run | error |", "| --- | --- | --- | --- |"]
+    lines += [f"| {model} | {w['sweep']} | {w['row']} | {w['error']:+.1%} |" for model, r in result.items() for w in r["worst"]]
+    return "\n".join(lines) + "\n"
+
+
+def study_constants(rows: list[dict]) -> list[str]:
+    """``STUDY_TIME_CONSTANTS`` less those of the attention classes and the unfused norm no ok row
+    uses: no row constrains them, so a fit would move them anywhere within their bounds."""
+    loads = [workload(r) for r in rows if r["status"] == "ok"]
+    used = {attention_class(w) for w in loads} | ({"norm"} if not all(w.fused_norm for w in loads) else set())
+    unused = {name for kernel, name in (("flash2", "flash2_efficiency"), ("flash1", "flash1_efficiency"),
+                                        ("unfused", "unfused_score_passes"), ("fused", "fused_score_passes"),
+                                        ("norm", "norm_passes")) if kernel not in used}
+    return [name for name in STUDY_TIME_CONSTANTS if name not in unused]
 
 
 def step_constants(rows: list[dict]) -> list[str]:
