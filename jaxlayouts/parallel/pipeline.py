@@ -21,9 +21,15 @@ apply inside that recomputation. Every tick lasts as long as the slowest stage's
 mixed ticks cost a backward each: in one SPMD program 1F1B buys bounded memory, not time.
 Embedding, final norm and LM head are replicated over ``pp`` and used by the first / last stage.
 
-Gradients over the data axes are reduced once per step, after the last tick: an all-reduce over
-``dp`` and, for ZeRO >= 1, a reduce-scatter over ``fsdp`` (ZeRO-3 weights are all-gathered per
-chunk and tick; their gradients are reduce-scattered per micro-batch by the gather's transpose).
+Gradients over the data axes, per ZeRO stage as without pp (``train.py``): ZeRO-0/1 accumulate a
+stage's whole gradient and reduce it once per step, after the last tick (an all-reduce over
+``dp``; for ZeRO-1 a reduce-scatter over ``fsdp``). ZeRO-2 reduce-scatters each backward tick's
+gradient over ``fsdp`` into a sharded accumulator, and ZeRO-3 all-gathers weights per chunk and
+tick, whose transpose reduce-scatters the gradient, so neither holds a stage's whole gradient.
+
+Collectives over ``fsdp`` run on each device's own tile of the automatic axes
+(:meth:`Pipeline._per_tile`): left to the partitioner inside this partially manual ``shard_map``,
+XLA replicates the operand over ``tp`` first (a ``tp``-times larger all-gather or gradient).
 """
 
 from __future__ import annotations
@@ -90,14 +96,41 @@ class Pipeline:
 
     # -- pieces of the model --------------------------------------------------------------------
 
+    def _per_tile(self, collective, spec: PartitionSpec):
+        """``collective`` (over manual axes) applied to this device's tile of the automatic axes
+        of a tensor laid out by ``spec``: a ``shard_map`` nested inside the pipeline's that makes
+        ``tp`` and ``cp`` manual too. Without it XLA:GPU all-gathers the operand whole over
+        ``tp`` before an ``fsdp`` collective (``f32[4,512,512]`` tiles gathered to
+        ``f32[4,512,1024]`` ahead of the reduce-scatter; ZeRO-3's chunk gathers whole over tp)."""
+        tile = auto_part(spec)
+        auto = {a for a in self.mesh.axis_names if a not in MANUAL_AXES}
+        return jax.shard_map(collective, mesh=jax.sharding.get_abstract_mesh(), in_specs=tile, out_specs=tile,
+                             axis_names=auto, check_vma=False)
+
+    def _over_fsdp(self, collective, tree, specs):
+        """``collective(x, dim)`` on every leaf of ``tree`` whose ``spec`` shards dimension ``dim``
+        over ``fsdp``, per tile (:meth:`_per_tile`); leaves with no ``fsdp`` dimension as they are."""
+        def leaf(x, spec):
+            dim = _axis_dim(spec, "fsdp")
+            return x if dim is None else self._per_tile(lambda t: collective(t, dim), spec)(x)
+        return jax.tree.map(leaf, tree, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
     def _gather(self, params, specs):
         """ZeRO-3: all-gather each weight's ``fsdp`` shard (its transpose reduce-scatters the
         gradient); a no-op for other stages."""
         if self.run.layout.zero < 3:
             return params
-        gather = lambda p, s: p if _axis_dim(s, "fsdp") is None else lax.all_gather(
-            p, "fsdp", axis=_axis_dim(s, "fsdp"), tiled=True)
-        return jax.tree.map(gather, params, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+        return self._over_fsdp(lambda p, dim: lax.all_gather(p, "fsdp", axis=dim, tiled=True), params, specs)
+
+    def _onto_gradient_shard(self, grads, specs):
+        """ZeRO-2: reduce-scatter one backward tick's gradients over ``fsdp`` onto this device's
+        shard of the accumulator, in the compute dtype as ZeRO-3's gather transposes do, so the
+        tick holds one whole gradient (a float32 one beside it took 101 GiB, not 69, for llama-65b
+        fsdp=32,tp=2,pp=2 on H100s). Other stages keep them as they are."""
+        if self.run.layout.zero != 2:
+            return grads
+        scatter = lambda g, dim: lax.psum_scatter(g, "fsdp", scatter_dimension=dim, tiled=True)
+        return self._over_fsdp(scatter, grads, specs)
 
     def _stage(self, chunk, x):
         chunk = self._gather(chunk, self.compute_specs["layers"])
@@ -184,6 +217,8 @@ class Pipeline:
             d_other, send = lax.cond(first, lambda: self._pin_grads(0, None, *into_embedding())[2:],
                                      lambda: self._pin_grads(0, None, d_other, dx)[2:])
             f32 = lambda t: jax.tree.map(lambda g: g.astype(jnp.float32), t)
+            d_layers = self._onto_gradient_shard(d_layers, self.grad_specs["layers"])
+            d_other = self._onto_gradient_shard(d_other, self._other_specs_of(self.grad_specs))
             acc_layers = jax.tree.map(lambda acc, g: acc.at[chunk].add(g), acc_layers, f32(d_layers))
             acc_other = jax.tree.map(jnp.add, acc_other, f32(d_other))
             return acts, acc_layers, acc_other, losses.at[micro].add(loss.astype(jnp.float32)), zeros, send
@@ -222,34 +257,51 @@ class Pipeline:
             carry, _ = lax.scan(lambda c, r: tick(c, r), carry, rows_of_stage)
             return (carry[4], carry[5]), carry[6]
 
-        zeros = lambda t: jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), t)
         by_round = lambda t: t.reshape(self.rounds, self.microbatches, *t.shape[1:])
-        (acc_layers, acc_other), losses = lax.scan(one_round, (zeros(layers), zeros(other)),
-                                                   (by_round(inputs), by_round(targets)))
-        grads = {"layers": jax.tree.map(lambda g, w: g.reshape(w.shape), acc_layers, params["layers"]),
+        accumulators = (self._accumulator(layers, self.grad_specs["layers"], stacked=True),
+                        self._accumulator(other, self._other_specs_of(self.grad_specs)))
+        (acc_layers, acc_other), losses = lax.scan(one_round, accumulators, (by_round(inputs), by_round(targets)))
+        grads = {"layers": jax.tree.map(lambda g: g.reshape(-1, *g.shape[2:]), acc_layers),
                  **jax.tree.map(lambda g: lax.psum(g, "pp"), acc_other)}
         losses = lax.psum(losses.reshape(-1), ("pp", *DATA_AXES)) / self.run.layout.data_parallel
         return self._reduce_over_data(grads), losses
 
+    def _accumulator(self, params, specs, stacked: bool = False):
+        """Float32 zeros for the gradients of ``params`` (this device's part), split over
+        ``fsdp`` where ZeRO-2 scatters each tick's gradient (:meth:`_onto_gradient_shard`).
+        ``stacked``: ``params`` carry a leading chunk axis that ``specs`` do not describe."""
+        def zeros(w, spec):
+            shape, dim = list(w.shape), _axis_dim(spec, "fsdp")
+            if self.run.layout.zero == 2 and dim is not None:
+                shape[dim + stacked] //= self.mesh.shape["fsdp"]
+            return jnp.zeros(shape, jnp.float32)
+        return jax.tree.map(zeros, params, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
     def _reduce_over_data(self, grads):
         """Once per step: all-reduce over ``dp``; over ``fsdp`` a reduce-scatter onto the ZeRO
-        shard (ZeRO 1/2), nothing more for ZeRO-3 (done per micro-batch), an all-reduce for ZeRO-0."""
+        shard (ZeRO-1), an all-reduce for ZeRO-0 and for leaves with no ``fsdp`` dimension,
+        nothing more for ZeRO-2/3 (done per tick)."""
         zero = self.run.layout.zero
 
         def reduce(g, spec):
-            g = lax.psum(g, "dp")
             dim = _axis_dim(spec, "fsdp")
-            if zero == 3:
-                return g
-            if dim is None:
-                return lax.psum(g, "fsdp")
-            return lax.psum_scatter(g, "fsdp", scatter_dimension=dim, tiled=True)
+
+            def on_tile(t):
+                t = lax.psum(t, "dp")
+                if dim is None or zero == 0:
+                    return lax.psum(t, "fsdp")
+                return lax.psum_scatter(t, "fsdp", scatter_dimension=dim, tiled=True) if zero == 1 else t
+            return self._per_tile(on_tile, spec)(g)
 
         return jax.tree.map(reduce, grads, self.grad_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
+    @staticmethod
+    def _other_specs_of(specs):
+        return {k: v for k, v in specs.items() if k != "layers"}
+
     @property
     def _other_specs(self):
-        return {k: v for k, v in self.compute_specs.items() if k != "layers"}
+        return self._other_specs_of(self.compute_specs)
 
     def gradients(self, params, inputs, targets):
         """Mean-loss gradients (float32, laid out by ``grad_specs``) and per-micro-batch losses of
