@@ -56,7 +56,7 @@ def _is_spec(x) -> bool:
 class Trainer:
     """Everything derived from a :class:`RunConfig` on a mesh: model, optimizer, shardings, step.
     ``scan_layers`` says whether the layers run as one scan (``model.llama.scanned_blocks``): the
-    layout's choice, else scanned on CPU and unrolled on a GPU (``Layout.scans_layers``)."""
+    layout's choice, else as ``Layout.scans_layers`` decides for the platform."""
 
     def __init__(self, run: RunConfig, mesh, axis_rules: dict | None = None):
         self.run, self.mesh = run, mesh
