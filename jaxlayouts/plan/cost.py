@@ -78,7 +78,7 @@ from typing import NamedTuple
 
 from jaxlayouts import flops
 from jaxlayouts.distributed import split_over_nodes
-from jaxlayouts.layout import ModelConfig, RunConfig
+from jaxlayouts.layout import ModelConfig, RunConfig, default_scans_layers
 from jaxlayouts.parallel.schedule import ideal_ticks
 from jaxlayouts.plan.hardware import Calibration, Hardware
 
@@ -184,71 +184,43 @@ class Trainer:
           stacked ``[layers, ...]`` output allocated whole for the backward (``train.py``). ZeRO-0/1
           (``_per_shard_accumulation``) hold it whole; ZeRO-2/3 constrain it to the sharded
           gradient layout, so each layer's gradient is reduce-scattered as it is written.
-        * pp > 1 (``parallel/pipeline.py``): the accumulator is carried through the tick's
-          ``lax.switch``, whose output is a second float32 copy of it (ZeRO-0/1/2: the stage's
-          whole gradient; a llama-65b pp=2 layout compiles to the same peak under ZeRO-1 and 2).
-          Under ZeRO-3 (``Pipeline._gather``) the backward tick re-runs one chunk (``L / (P V)``
-          layers) from all-gathered weights; at its start XLA holds, in the compute dtype:
-
-          - the all-gather's result *whole over tp as well*: the gather runs inside the
-            ``shard_map`` that is manual over fsdp and automatic over tp, and XLA replicates its
-            operand over tp first (``bf16[16,512,11008]`` gathered to ``bf16[16,4096,11008]`` for
-            llama-7b tp=2, then sliced to the tp shard); the chunk's seven gathers are in flight
-            together, so ``tp`` times the chunk's tp-sharded weights (11.8 GiB for llama-13b
-            tp=4, a 20-layer chunk, of its 26.2 GiB peak);
-          - the backward scan's stacked gradient of the gathered chunk (tp-sharded), allocated
-            before the recomputed forward runs and whole until the gather's transpose
-            reduce-scatters it;
-          - without remat (``remat=none``) one more tp-sharded copy of the chunk: the forward
-            scan saves the gathered weights, as its layers transform them, among its stacked
-            residuals. Under ``jax.checkpoint`` (every other policy) the saved inputs are the
-            scan's own weight slices, which JAX forwards instead of stacking.
-
-          The embedding and head are gathered in other branches and are not live at that peak.
-          llama-7b tp=2, llama-13b tp=4 pp=2 and llama-65b tp=8 pp=4 (``--scan_layers``, each
-          schedule) compile to within 5% of this, circular with remat up to 12% low (the 18-42%
-          gap before was the tp-whole gather and the residual copy). With the layers unrolled
-          (``scan_layers`` False, a GPU step's default) neither stacked buffer exists: the peak
-          is the tp-whole gather (llama-7b fsdp=4,tp=2,pp=2: 17.96 GiB unrolled against 26.21
-          scanned without remat; this leaves the planner 11% high there and 6% low with full
-          remat)."""
+        * pp > 1 (``parallel/pipeline.py``): the float32 accumulator is carried through the tick's
+          ``lax.switch``, whose output is a second copy of it: the stage's whole gradient under
+          ZeRO-0/1, its fsdp shard under ZeRO-2/3, which reduce-scatter each backward tick's
+          gradient. That gradient, of one chunk (``L / (P V)`` layers, tp-sharded, in the compute
+          dtype), is the backward scan's stacked output (scanned layers; unrolled, each layer's
+          gradient is scattered as it is made). Under ZeRO-3 (``Pipeline._gather``) the backward
+          tick re-runs the chunk from its all-gathered weights (tp-sharded: the gathers run per
+          tp tile, ``Pipeline._per_tile``), and without remat (``remat=none``, scanned) the
+          forward scan saves the gathered weights once more among its stacked residuals; under
+          ``jax.checkpoint`` the saved inputs are the scan's own weight slices, which JAX forwards
+          instead of stacking. ZeRO-2 without remat holds that chunk-sized residual copy too. The
+          circular schedule (``V`` > 1) under ZeRO-0/1/2 holds one more chunk of weights, fitted
+          to the grid's 27 circular rows (2.4% median error with it, 7.5% without), presumably the
+          chunk sliced out of the stage's weights; not read off the buffer assignment. The
+          embedding and head are gathered in other branches and are not live at that peak. Before the per-tile collectives and ZeRO-2's per-tick scatter,
+          llama-65b fsdp=32,tp=2,pp=2 (ZeRO-2, SP, full remat, mbs 4, scanned) compiled to 173.6
+          GiB, the same as ZeRO-1, and to 76.4 GiB after (ZeRO-3: 80.7 and 75.4 GiB)."""
         e, m = w.dtype_bytes, w.model
         layers = stage.layers * layer_params(m) / w.tp
         if w.pp == 1:
             return 0.0, e * layers / (w.data_parallel if w.zero >= 2 else 1)
-        if w.zero < 3:
-            return 0.0, 4 * self.stage_params(w, stage)
+        accumulator_copy = 4 * self.stage_params(w, stage) / (w.data_parallel if w.zero >= 2 else 1)
         chunk = e * layers / w.virtual_stages           # one chunk's weights in the compute dtype, tp-sharded
-        if not w.scan_layers:
-            return w.tp * chunk, 0.0
-        residual_copy = chunk if w.remat == "none" else 0.0
-        return w.tp * chunk + residual_copy, chunk
-
-    def step_end_gradients(self, w: Workload, stage: Stage) -> float:
-        """The gradient bytes at the end of a pipelined step, once the ticks are done and their
-        activations freed (0 where that is not the step's peak: pp = 1, ZeRO-0, ZeRO-3). Under
-        ZeRO-1/2 the stage's float32 gradient leaves the executor's ``shard_map`` split over tp
-        and is all-gathered whole for the reduce-scatter onto the optimizer's fsdp shard: ``tp``
-        times the accumulator (XLA:GPU's buffer assignment: ``f32[20,5120,13824]`` all-gathers
-        for llama-13b tp=4, pp=2, whatever the remat policy and schedule, 34.5 GiB peak for all
-        nine). ZeRO-0 all-reduces it over dp in the layout it has, so its peak stays at the ticks
-        (the accumulator and the switch's second copy, :meth:`step_buffers`): llama-13b
-        dp=8,tp=4,pp=2 and llama-65b dp=8,tp=8,pp=16 compile to within 4% of that, where this
-        term had them 25-104% high."""
-        if w.pp == 1 or w.zero in (0, 3) or not self.pipeline_recompute:
-            return 0.0
-        return 4 * w.tp * self.stage_params(w, stage)
+        tick_gradient = chunk if w.zero >= 2 and w.scan_layers else 0.0
+        residual_copy = chunk if w.zero >= 2 and w.remat == "none" and w.scan_layers else 0.0
+        gathered = chunk if w.zero >= 3 else 0.0
+        sliced = chunk if w.zero < 3 and w.virtual_stages > 1 else 0.0
+        return gathered + sliced + residual_copy, accumulator_copy + tick_gradient
 
     def state_bytes(self, w: Workload, params: float) -> tuple[float, float, float]:
-        """Weights (bf16 compute copy + fp32 master), fp32 gradient accumulator, Adam moments.
-        The pipeline executor accumulates a stage's gradients whole and reduce-scatters them once
-        per step, so under pp > 1 ZeRO-2 does not shard the accumulator (ZeRO-3's is sharded: the
-        gathers' transposes reduce-scatter each tick's gradient)."""
+        """Weights (bf16 compute copy + fp32 master), fp32 gradient accumulator, Adam moments,
+        each sharded over the data axes as the ZeRO stage says (``train.py``; the pipeline executor
+        keeps the same split)."""
         shard = w.data_parallel
-        sharded_grads = w.zero >= 3 or (w.zero == 2 and w.pp == 1)
         weights = (w.dtype_bytes * params / (shard if w.zero >= 3 else 1)
                    + 4 * params / (shard if w.zero >= 1 else 1))
-        grads = 4 * params / (shard if sharded_grads else 1)
+        grads = 4 * params / (shard if w.zero >= 2 else 1)
         optimizer = 8 * params / (shard if w.zero >= 1 else 1)
         return weights, grads, optimizer
 
@@ -294,21 +266,21 @@ class Trainer:
 
     def data_collectives(self, w: Workload, params: float) -> list[Collective]:
         """The data-parallel collectives of a step over ``params`` per device, by ZeRO stage.
-        ZeRO-0: one float32 gradient all-reduce. ZeRO-1 (and 2 with pp > 1, whose executor
-        accumulates per stage): a float32 gradient reduce-scatter and one all-gather of the weights
-        in the compute dtype (the step casts each master shard before the gather:
-        tests/test_plan_cost.py pins it). ZeRO-2: the reduce-scatter per micro-batch, the all-gather
-        once. ZeRO-3: per micro-batch the reduce-scatter and the forward and backward all-gathers
+        ZeRO-0: one float32 gradient all-reduce. ZeRO-1: a float32 gradient reduce-scatter and one
+        all-gather of the weights in the compute dtype (the step casts each master shard before the
+        gather: tests/test_plan_cost.py pins it). ZeRO-2: the reduce-scatter per micro-batch (in the
+        compute dtype under pp, ``Pipeline._onto_gradient_shard``), the all-gather once. ZeRO-3: per micro-batch the reduce-scatter and the forward and backward all-gathers
         of the compute-dtype weights. With cp > 1 the parameters are replicated over cp too: each
         micro-batch's gradients are all-reduced over cp in the compute dtype before they are
         accumulated, whatever the ZeRO stage (the compiled step's HLO shows it)."""
         mb, e = w.microbatches, w.dtype_bytes
         if w.zero == 0:
             table = [Collective("all-reduce", 4 * params, 1)]
-        elif w.zero == 1 or (w.zero == 2 and w.pp > 1):
+        elif w.zero == 1:
             table = [Collective("reduce-scatter", 4 * params, 1), Collective("all-gather", e * params, 1)]
         elif w.zero == 2:
-            table = [Collective("reduce-scatter", 4 * params, mb), Collective("all-gather", e * params, 1)]
+            table = [Collective("reduce-scatter", (e if w.pp > 1 else 4) * params, mb),
+                     Collective("all-gather", e * params, 1)]
         else:
             table = [Collective("reduce-scatter", 4 * params, mb), Collective("all-gather", e * params, 2 * mb)]
         if w.cp > 1:
@@ -352,9 +324,11 @@ class Workload:
     virtual_stages: int = 1
     trainer: Trainer = JAXLAYOUTS       # or plan.study.STUDY: the reference study's trainer
     dtype_bytes: int = 2                # compute dtype: bf16 (float32 in CPU tests)
-    scan_layers: bool = False           # layers as one lax.scan; False: unrolled, a GPU step's default
+    scan_layers: bool | None = None     # layers as one lax.scan; unset: as a GPU step runs them by default
 
     def __post_init__(self):
+        if self.scan_layers is None:
+            object.__setattr__(self, "scan_layers", default_scans_layers("gpu", self.remat))
         if self.cp < 1 or self.seq_len % self.cp:
             raise ValueError(f"cp={self.cp} must be a positive divisor of seq_len={self.seq_len}")
         if self.cp > 1 and not self.trainer.context_parallel:
@@ -382,7 +356,7 @@ class Workload:
     @classmethod
     def from_run(cls, run: RunConfig, platform: str = "gpu") -> Workload:
         """The run's workload; ``scan_layers`` as the run's layout resolves it on ``platform``
-        (``Layout.scans_layers``: unset means unrolled on a GPU, the step the planner plans for)."""
+        (``Layout.scans_layers``: the step the bench runs on that platform by default)."""
         lay = run.layout
         return cls(model=run.model, seq_len=run.seq_len, global_batch=run.global_batch,
                    data_parallel=lay.data_parallel, tp=lay.mesh["tp"], pp=lay.mesh["pp"],
@@ -508,9 +482,6 @@ def stage_memory(w: Workload, hw: Hardware, stage: Stage) -> dict:
     weights, grads = weights + more_weights, grads + more_grads
     activations = _stage_activation_bytes(w, stage) * w.trainer.activation_scale(w, c)
     overhead = c.overhead_gib * GIB
-    end = w.trainer.step_end_gradients(w, stage)
-    if end > grads + activations:  # the step's peak is at its end, with no activations left
-        grads, activations = end, 0.0
     return {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations,
             "overhead": overhead, "total": weights + grads + optimizer + activations + overhead}
 

@@ -75,9 +75,6 @@ class Study(Trainer):
         under tp > 1 (fitted on the study's out-of-memory pattern, see the module docstring)."""
         return c.activation_factor * (c.tp_activation_factor if self.activation_surcharge(w) else 1.0)
 
-    def step_end_gradients(self, w: Workload, stage) -> float:
-        return 0.0
-
     def step_buffers(self, w: Workload, stage) -> tuple[float, float]:
         """None beyond its bf16 weights and gradients (``state_bytes``)."""
         return 0.0, 0.0
