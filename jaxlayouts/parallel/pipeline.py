@@ -100,8 +100,8 @@ class Pipeline:
         """``collective`` (over manual axes) applied to this device's tile of the automatic axes
         of a tensor laid out by ``spec``: a ``shard_map`` nested inside the pipeline's that makes
         ``tp`` and ``cp`` manual too. Without it XLA:GPU all-gathers the operand whole over
-        ``tp`` before an ``fsdp`` collective (``f32[4,512,512]`` tiles gathered to
-        ``f32[4,512,1024]`` ahead of the reduce-scatter; ZeRO-3's chunk gathers whole over tp)."""
+        ``tp`` before an ``fsdp`` collective (a reduce-scatter's ``bf16[4,512,512]`` tiles
+        all-gathered to ``bf16[4,512,1024]`` first; ZeRO-3's chunk gathers whole over tp)."""
         tile = auto_part(spec)
         auto = {a for a in self.mesh.axis_names if a not in MANUAL_AXES}
         return jax.shard_map(collective, mesh=jax.sharding.get_abstract_mesh(), in_specs=tile, out_specs=tile,
@@ -125,8 +125,8 @@ class Pipeline:
     def _onto_gradient_shard(self, grads, specs):
         """ZeRO-2: reduce-scatter one backward tick's gradients over ``fsdp`` onto this device's
         shard of the accumulator, in the compute dtype as ZeRO-3's gather transposes do, so the
-        tick holds one whole gradient (a float32 one beside it took 101 GiB, not 69, for llama-65b
-        fsdp=32,tp=2,pp=2 on H100s). Other stages keep them as they are."""
+        tick holds one whole gradient, not a float32 copy beside it. Other stages keep them as
+        they are."""
         if self.run.layout.zero != 2:
             return grads
         scatter = lambda g, dim: lax.psum_scatter(g, "fsdp", scatter_dimension=dim, tiled=True)
