@@ -58,7 +58,7 @@ from jaxlayouts.schema import InvalidInput, creatable, knobs, refuse_special
 FLAGS = flags.FLAGS
 MAX_TARGET_DEVICES = 65536
 """The largest GPU cluster explore compiles for (a deviceless topology has no device limit; compile
-time and host memory grow with the device count: see the README's measured sizes)."""
+time and host memory grow with the device count: see docs/deviceless.md's measured sizes)."""
 CLI_KNOBS = tuple(n for n in config.KNOB_NAMES if n not in config.NOT_A_RUN_KNOB or n == "num_devices")
 """The knobs the command line takes: the run's, and the cluster size for a ``-1`` axis."""
 ACTIVATIONS = {

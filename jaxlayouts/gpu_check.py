@@ -14,7 +14,7 @@ then works through a prioritised list of tasks while the budget lasts:
   note row per peer says so;
 * the kernel benchmark, ``python -m jaxlayouts.kernel_bench``, its rows kept as it emits them.
 
-The issue's target points come first (micro-batch 1 and 4 at 2k and 1 at 8k, each beside the
+The target points come first (micro-batch 1 and 4 at 2k and 1 at 8k, each beside the
 torch.compile peer, then remat at micro-batch 4), then the kernels, then the rest of the grid. A
 task starts only when its estimate (the last measured time of its kind, else a prior) fits in the
 budget left, and it is stopped when the budget runs out. Every record is appended to

@@ -1,14 +1,19 @@
 """Device meshes and the rules that turn logical axis names into PartitionSpecs.
 
 Every parameter and activation in the model carries *logical* axis names (``embed``, ``heads``,
-``batch``, ...). A rule table maps each name to mesh axes. Two tables exist per layout, the idea of
-haliax's "parameter" vs "compute" mappings:
+``batch``, ...). A rule table maps each name to mesh axes. Two functions here build the tables,
+the idea of haliax's "parameter" vs "compute" mappings:
 
 * ``compute_rules``: how tensors are laid out while a layer computes (Megatron TP: heads and FFN
   columns on ``tp``; the batch on ``dp`` x ``fsdp``; with context parallelism every sequence axis
   on ``cp``; with sequence parallelism the residual stream's sequence axis also on ``tp``).
 * ``state_rules``: how stored state is laid out: the compute rules plus ``embed -> fsdp``, which is
   the ZeRO shard. Which pieces of state use it depends on the ZeRO stage (see ``train.py``).
+
+The trainer (``train.py``) builds four tables from them: the compute and state rules, the replica
+rules (``compute_rules`` with ``batch_axes=None``: inside the per-shard ``vmap`` of ZeRO 0/1 the
+batch axis is the vmapped one) and, when pp > 1, the pipeline's rules (the same, with ``layers``
+unmapped, for inside its ``shard_map``).
 
 Read the tables with ``print(format_rules(compute_rules(layout)))``; override entries with
 ``overrides`` (``{"vocab": None}`` keeps the vocabulary unsharded); the bench's ``--axis_rules``.

@@ -380,7 +380,7 @@ def test_the_launcher_never_blocks_its_workers_on_a_closed_stdout():
 
 
 # ---------------------------------------------------------------------------------------------
-# Third round (#28): full disks, special files, interrupts, values past validation, nonsense
+# Full disks, special files, interrupts, values past validation, nonsense
 
 
 @pytest.fixture

@@ -85,7 +85,7 @@ def test_validation_against_the_study_meets_its_targets():
     assert result["mfu_mape"] <= 0.10
     sweeps = result["sweeps"].values()
     assert all(s["spearman"] >= 0.8 for s in sweeps)
-    # the layout ranked first is within 5% of the best measured in 4 of the 6 sweeps (README)
+    # the layout ranked first is within 5% of the best measured in 4 of the 6 sweeps (docs/measurements.md)
     assert sum((s["measured_mfu_of_top_ranked"] or 0) >= 0.95 * s["best_measured_mfu"] for s in sweeps) >= 4
 
 

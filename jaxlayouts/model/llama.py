@@ -2,8 +2,9 @@
 
     tokens -> embedding -> L x [x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] -> RMSNorm -> LM head
 
-The L blocks are one ``nn.scan`` over stacked weights (leading ``layers`` axis), so compile time
-does not grow with depth. Parameters are stored in float32 (the master copy) and cast to the
+The L blocks are one ``nn.scan`` over stacked weights (leading ``layers`` axis). Scanned, compile
+time does not grow with depth; unrolled (``scan=False``, a GPU step without remat:
+``Layout.scans_layers``), it does. Parameters are stored in float32 (the master copy) and cast to the
 compute dtype where they are used; :func:`jaxlayouts.mesh.constrain` then lays each weight out for
 compute, which under ZeRO-3 is the per-layer all-gather.
 
