@@ -65,6 +65,7 @@ LAYOUTS = [
     ("fsdp=2,cp=2", {"zero": 1, "remat": "selective", "norm": "pallas"}),
     ("fsdp=2,cp=2", {"zero": 2, "remat": "dots"}),
     ("cp=2,pp=2", {}),  # inside a pipeline: all-gather context parallelism
+    ("fsdp=2,cp=2,pp=2", {"zero": 2}),  # the pipeline's per-tick scatter runs per cp tile too
     ("dp=2,cp=2,tp=2", {"sequence_parallel": True, "remat": "full"}),
 ]
 
