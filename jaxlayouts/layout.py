@@ -341,7 +341,7 @@ def attention_runs_under_cp(attention: str, pp: int) -> bool:
 
 
 def _validate_context_parallel(run: RunConfig) -> None:
-    """Ring attention over ``cp`` (see ``parallel/ring_attention.py``): each device holds two of
+    """Ring attention over ``cp`` (see ``model/ring_attention.py``): each device holds two of
     the sequence's ``2 cp`` chunks, and each ring step runs an attention kernel on one block."""
     cp, lay = run.layout.mesh["cp"], run.layout
     if cp == 1:

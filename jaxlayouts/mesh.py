@@ -68,7 +68,7 @@ def compute_rules(layout: Layout, *, batch_axes=DATA_AXES, overrides: dict | Non
 
 def _sequence_axes(layout: Layout, inside_layer: bool):
     """Mesh axes of the sequence: ``cp`` everywhere under context parallelism (two chunks per
-    device, see ``parallel/ring_attention.py``), and for the residual stream (not a layer's
+    device, see ``model/ring_attention.py``), and for the residual stream (not a layer's
     input) also ``tp`` under sequence parallelism."""
     axes = ("cp",) if layout.mesh["cp"] > 1 else ()
     if layout.sequence_parallel and not inside_layer:

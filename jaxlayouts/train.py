@@ -36,7 +36,7 @@ from jaxlayouts.layout import DATA_AXES, Layout, RunConfig
 from jaxlayouts.mesh import compute_rules, sharding_context, spec, state_rules
 from jaxlayouts.model.llama import Llama
 from jaxlayouts.parallel.pipeline import Pipeline, storage_order
-from jaxlayouts.parallel.ring_attention import zigzag_order
+from jaxlayouts.model.ring_attention import zigzag_order
 
 BATCH_SPEC = PartitionSpec(None, DATA_AXES, None)
 """Device batch ``[accum_steps, micro-batch rows of all shards, seq_len + 1]``."""

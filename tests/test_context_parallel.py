@@ -15,8 +15,8 @@ from jaxlayouts.analysis import hlo
 from jaxlayouts.layout import InvalidInput, load_model_config, validate
 from jaxlayouts.mesh import build_mesh
 from jaxlayouts.model.attention import xla_attention
-from jaxlayouts.parallel import ring_attention as ring_attention_module
-from jaxlayouts.parallel.ring_attention import ring_attention, zigzag_order
+from jaxlayouts.model import ring_attention as ring_attention_module
+from jaxlayouts.model.ring_attention import ring_attention, zigzag_order
 from jaxlayouts.train import Trainer
 
 

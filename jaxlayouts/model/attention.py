@@ -14,7 +14,7 @@ Shapes: ``q [batch, seq, heads, head_dim]``, ``k, v [batch, seq, kv_heads, head_
 Kernels are opaque to XLA's partitioner, so they run per shard: batch over the data axes, heads
 over ``tp``; the layout never gathers heads. Under context parallelism (``cp > 1``) every
 implementation that can run per block (``xla``, ``pallas``) runs inside ring attention
-(:mod:`jaxlayouts.parallel.ring_attention`), per shard over ``cp`` as well; inside a pipeline
+(:mod:`jaxlayouts.model.ring_attention`), per shard over ``cp`` as well; inside a pipeline
 (``pp > 1``) it is all-gather context parallelism with ``xla`` (:func:`gathered_attention`).
 """
 
@@ -31,7 +31,7 @@ from jaxlayouts.kernels.flash_attention import flash_attention
 from jaxlayouts.mesh import context_parallel_size, per_shard, pipeline_stages
 from jaxlayouts.model.axes import HEADS
 from jaxlayouts.model.matmul import grouped_scores
-from jaxlayouts.parallel.ring_attention import ring_attention, zigzag_order
+from jaxlayouts.model.ring_attention import ring_attention, zigzag_order
 
 
 def xla_attention(q, k, v, q_positions=None, k_positions=None):

@@ -12,7 +12,7 @@ Sequence parallelism (Korthikanti et al. 2022) needs no code here: the residual 
 the tensor-parallel all-reduces into all-gather (before the projections) and reduce-scatter (after).
 Context parallelism needs little: with ``seq -> cp`` the sequence arrives in ring order, rotary
 embeddings take their positions from that order, and attention is ring attention
-(:mod:`jaxlayouts.parallel.ring_attention`).
+(:mod:`jaxlayouts.model.ring_attention`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from jaxlayouts.model.attention import attention
 from jaxlayouts.model.axes import HEADS, LAYER_INPUT, RESIDUAL
 from jaxlayouts.model.matmul import einsum_f32
 from jaxlayouts.model.norm import rms_norm
-from jaxlayouts.parallel.ring_attention import zigzag_order
+from jaxlayouts.model.ring_attention import zigzag_order
 from jaxlayouts.remat import POLICIES as REMAT, WEIGHT_TAG
 
 

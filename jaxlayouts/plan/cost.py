@@ -26,7 +26,7 @@ accumulation + optimizer update:
   counted in full. The link is NVLink when the group fits in a node, else InfiniBand through as
   many NICs as the group has GPUs per node (``Trainer.per_node``; ``Hardware.link_bandwidth``).
 * Gradient accumulation: per micro-batch one read-modify-write of the accumulator in HBM.
-* Context parallelism (``cp``; ``parallel/ring_attention.py``): see "Context parallelism" below.
+* Context parallelism (``cp``; ``model/ring_attention.py``): see "Context parallelism" below.
 
 Memory per device (the busiest stage): weights, gradients and AdamW state (this project: fp32
 master + Adam, fp32 accumulator, bf16 compute copy, sharded by ZeRO stage); activations per layer
@@ -54,7 +54,7 @@ replicates the parameters over them (ZeRO shards over ``fsdp`` only), so with ``
   (xla) blocks compute their masked half too: ``(cp + 1) / (2 cp^2)`` of the full ``T x T``
   matmuls per device, and their backward recomputes the scores (2.5x the forward's matmuls).
 * Ring communication per layer and micro-batch (Liu et al. 2023, "Ring Attention with Blockwise
-  Transformers", Sec. 3; ``parallel/ring_attention.py``): the forward sends ``cp - 1`` K/V blocks
+  Transformers", Sec. 3; ``model/ring_attention.py``): the forward sends ``cp - 1`` K/V blocks
   of ``2 b s kv_heads/tp head_dim`` elements in the compute dtype; the backward ``cp - 1`` K/V blocks
   and ``cp`` float32 dK/dV blocks of the same shape (the last brings each accumulator home).
   Each step's send runs beside one ``c x 2c`` block of attention compute, so a step exposes only
@@ -702,7 +702,7 @@ class ContextTraffic(NamedTuple):
 
 def context_traffic(w: Workload) -> ContextTraffic:
     """Ring attention: ``cp - 1`` K/V sends forward, ``cp - 1`` K/V sends and ``cp`` float32
-    dK/dV sends backward (``parallel/ring_attention._ring_backward``). All-gather CP (pp > 1): the
+    dK/dV sends backward (``model/ring_attention._ring_backward``). All-gather CP (pp > 1): the
     whole sequence's K/V all-gathered per forward of the layer (``attention_forwards``) and its
     dK/dV reduce-scattered once."""
     if w.cp == 1:
@@ -725,7 +725,7 @@ def attention_forwards(w: Workload) -> int:
 def context_parallel_time(w: Workload, hw: Hardware, per_node: dict) -> float:
     """Exposed cp communication of one layer and micro-batch (0 at cp = 1).
 
-    Ring attention (Liu et al. 2023, Sec. 3; ``parallel/ring_attention.py``): each of the forward's
+    Ring attention (Liu et al. 2023, Sec. 3; ``model/ring_attention.py``): each of the forward's
     ``cp - 1`` steps sends one K/V block while the device computes one ``c x 2c`` block of
     attention, exposing ``max(0, send - block compute)`` plus a latency; each of the backward's
     ``cp - 1`` steps sends K/V and dK/dV beside one block's backward; the last dK/dV send has
