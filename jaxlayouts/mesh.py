@@ -128,23 +128,6 @@ def constrain(x, logical: tuple):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(logical, rules)))
 
 
-
-def _context_axis_size(axis: str) -> int:
-    context = _CONTEXT.get()
-    return 1 if context is None else dict(context[0].shape).get(axis, 1)
-
-
-def context_parallel_size() -> int:
-    """The ``cp`` degree the model is traced under (1 outside :func:`sharding_context`): the
-    sequence is then in ring order and attention runs as ring attention."""
-    return _context_axis_size("cp")
-
-
-def pipeline_stages() -> int:
-    """The ``pp`` degree the model is traced under (1 outside :func:`sharding_context`)."""
-    return _context_axis_size("pp")
-
-
 def per_shard(fn, in_axes: tuple, out_axes: tuple):
     """Run ``fn`` on each device's shard (``shard_map``), inputs and output laid out by logical
     names; ``fn`` itself unchanged outside :func:`sharding_context`. For kernels (Pallas, Triton,

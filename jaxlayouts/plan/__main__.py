@@ -28,7 +28,7 @@ from absl import app, flags
 
 from jaxlayouts import config, targets
 from jaxlayouts.analysis.compiled import XLA_CPU_DEVICE_LIMIT, compile_step, which_figure_to_trust
-from jaxlayouts.layout import (MAX_EMULATED_DEVICES, InvalidInput, Layout, RunConfig, attention_runs_under_cp,
+from jaxlayouts.layout import (MAX_EMULATED_DEVICES, ContextParallel, InvalidInput, Layout, RunConfig,
                                load_model_config, validate)
 from jaxlayouts.plan import cost, memcheck
 from jaxlayouts.plan.hardware import check_memory_fraction, chip, load_hardware, save_calibration
@@ -103,7 +103,7 @@ def candidates(model, gpus: int, seq_len: int, global_batch: int, gpus_per_node:
         if data > 1:
             meshes += [({"fsdp": data, "cp": cp, "tp": tp, "pp": pp}, zero) for zero in (1, 2, 3)]
         schedules = [("1f1b", 1)] if pp == 1 else [("1f1b", 1), ("gpipe", 1), ("circular", 2)]
-        kernels = [k for k in KERNELS if cp == 1 or attention_runs_under_cp(k[0], pp)]
+        kernels = [k for k in KERNELS if ContextParallel.of(cp, pp).runs(k[0])]
         for (mesh, zero), mbs, sp, remat, (attn, norm), (schedule, v) in itertools.product(
                 meshes, MICRO_BATCHES, (False, True), REMATS, kernels, schedules):
             layout = Layout(mesh=mesh, micro_batch=mbs, zero=zero, sequence_parallel=sp, remat=remat,

@@ -78,7 +78,7 @@ from typing import NamedTuple
 
 from jaxlayouts import flops
 from jaxlayouts.distributed import split_over_nodes
-from jaxlayouts.layout import ModelConfig, RunConfig, default_scans_layers
+from jaxlayouts.layout import ContextParallel, ModelConfig, RunConfig, default_scans_layers
 from jaxlayouts.parallel.schedule import ideal_ticks
 from jaxlayouts.plan.hardware import Calibration, Hardware
 
@@ -345,9 +345,9 @@ class Workload:
 
     @property
     def ring(self) -> bool:
-        """Whether attention is ring attention (cp > 1 outside pipelines); inside pipelines cp
+        """Whether attention is ring attention (``layout.ContextParallel``); inside pipelines cp
         all-gathers K/V instead (``model/attention.gathered_attention``)."""
-        return self.cp > 1 and self.pp == 1
+        return ContextParallel.of(self.cp, self.pp).mode == "ring"
 
     @property
     def microbatches(self) -> int:
