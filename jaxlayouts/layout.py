@@ -89,7 +89,12 @@ class ModelConfig:
         attention = d * self.num_heads * hd * 2 + d * self.num_kv_heads * hd * 2
         ffn = 3 * d * self.d_ff
         per_layer = attention + ffn + 2 * d
-        return self.num_layers * per_layer + 2 * self.vocab_size * d + d
+        return self.num_layers * per_layer + 2 * self.embedding_params + d
+
+    @property
+    def embedding_params(self) -> int:
+        """One vocabulary table: the input embedding's, and the (untied) LM head's of the same size."""
+        return self.vocab_size * self.d_model
 
 
 def model_names() -> list[str]:

@@ -11,7 +11,7 @@ FLOORS = (
     # 0. Leaves: they import nothing of the package.
     ("", "analysis", "analysis.hlo", "analysis.memory", "analysis.profile", "data", "devices", "kernels",
      "kernels.triton_versions", "kernels.tuning", "model", "model.axes", "model.matmul", "parallel",
-     "parallel.schedule", "peers", "remat", "schema", "timing", "units"),
+     "parallel.schedule", "peers", "plan", "remat", "schema", "timing", "units"),
     # 1. Records: layouts and their validation, result files, the kernels.
     ("analysis.census", "ceilings", "kernels.flash_attention", "kernels.rms_norm", "layout", "results"),
     # 2. What a layout implies: flags, FLOPs, processes; kernels built on kernels; ring attention.
@@ -22,7 +22,7 @@ FLOORS = (
     # 4. The model's layers; the cost model; sweeps and compile targets.
     ("model.attention", "model.norm", "plan.cost", "sweep", "targets"),
     # 5. The model; what reads the cost model; tools over one kernel or a sweep.
-    ("gpu_check", "kernel_bench", "model.llama", "plan.memcheck", "plan.study"),
+    ("gpu_check", "kernel_bench", "model.llama", "plan.memcheck", "plan.search", "plan.study"),
     # 6. The pipeline executor; the planner's validation against measurements.
     ("parallel.pipeline", "plan.validate"),
     # 7. The training step; the report over sweeps and studies.

@@ -9,7 +9,7 @@ from conftest import make_run, run_module
 
 from jaxlayouts.layout import load_model_config
 from jaxlayouts.plan import cost
-from jaxlayouts.plan.__main__ import CP_MIN_TOKENS_PER_DEVICE, candidates, context_parallel_degrees, rank
+from jaxlayouts.plan.search import CP_MIN_TOKENS_PER_DEVICE, candidates, context_parallel_degrees, rank
 from jaxlayouts.plan.hardware import load_hardware
 from jaxlayouts.plan.study import STUDY
 
