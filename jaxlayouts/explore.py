@@ -324,9 +324,7 @@ def main(argv):
         if len(argv) > 1:
             raise InvalidInput("flags", f"unexpected arguments {argv[1:]}; all options are --flags")
         values = config.values_from_flags(FLAGS)
-        count = values["num_devices"] or math.prod(parse_mesh(values["mesh"]).values())
-        if count < 1:
-            raise InvalidInput("mesh", f"{values['mesh']}: -1 needs --num_devices (the cluster size)")
+        count = values["num_devices"] or math.prod(parse_mesh(values["mesh"]).values())  # -1 without it: refused
         target = targets.resolve(FLAGS.target)
         limit = MAX_TARGET_DEVICES if target.is_gpu else MAX_EMULATED_DEVICES
         if count > limit:

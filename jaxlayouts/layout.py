@@ -15,6 +15,8 @@ import dataclasses
 import math
 import pathlib
 
+import numpy as np
+
 from jaxlayouts.kernels import triton_versions
 from jaxlayouts.schema import (InvalidInput, check_instance, checked, from_mapping, knob, knobs, load_yaml,
                                refuse_special)
@@ -87,7 +89,12 @@ class ModelConfig:
         attention = d * self.num_heads * hd * 2 + d * self.num_kv_heads * hd * 2
         ffn = 3 * d * self.d_ff
         per_layer = attention + ffn + 2 * d
-        return self.num_layers * per_layer + 2 * self.vocab_size * d + d
+        return self.num_layers * per_layer + 2 * self.embedding_params + d
+
+    @property
+    def embedding_params(self) -> int:
+        """One vocabulary table: the input embedding's, and the (untied) LM head's of the same size."""
+        return self.vocab_size * self.d_model
 
 
 def model_names() -> list[str]:
@@ -170,6 +177,44 @@ def default_scans_layers(platform: str, remat: str) -> bool:
     return platform == "cpu" or remat != "none"
 
 
+def zigzag_order(seq_len: int, cp: int) -> np.ndarray:
+    """The sequence positions in storage order: device ``i``'s two chunks, ``i`` and
+    ``2 cp - 1 - i``, for ``i = 0 .. cp - 1``; the identity when ``cp == 1`` (any ``seq_len``, odd
+    ones too: validation asks ``seq_len`` to be a multiple of ``2 cp`` only when ``cp > 1``)."""
+    if cp == 1:
+        return np.arange(seq_len)
+    chunks = np.arange(seq_len).reshape(2 * cp, seq_len // (2 * cp))
+    return np.concatenate([np.concatenate([chunks[i], chunks[2 * cp - 1 - i]]) for i in range(cp)])
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextParallel:
+    """How attention runs over the ``cp`` mesh axis, decided here once (:meth:`of`) and carried
+    by the model as a field. ``ring``: ring attention (``model/ring_attention.py``). Inside a
+    pipeline (pp > 1) ``all_gather`` (``model/attention.gathered_attention``): the stages run
+    different branches of one program, and a ring's collective-permutes there would have to be
+    taken by every device. ``none`` at cp = 1. Under cp > 1 the sequence is stored in zigzag order."""
+
+    size: int = 1
+    mode: str = "none"                  # none | ring | all_gather
+
+    ATTENTION = {"ring": RING_ATTENTION, "all_gather": ("xla",)}
+    """The attention implementations each mode runs: ring steps merge blocks by their
+    log-sum-exp; all-gather CP masks the gathered keys by position, with XLA."""
+
+    @classmethod
+    def of(cls, cp: int, pp: int) -> ContextParallel:
+        return cls(cp, "none" if cp == 1 else "all_gather" if pp > 1 else "ring")
+
+    def runs(self, attention: str) -> bool:
+        """Whether ``attention`` runs under this mode (every implementation at cp = 1)."""
+        return self.mode == "none" or attention in self.ATTENTION[self.mode]
+
+    def order(self, seq_len: int) -> np.ndarray:
+        """The positions of the stored sequence: :func:`zigzag_order`, the identity at cp = 1."""
+        return zigzag_order(seq_len, self.size)
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """How one step is parallelised. ``zero`` shards over the ``fsdp`` axis: 1 = optimizer state
@@ -219,6 +264,10 @@ class Layout:
         one H100; docs/gpu-program.md). Without remat, unrolled layers remove the scan's per-layer
         copies and lower the peak."""
         return self.scan_layers if self.scan_layers is not None else default_scans_layers(platform, self.remat)
+
+    @property
+    def context_parallel(self) -> ContextParallel:
+        return ContextParallel.of(self.mesh["cp"], self.mesh["pp"])
 
     @property
     def data_parallel(self) -> int:
@@ -334,14 +383,8 @@ def _multiple(value: int, of: int) -> int:
     return value // of * of or of
 
 
-def attention_runs_under_cp(attention: str, pp: int) -> bool:
-    """Whether ``attention`` can run under cp > 1: per ring step (``RING_ATTENTION``), and only
-    ``xla`` inside a pipeline, where context parallelism all-gathers K/V instead of a ring."""
-    return attention in RING_ATTENTION and (pp == 1 or attention == "xla")
-
-
 def _validate_context_parallel(run: RunConfig) -> None:
-    """Ring attention over ``cp`` (see ``parallel/ring_attention.py``): each device holds two of
+    """Ring attention over ``cp`` (see ``model/ring_attention.py``): each device holds two of
     the sequence's ``2 cp`` chunks, and each ring step runs an attention kernel on one block."""
     cp, lay = run.layout.mesh["cp"], run.layout
     if cp == 1:
@@ -350,11 +393,11 @@ def _validate_context_parallel(run: RunConfig) -> None:
         raise InvalidInput("seq_len", f"context parallelism gives each of cp={cp} devices two of the "
                            f"sequence's 2*cp={2 * cp} chunks (causal load balance), but seq_len={run.seq_len} "
                            f"is not divisible by {2 * cp}; e.g. --seq_len {_multiple(run.seq_len, 2 * cp)}")
-    if not attention_runs_under_cp(lay.attention, pp=1):
+    if not ContextParallel.of(cp, pp=1).runs(lay.attention):
         raise InvalidInput("attention", f"{lay.attention} cannot run per ring step under cp={cp}: it returns "
                            "no log-sum-exp to merge one key block's result with the next; use --attention "
                            f"{' or '.join(RING_ATTENTION)}")
-    if not attention_runs_under_cp(lay.attention, lay.mesh["pp"]):
+    if not lay.context_parallel.runs(lay.attention):
         raise InvalidInput("attention", f"{lay.attention} does not run under cp={cp} with pp={lay.mesh['pp']}: "
                            "inside a pipeline context parallelism all-gathers K/V and attends with XLA "
                            "(a ring's collective-permutes cannot sit in the stages' branches); use --attention xla")

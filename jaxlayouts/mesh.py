@@ -73,7 +73,7 @@ def compute_rules(layout: Layout, *, batch_axes=DATA_AXES, overrides: dict | Non
 
 def _sequence_axes(layout: Layout, inside_layer: bool):
     """Mesh axes of the sequence: ``cp`` everywhere under context parallelism (two chunks per
-    device, see ``parallel/ring_attention.py``), and for the residual stream (not a layer's
+    device, see ``model/ring_attention.py``), and for the residual stream (not a layer's
     input) also ``tp`` under sequence parallelism."""
     axes = ("cp",) if layout.mesh["cp"] > 1 else ()
     if layout.sequence_parallel and not inside_layer:
@@ -131,23 +131,6 @@ def constrain(x, logical: tuple):
         return x
     mesh, rules = context
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(logical, rules)))
-
-
-
-def _context_axis_size(axis: str) -> int:
-    context = _CONTEXT.get()
-    return 1 if context is None else dict(context[0].shape).get(axis, 1)
-
-
-def context_parallel_size() -> int:
-    """The ``cp`` degree the model is traced under (1 outside :func:`sharding_context`): the
-    sequence is then in ring order and attention runs as ring attention."""
-    return _context_axis_size("cp")
-
-
-def pipeline_stages() -> int:
-    """The ``pp`` degree the model is traced under (1 outside :func:`sharding_context`)."""
-    return _context_axis_size("pp")
 
 
 def per_shard(fn, in_axes: tuple, out_axes: tuple):

@@ -32,11 +32,10 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlayouts.layout import DATA_AXES, Layout, RunConfig
+from jaxlayouts.layout import DATA_AXES, ContextParallel, Layout, RunConfig
 from jaxlayouts.mesh import compute_rules, sharding_context, spec, state_rules
 from jaxlayouts.model.llama import Llama
 from jaxlayouts.parallel.pipeline import Pipeline, storage_order
-from jaxlayouts.parallel.ring_attention import zigzag_order
 
 BATCH_SPEC = PartitionSpec(None, DATA_AXES, None)
 """Device batch ``[accum_steps, micro-batch rows of all shards, seq_len + 1]``."""
@@ -63,7 +62,10 @@ class Trainer:
         layout = run.layout
         self.dtype = jnp.dtype(run.dtype)
         self.scan_layers = layout.scans_layers(mesh.devices.flat[0].platform)
-        self.model = Llama(run.model, self.dtype, layout.attention, layout.norm, layout.remat, self.scan_layers)
+        self.model = Llama(run.model, self.dtype, layout.attention, layout.norm, layout.remat, self.scan_layers,
+                           layout.context_parallel)
+        # cp changes no parameter, and init's two-token sequence cannot be split over it
+        self._init_model = self.model.clone(context_parallel=ContextParallel())
         self.optimizer = optax.chain(
             optax.clip_by_global_norm(1.0),
             optax.adamw(run.learning_rate, b1=0.9, b2=0.95, weight_decay=0.1))
@@ -72,7 +74,7 @@ class Trainer:
         # Inside the per-shard vmap of ZeRO 0/1 the batch axis is the vmapped one.
         self.replica_rules = compute_rules(layout, batch_axes=None, overrides=axis_rules)
 
-        boxed = jax.eval_shape(self.model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+        boxed = jax.eval_shape(self._init_model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
         self.logical_axes = nn.get_partition_spec(boxed)["params"]
         by_stage = lambda stage: self.state_rules if layout.zero >= stage else self.compute_rules
         self.master_shardings = self._shardings(by_stage(1))
@@ -99,7 +101,7 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------
 
     def _init(self, key) -> TrainState:
-        params = nn.meta.unbox(self.model.init(key, jnp.zeros((1, 2), jnp.int32)))["params"]
+        params = nn.meta.unbox(self._init_model.init(key, jnp.zeros((1, 2), jnp.int32)))["params"]
         lay = self.run.layout
         if lay.virtual_stages > 1:  # the stored layer order puts each device's chunks together
             order = storage_order(self.run.model.num_layers, lay.mesh["pp"], lay.virtual_stages)
@@ -133,11 +135,11 @@ class Trainer:
 
     def inputs_and_targets(self, batch):
         """``batch [..., seq_len + 1]`` -> the model's inputs and their next tokens, each
-        ``[..., seq_len]`` and, under context parallelism, in ring order (``zigzag_order``)."""
+        ``[..., seq_len]`` and, under context parallelism, in zigzag order (``ContextParallel.order``)."""
         inputs, targets = batch[..., :-1], batch[..., 1:]
-        cp = self.run.layout.mesh["cp"]
-        if cp > 1:
-            order = zigzag_order(self.run.seq_len, cp)
+        cp = self.run.layout.context_parallel
+        if cp.mode != "none":
+            order = cp.order(self.run.seq_len)
             inputs, targets = inputs[..., order], targets[..., order]
         return inputs, targets
 

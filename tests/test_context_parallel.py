@@ -12,11 +12,11 @@ from conftest import make_run, run_bench, step_gradients
 from jax.sharding import AxisType, PartitionSpec as P
 
 from jaxlayouts.analysis import hlo
-from jaxlayouts.layout import InvalidInput, load_model_config, validate
+from jaxlayouts.layout import InvalidInput, load_model_config, validate, zigzag_order
 from jaxlayouts.mesh import build_mesh
 from jaxlayouts.model.attention import xla_attention
-from jaxlayouts.parallel import ring_attention as ring_attention_module
-from jaxlayouts.parallel.ring_attention import ring_attention, zigzag_order
+from jaxlayouts.model import ring_attention as ring_attention_module
+from jaxlayouts.model.ring_attention import ring_attention
 from jaxlayouts.train import Trainer
 
 

@@ -2,20 +2,17 @@
 their overlap with attention, gradients summed over cp, the long-sequence enumeration, and one
 compiled cp layout against the model."""
 
-import ast
 import dataclasses
-import pathlib
 
 import pytest
 from conftest import make_run, run_module
 
 from jaxlayouts.layout import load_model_config
 from jaxlayouts.plan import cost
-from jaxlayouts.plan.__main__ import CP_MIN_TOKENS_PER_DEVICE, candidates, context_parallel_degrees, rank
+from jaxlayouts.plan.search import CP_MIN_TOKENS_PER_DEVICE, candidates, context_parallel_degrees, rank
 from jaxlayouts.plan.hardware import load_hardware
 from jaxlayouts.plan.study import STUDY
 
-PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "jaxlayouts"
 LONG = 32768
 
 
@@ -131,22 +128,6 @@ def test_plan_explains_a_cp_layout():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "context_parallel" in proc.stdout and "context parallelism: cp=4" in proc.stdout
     assert "3 K/V send(s) of 64 MiB forward" in proc.stdout  # K and V: 2 x 8192 tokens x 16 kv heads x 128 x 2 bytes
-
-
-def test_no_module_imports_one_above_it():
-    """plan is below explore: --verify compiles through analysis/compiled.py, which imports neither."""
-    def imported(path):  # every module and name imported anywhere in the file, as dotted names
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-            elif isinstance(node, ast.Import):
-                names |= {a.name for a in node.names}
-        return names
-    for path in (PACKAGE / "plan").glob("*.py"):
-        assert not {m for m in imported(path) if m.startswith("jaxlayouts.explore")}, path
-    assert not {m for m in imported(PACKAGE / "analysis" / "compiled.py")
-                if m.startswith(("jaxlayouts.explore", "jaxlayouts.plan"))}
 
 
 @pytest.fixture(scope="module")

@@ -220,3 +220,19 @@ def test_unrolled_zero3_pipeline_without_remat():
     assert not w.scan_layers
     m = cost.predict(w, load_hardware("h100-80gb")).memory_bytes
     assert 1.0 <= (m["total"] - m["overhead"]) / cost.GIB / 16.04 <= 1.2
+
+
+def test_offload_keeps_only_the_layer_input_on_the_device():
+    """``remat.py``: offload moves what it saves to host memory, so every memory term charges it
+    the layer input alone, as ``full``: this step's count, the study's and the per-layer copies."""
+    hw = load_hardware("h200")
+    for sp, tp in ((False, 1), (True, 2)):
+        full, offload = (workload(model=load_model_config("llama-1b"), remat=r, tp=tp, sequence_parallel=sp)
+                         for r in ("full", "offload"))
+        layer_input = full.dtype_bytes * full.micro_batch * full.local_seq * full.model.d_model / tp
+        for w in (full, offload):
+            assert cost.step_layer_kept_bytes(w, w.remat) == layer_input
+            assert cost.layer_activation_bytes(w) == layer_input
+            assert STUDY.layer_kept_bytes(w) == layer_input
+        assert w.trainer.layer_fixed_s(offload, hw) == w.trainer.layer_fixed_s(full, hw)
+    assert cost.layer_activation_bytes(dataclasses.replace(full, remat="none")) > 10 * layer_input

@@ -14,8 +14,9 @@ Shapes: ``q [batch, seq, heads, head_dim]``, ``k, v [batch, seq, kv_heads, head_
 Kernels are opaque to XLA's partitioner, so they run per shard: batch over the data axes, heads
 over ``tp``; the layout never gathers heads. Under context parallelism (``cp > 1``) every
 implementation that can run per block (``xla``, ``pallas``) runs inside ring attention
-(:mod:`jaxlayouts.parallel.ring_attention`), per shard over ``cp`` as well; inside a pipeline
-(``pp > 1``) it is all-gather context parallelism with ``xla`` (:func:`gathered_attention`).
+(:mod:`jaxlayouts.model.ring_attention`), per shard over ``cp`` as well; inside a pipeline
+(``pp > 1``) it is all-gather context parallelism with ``xla`` (:func:`gathered_attention`). The
+model's ``context_parallel`` field (``layout.ContextParallel``) says which.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxlayouts.kernels import interpret_mode
 from jaxlayouts.kernels.flash_attention import flash_attention
-from jaxlayouts.mesh import context_parallel_size, per_shard, pipeline_stages
+from jaxlayouts.layout import ContextParallel
+from jaxlayouts.mesh import per_shard
 from jaxlayouts.model.axes import HEADS
 from jaxlayouts.model.matmul import grouped_scores
-from jaxlayouts.parallel.ring_attention import ring_attention, zigzag_order
+from jaxlayouts.model.ring_attention import ring_attention
 
 
 def xla_attention(q, k, v, q_positions=None, k_positions=None):
@@ -65,16 +67,14 @@ def pallas_jax_attention(q, k, v):
     return out[:, :t]
 
 
-def gathered_attention(q, k, v, axis: str = "cp"):
+def gathered_attention(q, k, v, positions, axis: str = "cp"):
     """All-gather context parallelism (Llama 3, Dubey et al. 2024, Sec. 3.3.2) for this device's
     zigzag chunks: K/V all-gathered over ``axis`` (the backward reduce-scatters dK/dV), the
-    causal mask read from the sequence positions. Pipelines use it instead of the ring: their
-    stages run different branches of one program, and a collective-permute there would have to be
-    taken by every device (XLA's rendezvous waits for all of them); an all-gather's groups are
-    per stage."""
-    size, q_len = jax.lax.axis_size(axis), q.shape[1]
+    causal mask read from the stored sequence's ``positions``. Pipelines use it instead of the
+    ring (``layout.ContextParallel``): an all-gather's groups are per stage."""
+    q_len = q.shape[1]
     k, v = (jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v))
-    positions = jnp.asarray(zigzag_order(k.shape[1], size))
+    positions = jnp.asarray(positions)
     mine = jax.lax.dynamic_slice_in_dim(positions, jax.lax.axis_index(axis) * q_len, q_len)
     return xla_attention(q, k, v, mine, positions)
 
@@ -83,14 +83,16 @@ IMPLEMENTATIONS = {"xla": xla_attention, "cudnn": cudnn_attention, "pallas": fla
                    "pallas_jax": pallas_jax_attention}
 
 
-def attention(q, k, v, implementation: str):
+def attention(q, k, v, implementation: str, context_parallel: ContextParallel = ContextParallel()):
     """Causal attention with ``implementation``; kernels run on each device's shard. Under
-    context parallelism (cp > 1) it is ring attention, each block with ``implementation``."""
-    if context_parallel_size() > 1:
-        per_device = (gathered_attention if pipeline_stages() > 1
-                      else functools.partial(ring_attention, implementation=implementation))
-        return per_shard(per_device, (HEADS, HEADS, HEADS), HEADS)(q, k, v)
-    fn = IMPLEMENTATIONS[implementation]
-    if implementation == "xla":
-        return fn(q, k, v)
-    return per_shard(fn, (HEADS, HEADS, HEADS), HEADS)(q, k, v)
+    context parallelism it runs as ``context_parallel.mode`` says: ring attention, each block
+    with ``implementation``, or all-gather CP."""
+    if context_parallel.mode == "ring":
+        per_device = functools.partial(ring_attention, implementation=implementation)
+    elif context_parallel.mode == "all_gather":
+        per_device = functools.partial(gathered_attention, positions=context_parallel.order(q.shape[1]))
+    elif implementation == "xla":
+        return xla_attention(q, k, v)
+    else:
+        per_device = IMPLEMENTATIONS[implementation]
+    return per_shard(per_device, (HEADS, HEADS, HEADS), HEADS)(q, k, v)

@@ -11,9 +11,10 @@ compute, which under ZeRO-3 is the per-layer all-gather.
 Sequence parallelism (Korthikanti et al. 2022) needs no code here: the residual stream is named
 ``act_seq`` and the layer inputs/outputs ``seq``, so when ``act_seq -> tp`` the compiler turns
 the tensor-parallel all-reduces into all-gather (before the projections) and reduce-scatter (after).
-Context parallelism needs little: with ``seq -> cp`` the sequence arrives in ring order, rotary
-embeddings take their positions from that order, and attention is ring attention
-(:mod:`jaxlayouts.parallel.ring_attention`).
+Context parallelism needs little: with ``seq -> cp`` the sequence arrives in zigzag order, rotary
+embeddings take their positions from that order, and attention runs as the ``context_parallel``
+field says (``layout.ContextParallel``: ring attention, :mod:`jaxlayouts.model.ring_attention`,
+or all-gather inside a pipeline).
 """
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxlayouts.layout import ModelConfig
-from jaxlayouts.mesh import constrain, context_parallel_size
+from jaxlayouts.layout import ContextParallel, ModelConfig
+from jaxlayouts.mesh import constrain
 from jaxlayouts.model.attention import attention
 from jaxlayouts.model.axes import HEADS, LAYER_INPUT, RESIDUAL
 from jaxlayouts.model.matmul import einsum_f32
 from jaxlayouts.model.norm import rms_norm
-from jaxlayouts.parallel.ring_attention import zigzag_order
 from jaxlayouts.remat import POLICIES as REMAT, WEIGHT_TAG
 
 
@@ -45,12 +45,12 @@ def weight(module: nn.Module, name: str, shape: tuple, axes: tuple, dtype, scale
     return for_compute(module.param(name, init, shape, jnp.float32), axes, dtype)
 
 
-def rotary(x, theta: float):
-    """Rotary position embedding (Su et al. 2021), rotating the two halves of each head; under
-    context parallelism the sequence is in ring order, so positions come from that order."""
-    t, d = x.shape[1], x.shape[-1]
+def rotary(x, theta: float, positions):
+    """Rotary position embedding (Su et al. 2021), rotating the two halves of each head, at the
+    stored sequence's ``positions`` (under context parallelism in zigzag order)."""
+    d = x.shape[-1]
     freqs = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
-    positions = jnp.asarray(zigzag_order(t, context_parallel_size()), jnp.float32)
+    positions = jnp.asarray(positions, jnp.float32)
     angles = positions[:, None] * freqs[None, :]
     cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -75,6 +75,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
     attention: str
+    context_parallel: ContextParallel = ContextParallel()
 
     @nn.compact
     def __call__(self, x):
@@ -87,8 +88,10 @@ class Attention(nn.Module):
         q = checkpoint_name(constrain(jnp.einsum("btd,dnh->btnh", x, wq), HEADS), "query_proj")
         k = checkpoint_name(constrain(jnp.einsum("btd,dnh->btnh", x, wk), HEADS), "key_proj")
         v = checkpoint_name(constrain(jnp.einsum("btd,dnh->btnh", x, wv), HEADS), "value_proj")
-        q, k = rotary(q, c.rope_theta), rotary(k, c.rope_theta)
-        out = checkpoint_name(constrain(attention(q, k, v, self.attention), HEADS), "attention")
+        positions = self.context_parallel.order(x.shape[1])
+        q, k = rotary(q, c.rope_theta, positions), rotary(k, c.rope_theta, positions)
+        out = checkpoint_name(constrain(attention(q, k, v, self.attention, self.context_parallel), HEADS),
+                              "attention")
         return checkpoint_name(constrain(jnp.einsum("btnh,nhd->btd", out, wo), RESIDUAL), "out_proj")
 
 
@@ -118,13 +121,14 @@ class Block(nn.Module):
     dtype: jnp.dtype
     attention: str
     norm: str
+    context_parallel: ContextParallel = ContextParallel()
 
     @nn.compact
     def __call__(self, x, _):
         eps = self.cfg.norm_eps
         h = constrain(checkpoint_name(RMSNorm(eps, self.norm, name="attn_norm")(x), "attention_norm"),
                       LAYER_INPUT)
-        x = x + Attention(self.cfg, self.dtype, self.attention, name="attn")(h)
+        x = x + Attention(self.cfg, self.dtype, self.attention, self.context_parallel, name="attn")(h)
         h = constrain(checkpoint_name(RMSNorm(eps, self.norm, name="mlp_norm")(x), "mlp_norm"), LAYER_INPUT)
         x = x + SwiGLU(self.cfg, self.dtype, name="mlp")(h)
         return constrain(x, RESIDUAL), None
@@ -151,11 +155,13 @@ class LayerStack(nn.Module):
     remat: str
     length: int
     scan_layers: bool = True
+    context_parallel: ContextParallel = ContextParallel()
 
     @nn.compact
     def __call__(self, x):
         layers = scanned_blocks(self.remat, self.length, self.scan_layers)
-        return layers(self.cfg, self.dtype, self.attention, self.norm, name="layers")(x, None)[0]
+        return layers(self.cfg, self.dtype, self.attention, self.norm, self.context_parallel,
+                      name="layers")(x, None)[0]
 
 
 def embed(params, tokens, dtype):
@@ -185,6 +191,7 @@ class Llama(nn.Module):
     norm: str = "xla"
     remat: str = "none"
     scan_layers: bool = True
+    context_parallel: ContextParallel = ContextParallel()   # the layout's (layout.ContextParallel)
 
     @nn.compact
     def __call__(self, tokens):
@@ -195,7 +202,7 @@ class Llama(nn.Module):
         params = {"embedding": param("embedding", normal(1.0), (c.vocab_size, c.d_model), EMBEDDING_AXES)}
         x = embed(params, tokens, self.dtype)
         x, _ = scanned_blocks(self.remat, c.num_layers, self.scan_layers)(
-            c, self.dtype, self.attention, self.norm, name="layers")(x, None)
+            c, self.dtype, self.attention, self.norm, self.context_parallel, name="layers")(x, None)
         params["final_norm"] = param("final_norm", nn.initializers.ones, (c.d_model,), ("embed",))
         params["lm_head"] = param("lm_head", normal(0.02), (c.d_model, c.vocab_size), HEAD_AXES)
         return head(params, x, c, self.dtype, self.norm)

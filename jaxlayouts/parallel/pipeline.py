@@ -92,7 +92,7 @@ class Pipeline:
         self.compute_specs, self.grad_specs = compute_specs, grad_specs
         self.dtype = jnp.dtype(run.dtype)
         self.stack = LayerStack(run.model, self.dtype, lay.attention, lay.norm, lay.remat, self.layers_per_chunk,
-                                lay.scans_layers(mesh.devices.flat[0].platform))
+                                lay.scans_layers(mesh.devices.flat[0].platform), lay.context_parallel)
 
     # -- pieces of the model --------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ accumulation + optimizer update:
   passes over the bf16 score matrix. Norms and other elementwise work are HBM passes over the
   activations (a fused RMSNorm makes 2 passes). Backward = 2x forward (flash attention: 2.5x);
   full recomputation adds a forward; this project's pipeline executor adds one more forward per
-  stage. Each trainer adds a fixed time per layer and micro-batch (``Trainer.layer_fixed_s``):
+  stage. Each trainer adds a fixed time per layer and micro-batch (``StepModel.layer_fixed_s``):
   here HBM copies around the layer scan; remat thereby saves the stores of what it drops.
 * Pipeline: (V M + P - 1) / V times of the slowest stage (``parallel.schedule.ideal_ticks``,
   Narayanan et al. 2021), the (P - 1) / V fill and drain scaled by ``bubble_factor``.
@@ -21,12 +21,12 @@ accumulation + optimizer update:
   all-reduces of the b T d activation (SP: reduce-scatter + all-gather, same bytes); ring cost
   2 (t-1)/t V / W plus a latency floor (scaling book: all-reduce ~ 2V/W, all-gather ~ V/W).
 * Data-parallel communication: the trainer's table of collectives (:data:`Collective`; this
-  project's in :meth:`Trainer.data_collectives`), timed by ring formulas, ``dp_overlap`` of it
+  project's in :meth:`StepModel.data_collectives`), timed by ring formulas, ``dp_overlap`` of it
   hidden. The same table gives :func:`collective_bytes`. Pipeline point-to-point sends are
   counted in full. The link is NVLink when the group fits in a node, else InfiniBand through as
-  many NICs as the group has GPUs per node (``Trainer.per_node``; ``Hardware.link_bandwidth``).
+  many NICs as the group has GPUs per node (``StepModel.per_node``; ``Hardware.link_bandwidth``).
 * Gradient accumulation: per micro-batch one read-modify-write of the accumulator in HBM.
-* Context parallelism (``cp``; ``parallel/ring_attention.py``): see "Context parallelism" below.
+* Context parallelism (``cp``; ``model/ring_attention.py``): see "Context parallelism" below.
 
 Memory per device (the busiest stage): weights, gradients and AdamW state (this project: fp32
 master + Adam, fp32 accumulator, bf16 compute copy, sharded by ZeRO stage); activations per layer
@@ -54,7 +54,7 @@ replicates the parameters over them (ZeRO shards over ``fsdp`` only), so with ``
   (xla) blocks compute their masked half too: ``(cp + 1) / (2 cp^2)`` of the full ``T x T``
   matmuls per device, and their backward recomputes the scores (2.5x the forward's matmuls).
 * Ring communication per layer and micro-batch (Liu et al. 2023, "Ring Attention with Blockwise
-  Transformers", Sec. 3; ``parallel/ring_attention.py``): the forward sends ``cp - 1`` K/V blocks
+  Transformers", Sec. 3; ``model/ring_attention.py``): the forward sends ``cp - 1`` K/V blocks
   of ``2 b s kv_heads/tp head_dim`` elements in the compute dtype; the backward ``cp - 1`` K/V blocks
   and ``cp`` float32 dK/dV blocks of the same shape (the last brings each accumulator home).
   Each step's send runs beside one ``c x 2c`` block of attention compute, so a step exposes only
@@ -66,7 +66,7 @@ replicates the parameters over them (ZeRO shards over ``fsdp`` only), so with ``
 * Gradients: cp replicates the parameters, so their gradients are summed over cp. The compiled
   step does this per micro-batch, an all-reduce of every gradient in the compute dtype over
   ``cp``, apart from the step's data-parallel collectives over dp or fsdp
-  (``Trainer.data_collectives`` lists both; ``tests/test_plan_context_parallel.py`` pins them to
+  (``StepModel.data_collectives`` lists both; ``tests/test_plan_context_parallel.py`` pins them to
   the compiled HLO).
 """
 
@@ -78,7 +78,7 @@ from typing import NamedTuple
 
 from jaxlayouts import flops
 from jaxlayouts.distributed import split_over_nodes
-from jaxlayouts.layout import ModelConfig, RunConfig, default_scans_layers
+from jaxlayouts.layout import ContextParallel, ModelConfig, RunConfig, default_scans_layers
 from jaxlayouts.parallel.schedule import ideal_ticks
 from jaxlayouts.plan.hardware import Calibration, Hardware
 
@@ -119,7 +119,7 @@ def layer_matmul_params(m: ModelConfig) -> dict:
 
 def outside_layers_params(m: ModelConfig) -> int:
     """Input embedding, LM head and final norm."""
-    return 2 * m.vocab_size * m.d_model + m.d_model
+    return 2 * m.embedding_params + m.d_model
 
 
 def layer_params(m: ModelConfig) -> int:
@@ -134,9 +134,9 @@ def in_flight(w: Workload) -> list[int]:
     return [1 if P == 1 else (min(P - s, M) if w.schedule == "1f1b" else M) for s in range(P)]
 
 
-class Trainer:
-    """This project's step (``train.py``, ``parallel/pipeline.py``). Each method is a term in
-    which another trainer (``plan/study.py``) differs."""
+class StepModel:
+    """The cost model of this project's step (``train.py``'s ``Trainer``, ``parallel/pipeline.py``).
+    Each method is a term in which another trainer's step (``plan/study.py``) differs."""
 
     name = "jaxlayouts"
     fixed_term = "layer_copies"     # the name of layer_fixed_s in Prediction.time_s
@@ -261,7 +261,7 @@ class Trainer:
         the scan's residuals and read back; full remat keeps only the layer input)."""
         c, m = hw.calibration, w.model
         weights = w.dtype_bytes * layer_params(m) / w.tp
-        kept = layer_activation_bytes(w, per_layer_input_only=w.remat in ("full", "offload"))
+        kept = layer_activation_bytes(w)
         return (c.layer_copy_passes * weights + c.activation_store_passes * kept) / hw.hbm_bandwidth
 
     def data_collectives(self, w: Workload, params: float) -> list[Collective]:
@@ -299,7 +299,7 @@ class Trainer:
         return {"tp": inside["tp"], "data": inside["dp"] * inside["fsdp"], "cp": inside["cp"], "pp": inside["pp"]}
 
 
-JAXLAYOUTS = Trainer()
+JAXLAYOUTS = StepModel()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,7 +322,7 @@ class Workload:
     zero: int = 1
     schedule: str = "1f1b"
     virtual_stages: int = 1
-    trainer: Trainer = JAXLAYOUTS       # or plan.study.STUDY: the reference study's trainer
+    trainer: StepModel = JAXLAYOUTS       # or plan.study.STUDY: the reference study's trainer
     dtype_bytes: int = 2                # compute dtype: bf16 (float32 in CPU tests)
     scan_layers: bool | None = None     # layers as one lax.scan; unset: as a GPU step runs them by default
 
@@ -345,9 +345,9 @@ class Workload:
 
     @property
     def ring(self) -> bool:
-        """Whether attention is ring attention (cp > 1 outside pipelines); inside pipelines cp
+        """Whether attention is ring attention (``layout.ContextParallel``); inside pipelines cp
         all-gathers K/V instead (``model/attention.gathered_attention``)."""
-        return self.cp > 1 and self.pp == 1
+        return ContextParallel.of(self.cp, self.pp).mode == "ring"
 
     @property
     def microbatches(self) -> int:
@@ -389,14 +389,20 @@ def stages(w: Workload) -> tuple[Stage, ...]:
     return w.trainer.stages(w)
 
 
-def layer_activation_bytes(w: Workload, per_layer_input_only: bool = False) -> float:
+def keeps_layer_input_only(policy: str) -> bool:
+    """Whether remat ``policy`` keeps nothing of a layer on the device beyond its input: ``full``,
+    and ``offload``, which moves what it saves to host memory (``remat.py``)."""
+    return policy in ("full", "offload")
+
+
+def layer_activation_bytes(w: Workload) -> float:
     """Bytes one layer keeps for the backward pass, per micro-batch on one device
     (Korthikanti et al. 2022, Sec. 4, for a bf16 LLaMA layer), for the ``s = T / cp`` tokens of
-    each sequence that the device holds."""
+    each sequence that the device holds, under the workload's remat policy."""
     m, t, e = w.model, w.tp, w.dtype_bytes
     s, b, h, f = w.local_seq, w.micro_batch, m.d_model, m.d_ff
     kv_share = m.num_kv_heads / m.num_heads
-    if per_layer_input_only:
+    if keeps_layer_input_only(w.remat):
         return e * s * b * h / (t if w.sequence_parallel else 1)
     replicated = e * s * b * h * 4                  # the two norms' inputs and outputs
     if not w.fused_norm:                            # an unfused norm also keeps its float32 input
@@ -451,7 +457,7 @@ def step_layer_kept_bytes(w: Workload, policy: str) -> float:
     kv = m.num_kv_heads / m.num_heads
     rows = t if w.sequence_parallel else 1            # the residual stream's split
     whole = 1 if w.sequence_parallel else rows        # norm outputs the next matmul all-gathers
-    if policy in ("full", "offload"):
+    if keeps_layer_input_only(policy):
         return E / rows
     qkv = (1 + 2 * kv) * E / t
     scores = 0.0
@@ -528,7 +534,7 @@ def stage_params(w: Workload, stage: Stage | None = None) -> float:
 def _embedding_params(w: Workload) -> float:
     """Embedding, LM head and final norm per device (split over tp)."""
     m = w.model
-    return 2 * m.vocab_size * m.d_model / w.tp + m.d_model
+    return 2 * m.embedding_params / w.tp + m.d_model
 
 
 # -- time --------------------------------------------------------------------------------------
@@ -702,7 +708,7 @@ class ContextTraffic(NamedTuple):
 
 def context_traffic(w: Workload) -> ContextTraffic:
     """Ring attention: ``cp - 1`` K/V sends forward, ``cp - 1`` K/V sends and ``cp`` float32
-    dK/dV sends backward (``parallel/ring_attention._ring_backward``). All-gather CP (pp > 1): the
+    dK/dV sends backward (``model/ring_attention._ring_backward``). All-gather CP (pp > 1): the
     whole sequence's K/V all-gathered per forward of the layer (``attention_forwards``) and its
     dK/dV reduce-scattered once."""
     if w.cp == 1:
@@ -725,7 +731,7 @@ def attention_forwards(w: Workload) -> int:
 def context_parallel_time(w: Workload, hw: Hardware, per_node: dict) -> float:
     """Exposed cp communication of one layer and micro-batch (0 at cp = 1).
 
-    Ring attention (Liu et al. 2023, Sec. 3; ``parallel/ring_attention.py``): each of the forward's
+    Ring attention (Liu et al. 2023, Sec. 3; ``model/ring_attention.py``): each of the forward's
     ``cp - 1`` steps sends one K/V block while the device computes one ``c x 2c`` block of
     attention, exposing ``max(0, send - block compute)`` plus a latency; each of the backward's
     ``cp - 1`` steps sends K/V and dK/dV beside one block's backward; the last dK/dV send has
@@ -800,16 +806,16 @@ def collective_bytes(w: Workload) -> dict:
     """Bytes per device and step that collectives move, by the axes they run over (``tp``,
     ``data``, ``pp``, ``cp``), counted as ``analysis/hlo.py`` reads a compiled step: each collective at
     its full buffer size (all-reduce and all-gather results, reduce-scatter inputs). Counts follow
-    this project's compiled steps: 7 tensor-parallel all-reduces per layer and micro-batch
+    this project's compiled steps: ``tp_collectives_per_layer`` (7) tensor-parallel all-reduces per layer and micro-batch
     (2 forward; 5 backward, since the q, k, v, gate and up input gradients are separate
     collectives) plus one each for the embedding and the LM-head input; the data axis by
-    :meth:`Trainer.data_collectives`; pipelines one activation each way per tick and the
+    :meth:`StepModel.data_collectives`; pipelines one activation each way per tick and the
     embedding/head gradients summed over ``pp``; ``cp`` the gradients' all-reduce over cp (also
-    from :meth:`Trainer.data_collectives`) and per layer and micro-batch :func:`context_traffic`."""
+    from :meth:`StepModel.data_collectives`) and per layer and micro-batch :func:`context_traffic`."""
     m, t, e = w.model, w.tp, w.dtype_bytes
     rows = w.micro_batch * w.local_seq * m.d_model * e
     layers = m.num_layers / w.pp
-    per_micro = (7 * layers + 2) * rows if t > 1 else 0.0
+    per_micro = (w.trainer.tp_collectives_per_layer * layers + 2) * rows if t > 1 else 0.0
     if t > 1 and w.sequence_parallel:  # reduce-scatters where all-reduces were, and all-gathers
         per_micro += (6 * layers + 2) * rows
     table = w.trainer.data_collectives(w, stage_params(w))

@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxlayouts.plan.cost import Collective, Stage, Trainer, Workload, in_flight, layer_activation_bytes, layer_params
+from jaxlayouts.plan.cost import Collective, Stage, StepModel, Workload, in_flight, layer_activation_bytes, layer_params
 from jaxlayouts.plan.hardware import Hardware
 
 
-class Study(Trainer):
+class Study(StepModel):
     name = "study"
     fixed_term = "host_launch"
     tp_collectives_per_layer = 4
@@ -44,7 +44,7 @@ class Study(Trainer):
 
     def stages(self, w: Workload) -> tuple[Stage, ...]:
         m, L = w.model, w.model.num_layers
-        items = [m.vocab_size * m.d_model] + [layer_params(m)] * L + [m.d_model, m.vocab_size * m.d_model]
+        items = [m.embedding_params] + [layer_params(m)] * L + [m.d_model, m.embedding_params]
         result, start = [], 0
         for size, flight in zip(balanced_partition(items, w.pp), in_flight(w)):
             end = start + size
@@ -56,7 +56,7 @@ class Study(Trainer):
     def stage_params(self, w: Workload, stage: Stage) -> float:
         m = w.model
         layers = stage.layers * layer_params(m) / w.tp
-        return layers + (stage.embedding + stage.head) * m.vocab_size * m.d_model / w.tp + stage.head * m.d_model
+        return layers + (stage.embedding + stage.head) * m.embedding_params / w.tp + stage.head * m.d_model
 
     def state_bytes(self, w: Workload, params: float) -> tuple[float, float, float]:
         return 2 * params, 2 * params, 12 * params / (w.data_parallel if w.zero >= 1 else 1)
@@ -67,8 +67,7 @@ class Study(Trainer):
     def layer_kept_bytes(self, w: Workload, policy: str | None = None) -> float:
         """Korthikanti et al.'s count (``cost.layer_activation_bytes``): the study's trainer."""
         policy = policy or w.remat
-        return layer_activation_bytes(dataclasses.replace(w, remat=policy),
-                                      per_layer_input_only=policy in ("full", "offload"))
+        return layer_activation_bytes(dataclasses.replace(w, remat=policy))
 
     def activation_scale(self, w: Workload, c) -> float:
         """``activation_factor`` for PyTorch's caching allocator, times ``tp_activation_factor``

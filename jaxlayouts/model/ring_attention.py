@@ -4,7 +4,7 @@ load-balanced.
 **Layout.** Context parallelism splits each sequence into ``2 cp`` chunks. Device ``i`` holds
 chunks ``i`` and ``2 cp - 1 - i`` (the zigzag order of Megatron-Core's CP and Llama 3's CP): under
 the causal mask an early chunk has little to attend to and a late one much, so pairing them gives
-every device the same work. :func:`zigzag_order` is that permutation; the trainer applies it to
+every device the same work. ``layout.zigzag_order`` is that permutation; the trainer applies it to
 the tokens and their labels once per step, rotary embeddings read each token's position from it,
 and from then on the sequence axis is simply sharded over ``cp`` in contiguous blocks. Norms,
 projections, the FFN and the loss are per token, so the order changes nothing else.
@@ -44,23 +44,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jaxlayouts.kernels import flash_attention as pallas
 from jaxlayouts.model.matmul import grouped_scores
 
 MASK_VALUE = pallas.MASK_VALUE
-
-
-def zigzag_order(seq_len: int, cp: int) -> np.ndarray:
-    """The sequence positions in storage order: device ``i``'s two chunks, ``i`` and
-    ``2 cp - 1 - i``, for ``i = 0 .. cp - 1``; the identity when ``cp == 1`` (any ``seq_len``, odd
-    ones too: validation asks ``seq_len`` to be a multiple of ``2 cp`` only when ``cp > 1``)."""
-    if cp == 1:
-        return np.arange(seq_len)
-    chunks = np.arange(seq_len).reshape(2 * cp, seq_len // (2 * cp))
-    return np.concatenate([np.concatenate([chunks[i], chunks[2 * cp - 1 - i]]) for i in range(cp)])
 
 
 # ---------------------------------------------------------------------------------------------
