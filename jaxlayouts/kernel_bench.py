@@ -31,13 +31,12 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from jaxlayouts import config
+from jaxlayouts import choices, config
 from jaxlayouts.ceilings import measure
 from jaxlayouts.ceilings import text as ceilings_text
 from jaxlayouts.flops import attention_flops
 from jaxlayouts.kernels import interpret_mode
 from jaxlayouts.kernels.triton_versions import unavailable_reason
-from jaxlayouts.layout import GPU_ONLY
 from jaxlayouts.model.attention import IMPLEMENTATIONS as ATTENTION
 from jaxlayouts.model.norm import IMPLEMENTATIONS as NORM
 from jaxlayouts.schema import creatable, json_value, read_input
@@ -50,8 +49,8 @@ flags.DEFINE_integer("tokens", None, "batch x seq_len per call (default: 16384 o
 flags.DEFINE_integer("heads", None, "Query heads (default: 16 on GPU, 2 on CPU).")
 flags.DEFINE_integer("kv_heads", None, "K/V heads (default: as many as query heads).")
 flags.DEFINE_string("dtype", "bfloat16", "bfloat16 or float32.")
-flags.DEFINE_list("attention", ["xla", "cudnn", "pallas", "pallas_jax"], "Attention implementations.")
-flags.DEFINE_list("norm", ["xla", "pallas", "triton"], "RMSNorm implementations.")
+flags.DEFINE_list("attention", [n for n, a in choices.ATTENTION.items() if a.benchmarked], "Attention implementations.")
+flags.DEFINE_list("norm", [n for n, r in choices.NORM.items() if r.benchmarked], "RMSNorm implementations.")
 flags.DEFINE_integer("norm_rows", None, "Rows for RMSNorm (default: 16384 on GPU, 256 on CPU).")
 flags.DEFINE_integer("d_model", 8192, "RMSNorm row width.")
 flags.DEFINE_integer("warmup", 3, "Untimed runs after the compile.")
@@ -70,9 +69,9 @@ ROW_KEYS = ("kernel", "implementation", "seq_len", "forward_ms", "forward_backwa
 
 
 def _unavailable(implementation: str, kind: str, platform: str) -> str | None:
-    if (kind, implementation) in GPU_ONLY and platform != "gpu":
+    if (kind, implementation) in choices.GPU_ONLY and platform != "gpu":
         return f"needs an NVIDIA GPU (platform is {platform})"
-    if (kind, implementation) == ("norm", "triton"):
+    if kind == "norm" and choices.NORM[implementation].needs:  # jax-triton, triton
         return unavailable_reason()
     return None
 

@@ -17,6 +17,7 @@ import pathlib
 
 import numpy as np
 
+from jaxlayouts import choices
 from jaxlayouts.kernels import triton_versions
 from jaxlayouts.schema import (InvalidInput, check_instance, checked, from_mapping, knob, knobs, load_yaml,
                                refuse_special)
@@ -37,19 +38,15 @@ PARAM_AXES = ("layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp"
 ACTIVATION_AXES = ("batch", "act_seq", "seq", "act_embed", "act_heads", "act_mlp", "act_vocab")
 """Logical axis names of parameters and activations (``mesh.py`` maps them to mesh axes)."""
 
-REMAT_CHOICES = ("none", "full", "selective", "dots", "save_all_but_ffn", "offload")
-ATTENTION_CHOICES = ("xla", "cudnn", "pallas", "pallas_jax")
-RING_ATTENTION = ("xla", "pallas")
+REMAT_CHOICES = tuple(choices.REMAT)
+ATTENTION_CHOICES = tuple(choices.ATTENTION)
+RING_ATTENTION = tuple(name for name, a in choices.ATTENTION.items() if a.ring)
 """Attention implementations that run per ring step under cp > 1: they return (or compute) the
 log-sum-exp that merges one key block's result with the others'."""
-NORM_CHOICES = ("xla", "pallas", "triton")
-GPU_ONLY = {("attention", "cudnn"): "use --attention pallas or xla",
-            ("norm", "triton"): "use --norm pallas or xla",
-            ("remat", "offload"): "use --remat full or selective"}
-"""Choices that need an NVIDIA GPU, with the alternative to name in the error."""
+NORM_CHOICES = tuple(choices.NORM)
 DTYPE_CHOICES = ("bfloat16", "float32")
 PIPELINE_SCHEDULES = ("gpipe", "circular", "1f1b")
-ZERO_CHOICES = (0, 1, 2, 3)
+ZERO_CHOICES = tuple(choices.ZERO)
 
 REQUIRED = dataclasses.MISSING
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -198,7 +195,8 @@ class ContextParallel:
     size: int = 1
     mode: str = "none"                  # none | ring | all_gather
 
-    ATTENTION = {"ring": RING_ATTENTION, "all_gather": ("xla",)}
+    ATTENTION = {"ring": RING_ATTENTION, "all_gather": tuple(
+        name for name, a in choices.ATTENTION.items() if a.all_gather)}
     """The attention implementations each mode runs: ring steps merge blocks by their
     log-sum-exp; all-gather CP masks the gathered keys by position, with XLA."""
 
@@ -342,10 +340,10 @@ def validate(run: RunConfig, num_devices: int, platform: str | None = None) -> N
     if m.d_model % m.num_heads or m.head_dim % 2:
         raise InvalidInput("model", f"{m.name}: d_model={m.d_model} must be num_heads={m.num_heads} times "
                            "an even head dimension (rotary embeddings rotate pairs)")
-    for (name, choice), alternative in GPU_ONLY.items():
+    for (name, choice), alternative in choices.GPU_ONLY.items():
         if getattr(lay, name) == choice and platform not in (None, "gpu", "cuda"):
             raise InvalidInput(name, f"{choice} needs an NVIDIA GPU (platform is {platform}); {alternative}")
-    if lay.norm == "triton" and (reason := triton_versions.unavailable_reason()):
+    if choices.NORM[lay.norm].needs and (reason := triton_versions.unavailable_reason()):  # jax-triton, triton
         raise InvalidInput("norm", reason)
     if lay.zero > 0 and fsdp == 1:
         raise InvalidInput("zero", f"zero={lay.zero} shards over the fsdp mesh axis, which has size 1; "

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxlayouts.choices import ZERO
 from jaxlayouts.layout import DATA_AXES, ContextParallel, Layout, RunConfig
 from jaxlayouts.mesh import compute_rules, sharding_context, spec, state_rules
 from jaxlayouts.model.llama import Llama
@@ -76,10 +77,11 @@ class Trainer:
 
         boxed = jax.eval_shape(self._init_model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
         self.logical_axes = nn.get_partition_spec(boxed)["params"]
-        by_stage = lambda stage: self.state_rules if layout.zero >= stage else self.compute_rules
-        self.master_shardings = self._shardings(by_stage(1))
-        self.grad_shardings = self._shardings(by_stage(2))
-        self.compute_shardings = self._shardings(by_stage(3))
+        zero = ZERO[layout.zero]
+        by_stage = lambda sharded: self.state_rules if sharded else self.compute_rules
+        self.master_shardings = self._shardings(by_stage(zero.shards_state))
+        self.grad_shardings = self._shardings(by_stage(zero.shards_gradients))
+        self.compute_shardings = self._shardings(by_stage(zero.shards_weights))
         self.abstract_state = jax.eval_shape(self._init, jax.random.key(0))
         replicated = NamedSharding(mesh, PartitionSpec())
         self.state_shardings = TrainState(
@@ -154,7 +156,7 @@ class Trainer:
         inputs, targets = self.inputs_and_targets(batch)
         if self.pipeline is not None:
             return self.pipeline.gradients(params, inputs, targets)
-        if self.run.layout.zero >= 2:
+        if ZERO[self.run.layout.zero].shards_gradients:
             return self._sharded_accumulation(params, inputs, targets)
         return self._per_shard_accumulation(params, inputs, targets)
 

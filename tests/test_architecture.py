@@ -9,7 +9,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "jaxlayouts"
 
 FLOORS = (
     # 0. Leaves: they import nothing of the package.
-    ("", "analysis", "analysis.hlo", "analysis.memory", "analysis.profile", "data", "devices", "kernels",
+    ("", "analysis", "analysis.hlo", "analysis.memory", "analysis.profile", "choices", "data", "devices", "kernels",
      "kernels.triton_versions", "kernels.tuning", "model", "model.axes", "model.matmul", "parallel",
      "parallel.schedule", "peers", "plan", "remat", "schema", "timing", "units"),
     # 1. Records: layouts and their validation, result files, the kernels.

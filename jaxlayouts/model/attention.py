@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxlayouts.choices import ATTENTION
 from jaxlayouts.kernels import interpret_mode
 from jaxlayouts.kernels.flash_attention import flash_attention
 from jaxlayouts.layout import ContextParallel
@@ -79,8 +80,8 @@ def gathered_attention(q, k, v, positions, axis: str = "cp"):
     return xla_attention(q, k, v, mine, positions)
 
 
-IMPLEMENTATIONS = {"xla": xla_attention, "cudnn": cudnn_attention, "pallas": flash_attention,
-                   "pallas_jax": pallas_jax_attention}
+IMPLEMENTATIONS = {name: globals()[a.function] for name, a in ATTENTION.items()}
+"""Each ``--attention`` record's function (``choices.ATTENTION``)."""
 
 
 def attention(q, k, v, implementation: str, context_parallel: ContextParallel = ContextParallel()):
@@ -91,8 +92,8 @@ def attention(q, k, v, implementation: str, context_parallel: ContextParallel = 
         per_device = functools.partial(ring_attention, implementation=implementation)
     elif context_parallel.mode == "all_gather":
         per_device = functools.partial(gathered_attention, positions=context_parallel.order(q.shape[1]))
-    elif implementation == "xla":
-        return xla_attention(q, k, v)
+    elif not ATTENTION[implementation].per_shard:
+        return IMPLEMENTATIONS[implementation](q, k, v)
     else:
         per_device = IMPLEMENTATIONS[implementation]
     return per_shard(per_device, (HEADS, HEADS, HEADS), HEADS)(q, k, v)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from jaxlayouts.choices import NORM
 from jaxlayouts.kernels.rms_norm import rms_norm_pallas, rms_norm_reference
 from jaxlayouts.mesh import per_shard
 from jaxlayouts.model.axes import RESIDUAL
@@ -12,13 +13,14 @@ def _triton(x, scale, eps):
     return rms_norm_triton(x, scale, eps)
 
 
-IMPLEMENTATIONS = {"xla": rms_norm_reference, "pallas": rms_norm_pallas, "triton": _triton}
+IMPLEMENTATIONS = {name: globals()[r.function] for name, r in NORM.items()}
+"""Each ``--norm`` record's function (``choices.NORM``)."""
 
 
 def rms_norm(x, scale, eps: float, implementation: str):
     """RMSNorm of the residual stream ``x [batch, seq, d_model]``. Kernels are opaque to XLA's
     partitioner, so they run per shard (the norm needs whole rows, which every layout keeps)."""
-    if implementation == "xla":
-        return rms_norm_reference(x, scale, eps)
     kernel = IMPLEMENTATIONS[implementation]
+    if not NORM[implementation].per_shard:
+        return kernel(x, scale, eps)
     return per_shard(lambda x, scale: kernel(x, scale, eps), (RESIDUAL, ("embed",)), RESIDUAL)(x, scale)

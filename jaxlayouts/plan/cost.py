@@ -77,15 +77,19 @@ import functools
 from typing import NamedTuple
 
 from jaxlayouts import flops
+from jaxlayouts.choices import ATTENTION, NORM, REMAT, ZERO
 from jaxlayouts.distributed import split_over_nodes
 from jaxlayouts.layout import ContextParallel, ModelConfig, RunConfig, default_scans_layers
 from jaxlayouts.parallel.schedule import ideal_ticks
 from jaxlayouts.plan.hardware import Calibration, Hardware
 
 GIB = 2 ** 30
-ATTENTION_CLASS = {"xla": "unfused", "cudnn": "flash2", "pallas": "flash2", "pallas_jax": "flash2"}
-"""This project's attention kernels by cost class; each flash kernel has its own efficiency
-(``Calibration.cudnn_efficiency`` ...; unset: ``flash2_efficiency``)."""
+ATTENTION_CLASS = {name: a.cost_class for name, a in ATTENTION.items()}
+"""This project's attention kernels by cost class (``choices.ATTENTION``); each flash kernel has
+its own efficiency, its record's calibration field (``Calibration.cudnn_efficiency`` ...; unset:
+``flash2_efficiency``)."""
+ATTENTION_CLASSES = ("unfused", "fused", "flash1", "flash2")
+"""The cost classes this model knows."""
 
 
 class Collective(NamedTuple):
@@ -217,11 +221,11 @@ class StepModel:
         """Weights (bf16 compute copy + fp32 master), fp32 gradient accumulator, Adam moments,
         each sharded over the data axes as the ZeRO stage says (``train.py``; the pipeline executor
         keeps the same split)."""
-        shard = w.data_parallel
-        weights = (w.dtype_bytes * params / (shard if w.zero >= 3 else 1)
-                   + 4 * params / (shard if w.zero >= 1 else 1))
-        grads = 4 * params / (shard if w.zero >= 2 else 1)
-        optimizer = 8 * params / (shard if w.zero >= 1 else 1)
+        zero, shard = ZERO[w.zero], w.data_parallel
+        weights = (w.dtype_bytes * params / (shard if zero.shards_weights else 1)
+                   + 4 * params / (shard if zero.shards_state else 1))
+        grads = 4 * params / (shard if zero.shards_gradients else 1)
+        optimizer = 8 * params / (shard if zero.shards_state else 1)
         return weights, grads, optimizer
 
     def head_backward_buffers(self, w: Workload) -> float:
@@ -392,7 +396,7 @@ def stages(w: Workload) -> tuple[Stage, ...]:
 def keeps_layer_input_only(policy: str) -> bool:
     """Whether remat ``policy`` keeps nothing of a layer on the device beyond its input: ``full``,
     and ``offload``, which moves what it saves to host memory (``remat.py``)."""
-    return policy in ("full", "offload")
+    return REMAT[policy].keeps_layer_input_only
 
 
 def layer_activation_bytes(w: Workload) -> float:
@@ -415,11 +419,12 @@ def layer_activation_bytes(w: Workload) -> float:
     parallel = e * s * b * h * (2 + 2 * kv_share)   # q, k, v, attention output
     parallel += e * s * b * f * 4                   # gate, up, silu(gate), their product
     scores = gathered = 0.0
-    if attention_class(w) in ("unfused", "fused") and w.remat != "selective" and not w.ring:
+    korthikanti_selective = REMAT[w.remat].recomputes == "attention"  # recomputes the attention core
+    if attention_class(w) in ("unfused", "fused") and not korthikanti_selective and not w.ring:
         # scores and probabilities of the device's s queries against all T keys (selective remat
         # recomputes them; ring attention keeps none)
         scores = w.trainer.kept_score_bytes(w) * b * m.num_heads * s * w.seq_len
-    if w.cp > 1 and not w.ring and w.remat != "selective":
+    if w.cp > 1 and not w.ring and not korthikanti_selective:
         gathered = e * (w.seq_len - s) * b * h * 2 * kv_share  # the other devices' K/V, all-gathered
     return replicated / (t if w.sequence_parallel else 1) + whole + (parallel + scores + gathered) / t
 
@@ -461,17 +466,19 @@ def step_layer_kept_bytes(w: Workload, policy: str) -> float:
         return E / rows
     qkv = (1 + 2 * kv) * E / t
     scores = 0.0
-    if attention_class(w) in ("unfused", "fused") and not w.ring and policy in ("none", "save_all_but_ffn"):
+    remat = REMAT[policy]
+    if attention_class(w) in ("unfused", "fused") and not w.ring and remat.keeps_scores:
         scores = w.trainer.kept_score_bytes(w) * b * m.num_heads * s * w.seq_len / t
     gathered = 0.0
-    if w.cp > 1 and not w.ring and policy in ("none", "save_all_but_ffn", "dots"):
+    if w.cp > 1 and not w.ring and remat.keeps_gathered_kv:
         gathered = e * (w.seq_len - s) * b * m.d_model * 2 * kv / t  # the other devices' K/V, all-gathered
-    if policy == "selective":
+    if remat.keeps == "attention_projections":
         return E / rows + qkv + E / t + E / rows
-    if policy == "save_all_but_ffn":
+    if remat.keeps == "attention_sublayer":
         return E / rows + qkv + E / t + E / rows + 2 * E / whole + scores + gathered
-    if policy == "dots":
+    if remat.keeps == "matmul_outputs":
         return E / rows + E / rows + qkv + F / t + gathered
+    assert remat.keeps == "everything", remat
     norm = (2 * E * 4 / (2 * e) + E) / rows + E / whole if not w.fused_norm else E / whole
     return (2 * E / rows + 2 * norm + qkv + (1 + kv) * E / t + E / t + 5 * F / t + scores + gathered)
 
@@ -588,7 +595,8 @@ def _norm_passes(w: Workload, c: Calibration) -> float:
     """HBM passes of one RMSNorm: unfused ``norm_passes``; a fused kernel 2 unless calibrated."""
     if not w.fused_norm:
         return c.norm_passes
-    passes = {"pallas": c.pallas_norm_passes, "triton": c.triton_norm_passes}.get(w.norm)
+    record = NORM.get(w.norm)  # the study's fused norm (norm "xla", fused) is none of ours: 2 passes
+    passes = getattr(c, record.calibration) if record and record.fused else None
     return 2.0 if passes is None else passes
 
 
@@ -597,8 +605,8 @@ def _flash_efficiency(w: Workload, c: Calibration) -> float:
     kernel's tiles underused (cuDNN on an H200: 306 TFLOP/s at T 2048, 436 at 8192)."""
     if w.attention == "flash1":
         return c.flash1_efficiency
-    kernel = {"cudnn": c.cudnn_efficiency, "pallas": c.pallas_efficiency,
-              "pallas_jax": c.pallas_jax_efficiency}.get(w.attention)
+    record = ATTENTION.get(w.attention)
+    kernel = getattr(c, record.calibration) if record and record.cost_class in ("flash1", "flash2") else None
     efficiency = c.flash2_efficiency if kernel is None else kernel
     keys = w.local_seq  # under cp each ring step's kernel call sees T / cp keys
     return efficiency * keys / (keys + c.flash_half_seq) if c.flash_half_seq else efficiency
@@ -636,11 +644,16 @@ def _attention_times(w: Workload, hw: Hardware) -> tuple[float, float]:
     return attention, 2 * attention
 
 
+def recomputed_time(recomputes: str, layer: LayerTimes) -> float:
+    """Forward work a layer repeats per micro-batch when a remat policy recomputes
+    ``recomputes`` (``choices.RECOMPUTES``)."""
+    return {"nothing": 0.0, "half_forward": 0.5 * layer.forward, "attention": layer.attention,
+            "attention_elementwise": layer.attention + layer.elementwise, "forward": layer.forward}[recomputes]
+
+
 def recompute_time(w: Workload, layer: LayerTimes) -> float:
     """Forward work a layer repeats in its backward, per micro-batch, by remat policy."""
-    recompute = {"full": layer.forward, "selective": layer.attention,
-                 "dots": layer.attention + layer.elementwise, "save_all_but_ffn": 0.5 * layer.forward,
-                 "offload": layer.forward}.get(w.remat, 0.0)
+    recompute = recomputed_time(REMAT[w.remat].recomputes, layer)
     if w.trainer.pipeline_recompute and w.pp > 1:
         recompute += layer.forward
     return recompute
@@ -651,7 +664,7 @@ def tensor_parallel_time(w: Workload, hw: Hardware, per_node: dict) -> float:
     all-reduces of the b T d activation, two more when full remat repeats the forward."""
     row_bytes = w.dtype_bytes * w.micro_batch * w.local_seq * w.model.d_model
     one = 2 * _ring(row_bytes, w.tp, hw.link_bandwidth(w.tp, per_node["tp"]), hw.collective_latency_s)
-    return one * (w.trainer.tp_collectives_per_layer + (2 if w.remat in ("full", "offload") else 0))
+    return one * (w.trainer.tp_collectives_per_layer + REMAT[w.remat].extra_tp_collectives)
 
 
 def head_time(w: Workload, hw: Hardware) -> float:
@@ -724,7 +737,7 @@ def context_traffic(w: Workload) -> ContextTraffic:
 def attention_forwards(w: Workload) -> int:
     """How often a layer's attention forward runs per micro-batch: once, once more when remat
     recomputes it, once more in the pipeline executor's backward tick."""
-    recomputed = w.remat in ("full", "offload", "selective", "dots")
+    recomputed = REMAT[w.remat].reruns_attention
     return 1 + recomputed + (w.trainer.pipeline_recompute and w.pp > 1)
 
 

@@ -12,12 +12,27 @@ from __future__ import annotations
 import itertools
 import math
 
+from jaxlayouts.choices import ATTENTION, KEEPS, NORM, REMAT
 from jaxlayouts.layout import ContextParallel, InvalidInput, Layout, RunConfig, validate
 from jaxlayouts.plan import cost
 
 MICRO_BATCHES = (1, 2, 4, 8)
-REMATS = ("none", "selective", "full")
-KERNELS = (("xla", "xla"), ("pallas", "xla"), ("pallas", "pallas"))
+REMATS = tuple(sorted((name for name, r in REMAT.items() if r.planner_searches),
+                     key=lambda name: KEEPS.index(REMAT[name].keeps)))
+"""The remat policies searched (``choices.Remat.planner_searches``), the one that keeps most first."""
+KERNELS = tuple((attention, norm) for attention, a in ATTENTION.items() if a.planner_searches
+                for norm, n in NORM.items() if n.planner_searches and (a.cost_class != "unfused" or not n.fused))
+"""(attention, norm) pairs searched (``planner_searches`` of their records): a fused norm only with
+a flash attention kernel."""
+NOT_SEARCHED = {f"{kind}={name}": r.not_searched for kind, records in (("remat", REMAT), ("attn", ATTENTION),
+                                                                      ("norm", NORM))
+                for name, r in records.items() if not r.planner_searches}
+"""The choices the search leaves out, each with its record's reason."""
+
+
+def not_searched_text() -> str:
+    """One line per choice the search leaves out, with why."""
+    return "\n".join(f"not searched: {choice}: {why}" for choice, why in NOT_SEARCHED.items())
 
 
 CP_MIN_TOKENS_PER_DEVICE = 8192

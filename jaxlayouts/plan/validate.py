@@ -32,6 +32,7 @@ import scipy.optimize
 import scipy.stats
 
 from jaxlayouts import config
+from jaxlayouts.choices import ATTENTION, NORM
 from jaxlayouts.layout import InvalidInput, Layout, RunConfig, load_model_config
 from jaxlayouts.schema import json_value, read_input
 from jaxlayouts.plan.cost import (ATTENTION_CLASS, GIB, Prediction, attention_class, Workload, memory, predict, stage_memory, stages,
@@ -440,10 +441,9 @@ def step_constants(rows: list[dict]) -> list[str]:
     loads = [workload(r) for r in rows if r["status"] == "ok"]
     names = ["layer_copy_passes", "activation_store_passes"]
     kernels = {w.attention for w in loads} | {w.norm + "_norm" for w in loads}
-    for kernel, name in (("cudnn", "cudnn_efficiency"), ("pallas", "pallas_efficiency"),
-                         ("pallas_jax", "pallas_jax_efficiency"), ("xla", "unfused_score_passes"),
-                         ("xla_norm", "norm_passes"), ("pallas_norm", "pallas_norm_passes"),
-                         ("triton_norm", "triton_norm_passes")):
+    flash_first = sorted(ATTENTION.items(), key=lambda item: item[1].cost_class == "unfused")
+    for kernel, name in ([(n, a.calibration) for n, a in flash_first]
+                         + [(n + "_norm", r.calibration) for n, r in NORM.items()]):
         if kernel in kernels:
             names.append(name)
     return names
