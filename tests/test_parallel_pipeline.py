@@ -101,8 +101,8 @@ def test_bad_pipelines_name_the_knob(mesh, kwargs, message):
     assert message in str(error.value)
 
 
-def _float32_shapes_of_gpu_pipeline(zero: int) -> set[tuple[int, ...]]:
-    """The float32 array shapes in XLA:GPU's program (a deviceless H100 compile) of the tiny model's
+def _shapes_of_gpu_pipeline(zero: int, dtype: str) -> set[tuple[int, ...]]:
+    """The ``dtype`` array shapes in XLA:GPU's program (a deviceless H100 compile) of the tiny model's
     bf16 step on fsdp=2,tp=2,pp=2, layers scanned; skipped without the ``[gpu-aot]`` extra."""
     import re
 
@@ -115,7 +115,7 @@ def _float32_shapes_of_gpu_pipeline(zero: int) -> set[tuple[int, ...]]:
         pytest.skip(str(error))
     run = make_run("fsdp=2,tp=2,pp=2", zero=zero, scan_layers=True, dtype="bfloat16")
     step = compile_step(run, targets.devices(target, run.layout.num_devices))
-    return {tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"f32\[([0-9,]+)\]", step.hlo_text)}
+    return {tuple(int(d) for d in dims.split(",")) for dims in re.findall(dtype + r"\[([0-9,]+)\]", step.hlo_text)}
 
 
 @pytest.mark.parametrize("zero", [1, 2, 3])
@@ -124,8 +124,11 @@ def test_pipeline_gradients_are_split_as_the_zero_stage_says(zero):
     ZeRO-2 and 3 hold no float32 layer gradient whole over fsdp (ZeRO-2 reduce-scatters each tick's
     gradient into a sharded accumulator; before, it kept ZeRO-1's ``f32[1,2,128,192]``), and no stage
     holds one whole over tp (``f32[2,128,384]``, all-gathered over tp ahead of the fsdp
-    reduce-scatter until the collectives ran per tp tile)."""
-    shapes = _float32_shapes_of_gpu_pipeline(zero)
+    reduce-scatter until the collectives ran per tp tile); nor, under ZeRO-3, a bf16 chunk gathered
+    whole over tp (``bf16[2,128,384]`` before)."""
+    shapes = _shapes_of_gpu_pipeline(zero, "f32")
     layer_gradients = {s for s in shapes if len(s) >= 3 and 128 in s and ({192, 16} & set(s))}
     assert bool(layer_gradients) == (zero == 1), layer_gradients
     assert not {s for s in shapes if len(s) >= 3 and {128, 384} <= set(s)}
+    if zero == 3:
+        assert not {s for s in _shapes_of_gpu_pipeline(zero, "bf16") if len(s) >= 3 and {128, 384} <= set(s)}

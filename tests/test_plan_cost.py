@@ -236,3 +236,52 @@ def test_offload_keeps_only_the_layer_input_on_the_device():
             assert STUDY.layer_kept_bytes(w) == layer_input
         assert w.trainer.layer_fixed_s(offload, hw) == w.trainer.layer_fixed_s(full, hw)
     assert cost.layer_activation_bytes(dataclasses.replace(full, remat="none")) > 10 * layer_input
+
+
+def test_pipeline_sends_across_nodes_use_the_inter_node_link():
+    """pp=4 over two nodes of 8: one send per tick crosses the node boundary, so a slower network
+    slows the pipeline; inside one node the network changes nothing."""
+    hw = load_hardware("a100-80gb")
+    slow = dataclasses.replace(hw, inter_node_bandwidth=hw.inter_node_bandwidth / 1000)
+    across = workload(data_parallel=1, pp=4, global_batch=64)    # 16 GPUs: 2 nodes
+    inside = workload(data_parallel=1, pp=2, global_batch=64)    # 8 GPUs: 1 node
+    assert cost.predict(across, slow).time_s["pipeline_p2p"] > 100 * cost.predict(across, hw).time_s["pipeline_p2p"]
+    assert cost.predict(across, slow).step_time_s > cost.predict(across, hw).step_time_s
+    assert cost.predict(inside, slow).step_time_s == cost.predict(inside, hw).step_time_s
+
+
+def test_predicted_mfu_never_exceeds_one():
+    """Calibration constants past physics (a matmul at 50x the peak) cannot predict MFU above 1."""
+    hw = load_hardware("a100-80gb")
+    fast = dataclasses.replace(hw, calibration=dataclasses.replace(hw.calibration, matmul_efficiency=50.0,
+                                                                   flash2_efficiency=50.0, layer_launch_s=0.0))
+    for changes in ({}, {"tp": 1, "data_parallel": 64}, {"pp": 2, "global_batch": 64}):
+        p = cost.predict(workload(**changes), fast)
+        assert 0 < p.mfu <= 1 + 1e-12, (changes, p.mfu)
+
+
+def test_full_remat_recompute_and_head_backward_not_live_together():
+    """pp = 1, full remat: the layer recomputed in the scan's backward and the head's backward
+    (logits) set the peak apart, the larger of the two counts (a 32k-token llama-7b step)."""
+    w = cost.Workload(model=load_model_config("llama-7b"), seq_len=32768, global_batch=32, data_parallel=32, tp=2,
+                      pp=1, micro_batch=1, remat="full", attention="cudnn", zero=2, scan_layers=True)
+    stage = cost.stages(w)[0]
+    recomputed = w.trainer.layer_kept_bytes(w, "none")
+    logits = w.trainer.logits_bytes_per_token(w) * w.micro_batch * w.local_seq
+    inputs = stage.layers * w.trainer.layer_kept_bytes(w)
+    assert cost._stage_activation_bytes(w, stage) == pytest.approx(inputs + max(recomputed, logits))
+
+
+def test_zero3_head_backward_holds_gathered_head_and_embedding_gradient():
+    """ZeRO-3 at pp = 1: the gathered LM head and the embedding's dense gradient, e V d / t each,
+    beside the logits (llama-13b fsdp=64's buffer assignment); none under ZeRO-2 or pipelines."""
+    m = load_model_config("llama-13b")
+    w = cost.Workload(model=m, seq_len=2048, global_batch=512, data_parallel=64, tp=1, pp=1, micro_batch=1,
+                      remat="full", attention="cudnn", zero=3, scan_layers=True)
+    assert w.trainer.head_backward_buffers(w) == 2 * 2 * m.vocab_size * m.d_model
+    assert w.trainer.head_backward_buffers(dataclasses.replace(w, tp=4, data_parallel=16)) == m.vocab_size * m.d_model
+    assert w.trainer.head_backward_buffers(dataclasses.replace(w, zero=2)) == 0
+    hw = load_hardware("h100-80gb")
+    peak = 8.96 * cost.GIB   # XLA:GPU's compiled peak of this layout (docs/results/h100-memory-grid.jsonl)
+    m_ = cost.memory(w, hw)
+    assert abs(m_["total"] - m_["overhead"] - peak) / peak < 0.05

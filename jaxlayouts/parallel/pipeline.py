@@ -21,11 +21,13 @@ apply inside that recomputation. Every tick lasts as long as the slowest stage's
 mixed ticks cost a backward each: in one SPMD program 1F1B buys bounded memory, not time.
 Embedding, final norm and LM head are replicated over ``pp`` and used by the first / last stage.
 
-Gradients over the data axes, per ZeRO stage as without pp (``train.py``): ZeRO-0/1 accumulate a
+Gradients over the data axes, per ZeRO stage (what each shards: ``train.py``): ZeRO-0/1 accumulate a
 stage's whole gradient and reduce it once per step, after the last tick (an all-reduce over
 ``dp``; for ZeRO-1 a reduce-scatter over ``fsdp``). ZeRO-2 reduce-scatters each backward tick's
 gradient over ``fsdp`` into a sharded accumulator, and ZeRO-3 all-gathers weights per chunk and
 tick, whose transpose reduce-scatters the gradient, so neither holds a stage's whole gradient.
+Unlike ``train.py``'s ZeRO-2 (float32), both sum over ``fsdp`` in the compute dtype, half the
+bytes and one whole gradient per tick, at bf16's precision for that sum.
 
 Collectives over ``fsdp`` run on each device's own tile of the automatic axes
 (:meth:`Pipeline._per_tile`): left to the partitioner inside this partially manual ``shard_map``,
@@ -218,7 +220,11 @@ class Pipeline:
                                      lambda: self._pin_grads(0, None, d_other, dx)[2:])
             f32 = lambda t: jax.tree.map(lambda g: g.astype(jnp.float32), t)
             d_layers = self._onto_gradient_shard(d_layers, self.grad_specs["layers"])
-            d_other = self._onto_gradient_shard(d_other, self._other_specs_of(self.grad_specs))
+            other_specs = self._other_specs_of(self.grad_specs)
+            if self.run.layout.zero == 2:  # only the first and last chunks have embedding/head gradients
+                d_other = lax.cond(
+                    first | last, lambda: self._constrain(f32(self._onto_gradient_shard(d_other, other_specs)), other_specs),
+                    lambda: self._constrain(self._accumulator(d_other, other_specs), other_specs))
             acc_layers = jax.tree.map(lambda acc, g: acc.at[chunk].add(g), acc_layers, f32(d_layers))
             acc_other = jax.tree.map(jnp.add, acc_other, f32(d_other))
             return acts, acc_layers, acc_other, losses.at[micro].add(loss.astype(jnp.float32)), zeros, send
@@ -288,7 +294,7 @@ class Pipeline:
 
             def on_tile(t):
                 t = lax.psum(t, "dp")
-                if dim is None or zero == 0:
+                if dim is None:  # ZeRO-0's specs have no fsdp dimension
                     return lax.psum(t, "fsdp")
                 return lax.psum_scatter(t, "fsdp", scatter_dimension=dim, tiled=True) if zero == 1 else t
             return self._per_tile(on_tile, spec)(g)

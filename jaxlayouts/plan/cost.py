@@ -191,20 +191,24 @@ class StepModel:
         * pp > 1 (``parallel/pipeline.py``): the float32 accumulator is carried through the tick's
           ``lax.switch``, whose output is a second copy of it: the stage's whole gradient under
           ZeRO-0/1, its fsdp shard under ZeRO-2/3, which reduce-scatter each backward tick's
-          gradient. That gradient, of one chunk (``L / (P V)`` layers, tp-sharded, in the compute
-          dtype), is the backward scan's stacked output (scanned layers; unrolled, each layer's
-          gradient is scattered as it is made). Under ZeRO-3 (``Pipeline._gather``) the backward
-          tick re-runs the chunk from its all-gathered weights (tp-sharded: the gathers run per
-          tp tile, ``Pipeline._per_tile``), and without remat (``remat=none``, scanned) the
-          forward scan saves the gathered weights once more among its stacked residuals; under
-          ``jax.checkpoint`` the saved inputs are the scan's own weight slices, which JAX forwards
-          instead of stacking. ZeRO-2 without remat holds that chunk-sized residual copy too. The
-          circular schedule (``V`` > 1) under ZeRO-0/1/2 holds one more chunk of weights, fitted
-          to the grid's 27 circular rows (2.4% median error with it, 7.5% without), presumably the
-          chunk sliced out of the stage's weights; not read off the buffer assignment. The
-          embedding and head are gathered in other branches and are not live at that peak. Before the per-tile collectives and ZeRO-2's per-tick scatter,
-          llama-65b fsdp=32,tp=2,pp=2 (ZeRO-2, SP, full remat, mbs 4, scanned) compiled to 173.6
-          GiB, the same as ZeRO-1, and to 76.4 GiB after (ZeRO-3: 80.7 and 75.4 GiB)."""
+          gradient. Under ZeRO-3 (``Pipeline._gather``) the backward tick re-runs one chunk
+          (``L / (P V)`` layers) from its all-gathered weights, tp-sharded since the gathers run per
+          tp tile (``Pipeline._per_tile``). The other terms are fitted on the grid's 101 compiled
+          pipeline rows (``docs/results/h100-memory-grid.jsonl``, scanned layers), each one chunk
+          in the compute dtype, tp-sharded, not read off the buffer assignment:
+
+          - ZeRO-2/3: one chunk's gradient per tick (the backward scan's stacked output; ZeRO-0/1
+            make the same gradient, but their rows match without it);
+          - ZeRO-2/3 without remat: one more (for ZeRO-3, the forward scan's stacked copy of the
+            gathered weights among its residuals; ZeRO-2 rows were 18% low without it);
+          - circular schedules (``V`` > 1) under ZeRO-0/1/2: one more (2.4% median error on the
+            27 circular rows with it, 7.5% without), presumably the chunk sliced out of the
+            stage's weights.
+
+          The embedding and head are gathered in other branches and are not live at that peak.
+          Before the per-tile collectives and ZeRO-2's per-tick scatter, llama-65b fsdp=32,tp=2,pp=2
+          (ZeRO-2, SP, full remat, mbs 4, scanned) compiled to 173.6 GiB, the same as ZeRO-1, and
+          to 76.4 GiB after (ZeRO-3: 80.7 and 75.4 GiB)."""
         e, m = w.dtype_bytes, w.model
         layers = stage.layers * layer_params(m) / w.tp
         if w.pp == 1:
