@@ -34,6 +34,7 @@ from absl import app, flags, logging
 from jaxlayouts import config, devices, distributed, launch
 from jaxlayouts.analysis import hlo, profile
 from jaxlayouts.analysis.memory import compiled_memory
+from jaxlayouts.choices import ZERO
 from jaxlayouts.config import BenchOptions
 from jaxlayouts.layout import Layout, RunConfig, validate
 from jaxlayouts.plan.hardware import allocator_fraction
@@ -98,10 +99,10 @@ def state_bytes_on_host(run: RunConfig) -> int:
     the weights and moments also over fsdp from ZeRO-1, the gradients from ZeRO-2), and every
     replica (dp, cp, fsdp without ZeRO) holds its own copy. On CPU emulation all of them live
     in this host's memory."""
-    mesh, zero = run.layout.mesh, run.layout.zero
+    mesh, zero = run.layout.mesh, ZERO[run.layout.zero]
     split = mesh["tp"] * mesh["pp"]
-    weights_and_moments = 12 * run.model.n_params // (split * (mesh["fsdp"] if zero >= 1 else 1))
-    gradients = 4 * run.model.n_params // (split * (mesh["fsdp"] if zero >= 2 else 1))
+    weights_and_moments = 12 * run.model.n_params // (split * (mesh["fsdp"] if zero.shards_state else 1))
+    gradients = 4 * run.model.n_params // (split * (mesh["fsdp"] if zero.shards_gradients else 1))
     return (weights_and_moments + gradients) * run.layout.num_devices
 
 

@@ -95,6 +95,17 @@ class Zero:
     shards_gradients: bool        # the fp32 gradient accumulator
     shards_weights: bool          # the compute-dtype weights during the forward and backward
 
+    @property
+    def scatters_each_gradient(self) -> bool:
+        """Reduce-scatters each micro-batch's (each pipeline tick's) gradient itself: ZeRO-2.
+        ZeRO-3's gathers do it as their transpose; ZeRO-0/1 reduce once per step."""
+        return self.shards_gradients and not self.shards_weights
+
+    @property
+    def scatters_at_step_end(self) -> bool:
+        """Reduce-scatters the step's whole gradient onto the optimizer's shard once: ZeRO-1."""
+        return self.shards_state and not self.shards_gradients
+
 
 def _by_name(*records):
     return {r.name: r for r in records}
@@ -105,12 +116,13 @@ ATTENTION = _by_name(
               all_gather=True),
     Attention("cudnn", "cudnn_attention", "flash2", "cudnn_efficiency", gpu_only="use --attention pallas or xla",
               planner_searches=False,
-              not_searched="GPU only, so plan --verify on XLA:CPU cannot compile it, and costed like pallas "
-                           "(flash2), so it would only tie with it"),
+              not_searched="GPU only: plan --verify compiles on XLA:CPU by default, where it cannot run; rank it "
+                           "with --explain 'attn=cudnn ...' (its own constant, cudnn_efficiency)"),
     Attention("pallas", "flash_attention", "flash2", "pallas_efficiency", ring=True),
     Attention("pallas_jax", "pallas_jax_attention", "flash2", "pallas_jax_efficiency",
               planner_searches=False,
-              not_searched="costed like pallas (flash2), so it would only tie with it, and it runs no ring step"),
+              not_searched="JAX's bundled Pallas op, kept to compare ours with (no GQA, no ring step); rank it "
+                           "with --explain"),
 )
 """``--attention`` choices, in the order the flag's help lists them."""
 

@@ -345,11 +345,11 @@ def validate(run: RunConfig, num_devices: int, platform: str | None = None) -> N
             raise InvalidInput(name, f"{choice} needs an NVIDIA GPU (platform is {platform}); {alternative}")
     if choices.NORM[lay.norm].needs and (reason := triton_versions.unavailable_reason()):  # jax-triton, triton
         raise InvalidInput("norm", reason)
-    if lay.zero > 0 and fsdp == 1:
+    if choices.ZERO[lay.zero].shards_state and fsdp == 1:
         raise InvalidInput("zero", f"zero={lay.zero} shards over the fsdp mesh axis, which has size 1; "
                            "put the data-parallel degree on fsdp (e.g. --mesh fsdp=8 instead of dp=8) "
                            "or use --zero 0")
-    if lay.zero > 0 and m.d_model % fsdp:
+    if choices.ZERO[lay.zero].shards_state and m.d_model % fsdp:
         raise InvalidInput("mesh", f"fsdp={fsdp} does not divide d_model={m.d_model} (ZeRO shards "
                            "that dimension); choose an fsdp degree that divides it")
     for what, size in (("num_heads", m.num_heads), ("num_kv_heads", m.num_kv_heads),

@@ -68,3 +68,12 @@ def test_fits_means_within_the_allocators_limit():
     assert proc.returncode == 2 and "--memory_fraction: 1.5 is above the largest allowed value 1" in proc.stderr
     proc, _ = run_module("jaxlayouts.plan", "--leave_one_out")
     assert proc.returncode == 2 and "--leave_one_out: validates held-out fits" in proc.stderr
+
+
+def test_help_says_which_choices_the_search_leaves_out_and_why():
+    from jaxlayouts.choices import ATTENTION, NORM, REMAT
+    proc, _ = run_module("jaxlayouts.plan", "--help")  # absl's --help exits 1
+    left_out = [f"{kind}={name}" for kind, records in (("attn", ATTENTION), ("norm", NORM), ("remat", REMAT))
+                for name, r in records.items() if not r.planner_searches]
+    assert left_out and all(f"not searched: {choice}: " in proc.stdout for choice in left_out)
+    assert "not searched: attn=pallas:" not in proc.stdout and "not searched: remat=full:" not in proc.stdout

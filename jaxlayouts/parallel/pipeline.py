@@ -45,6 +45,7 @@ import optax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxlayouts.choices import ZERO
 from jaxlayouts.layout import DATA_AXES, RunConfig
 from jaxlayouts.mesh import constrain, sharding_context
 from jaxlayouts.model.axes import RESIDUAL
@@ -92,6 +93,7 @@ class Pipeline:
         self.layers_per_chunk = run.model.num_layers // (self.stages * self.chunks)
         self.schedule = build(lay.pipeline_schedule, self.stages, self.chunks, self.microbatches)
         self.compute_specs, self.grad_specs = compute_specs, grad_specs
+        self.zero = ZERO[lay.zero]
         self.dtype = jnp.dtype(run.dtype)
         self.stack = LayerStack(run.model, self.dtype, lay.attention, lay.norm, lay.remat, self.layers_per_chunk,
                                 lay.scans_layers(mesh.devices.flat[0].platform), lay.context_parallel)
@@ -120,7 +122,7 @@ class Pipeline:
     def _gather(self, params, specs):
         """ZeRO-3: all-gather each weight's ``fsdp`` shard (its transpose reduce-scatters the
         gradient); a no-op for other stages."""
-        if self.run.layout.zero < 3:
+        if not self.zero.shards_weights:
             return params
         return self._over_fsdp(lambda p, dim: lax.all_gather(p, "fsdp", axis=dim, tiled=True), params, specs)
 
@@ -129,7 +131,7 @@ class Pipeline:
         shard of the accumulator, in the compute dtype as ZeRO-3's gather transposes do, so the
         tick holds one whole gradient, not a float32 copy beside it. Other stages keep them as
         they are."""
-        if self.run.layout.zero != 2:
+        if not self.zero.scatters_each_gradient:
             return grads
         scatter = lambda g, dim: lax.psum_scatter(g, "fsdp", scatter_dimension=dim, tiled=True)
         return self._over_fsdp(scatter, grads, specs)
@@ -221,7 +223,7 @@ class Pipeline:
             f32 = lambda t: jax.tree.map(lambda g: g.astype(jnp.float32), t)
             d_layers = self._onto_gradient_shard(d_layers, self.grad_specs["layers"])
             other_specs = self._other_specs_of(self.grad_specs)
-            if self.run.layout.zero == 2:  # only the first and last chunks have embedding/head gradients
+            if self.zero.scatters_each_gradient:  # only the first and last chunks have embedding/head gradients
                 d_other = lax.cond(
                     first | last, lambda: self._constrain(f32(self._onto_gradient_shard(d_other, other_specs)), other_specs),
                     lambda: self._constrain(self._accumulator(d_other, other_specs), other_specs))
@@ -278,7 +280,7 @@ class Pipeline:
         ``stacked``: ``params`` carry a leading chunk axis that ``specs`` do not describe."""
         def zeros(w, spec):
             shape, dim = list(w.shape), _axis_dim(spec, "fsdp")
-            if self.run.layout.zero == 2 and dim is not None:
+            if self.zero.scatters_each_gradient and dim is not None:
                 shape[dim + stacked] //= self.mesh.shape["fsdp"]
             return jnp.zeros(shape, jnp.float32)
         return jax.tree.map(zeros, params, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
@@ -287,7 +289,7 @@ class Pipeline:
         """Once per step: all-reduce over ``dp``; over ``fsdp`` a reduce-scatter onto the ZeRO
         shard (ZeRO-1), an all-reduce for ZeRO-0 and for leaves with no ``fsdp`` dimension,
         nothing more for ZeRO-2/3 (done per tick)."""
-        zero = self.run.layout.zero
+        zero = self.zero
 
         def reduce(g, spec):
             dim = _axis_dim(spec, "fsdp")
@@ -296,7 +298,7 @@ class Pipeline:
                 t = lax.psum(t, "dp")
                 if dim is None:  # ZeRO-0's specs have no fsdp dimension
                     return lax.psum(t, "fsdp")
-                return lax.psum_scatter(t, "fsdp", scatter_dimension=dim, tiled=True) if zero == 1 else t
+                return lax.psum_scatter(t, "fsdp", scatter_dimension=dim, tiled=True) if zero.scatters_at_step_end else t
             return self._per_tile(on_tile, spec)(g)
 
         return jax.tree.map(reduce, grads, self.grad_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))

@@ -26,8 +26,10 @@ from jaxlayouts.layout import MAX_EMULATED_DEVICES, InvalidInput, Layout, RunCon
 from jaxlayouts.plan import cost, memcheck
 from jaxlayouts.plan.hardware import check_memory_fraction, chip, load_hardware, save_calibration
 from jaxlayouts.plan.search import (CP_MIN_TOKENS_PER_DEVICE, candidates, context_parallel_degrees, rank, row,
-                                    unmeasured_kernels)
+                                    not_searched_text, unmeasured_kernels)
 from jaxlayouts.schema import finite_json
+
+__doc__ = f"{__doc__}\n{not_searched_text()}\n"  # --help says which choices the search leaves out, and why
 from jaxlayouts.units import bytes_text
 
 FLAGS = flags.FLAGS

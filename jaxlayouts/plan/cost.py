@@ -77,7 +77,7 @@ import functools
 from typing import NamedTuple
 
 from jaxlayouts import flops
-from jaxlayouts.choices import ATTENTION, NORM, REMAT, ZERO
+from jaxlayouts.choices import ATTENTION, NORM, REMAT, ZERO, Zero
 from jaxlayouts.distributed import split_over_nodes
 from jaxlayouts.layout import ContextParallel, ModelConfig, RunConfig, default_scans_layers
 from jaxlayouts.parallel.schedule import ideal_ticks
@@ -212,20 +212,21 @@ class StepModel:
         e, m = w.dtype_bytes, w.model
         layers = stage.layers * layer_params(m) / w.tp
         if w.pp == 1:
-            return 0.0, e * layers / (w.data_parallel if w.zero >= 2 else 1)
-        accumulator_copy = 4 * self.stage_params(w, stage) / (w.data_parallel if w.zero >= 2 else 1)
+            return 0.0, e * layers / (w.data_parallel if w.zero_stage.shards_gradients else 1)
+        accumulator_copy = 4 * self.stage_params(w, stage) / (w.data_parallel if w.zero_stage.shards_gradients else 1)
         chunk = e * layers / w.virtual_stages           # one chunk's weights in the compute dtype, tp-sharded
-        tick_gradient = chunk if w.zero >= 2 and w.scan_layers else 0.0
-        residual_copy = chunk if w.zero >= 2 and w.remat == "none" and w.scan_layers else 0.0
-        gathered = chunk if w.zero >= 3 else 0.0
-        sliced = chunk if w.zero < 3 and w.virtual_stages > 1 else 0.0
+        sharded = w.zero_stage.shards_gradients
+        tick_gradient = chunk if sharded and w.scan_layers else 0.0
+        residual_copy = chunk if sharded and w.remat == "none" and w.scan_layers else 0.0
+        gathered = chunk if w.zero_stage.shards_weights else 0.0
+        sliced = chunk if not w.zero_stage.shards_weights and w.virtual_stages > 1 else 0.0
         return gathered + sliced + residual_copy, accumulator_copy + tick_gradient
 
     def state_bytes(self, w: Workload, params: float) -> tuple[float, float, float]:
         """Weights (bf16 compute copy + fp32 master), fp32 gradient accumulator, Adam moments,
         each sharded over the data axes as the ZeRO stage says (``train.py``; the pipeline executor
         keeps the same split)."""
-        zero, shard = ZERO[w.zero], w.data_parallel
+        zero, shard = w.zero_stage, w.data_parallel
         weights = (w.dtype_bytes * params / (shard if zero.shards_weights else 1)
                    + 4 * params / (shard if zero.shards_state else 1))
         grads = 4 * params / (shard if zero.shards_gradients else 1)
@@ -242,7 +243,7 @@ class StepModel:
         ``bf16[128000,5120]`` (1.22 GiB), the two float32 logits-sized buffers and the scan's
         stacked layer inputs; this term had it 18% low. At tp = 8 (llama-65b) the rows stay
         25-34% low: part of the embedding gradient is whole over tp there, not modelled."""
-        if w.zero < 3 or w.pp > 1:
+        if not w.zero_stage.shards_weights or w.pp > 1:
             return 0.0
         return 2 * w.dtype_bytes * w.model.vocab_size * w.model.d_model / w.tp
 
@@ -281,12 +282,12 @@ class StepModel:
         of the compute-dtype weights. With cp > 1 the parameters are replicated over cp too: each
         micro-batch's gradients are all-reduced over cp in the compute dtype before they are
         accumulated, whatever the ZeRO stage (the compiled step's HLO shows it)."""
-        mb, e = w.microbatches, w.dtype_bytes
-        if w.zero == 0:
+        mb, e, zero = w.microbatches, w.dtype_bytes, w.zero_stage
+        if not zero.shards_state:
             table = [Collective("all-reduce", 4 * params, 1)]
-        elif w.zero == 1:
+        elif zero.scatters_at_step_end:
             table = [Collective("reduce-scatter", 4 * params, 1), Collective("all-gather", e * params, 1)]
-        elif w.zero == 2:
+        elif zero.scatters_each_gradient:
             table = [Collective("reduce-scatter", (e if w.pp > 1 else 4) * params, mb),
                      Collective("all-gather", e * params, 1)]
         else:
@@ -298,7 +299,7 @@ class StepModel:
     def per_node(self, w: Workload, gpus_per_node: int) -> dict:
         """How many GPUs of one tp, data, cp or pp group share a node: node boundaries fall on dp,
         then pp, fsdp, cp and tp (``distributed.split_over_nodes``)."""
-        data = {"dp": w.data_parallel, "fsdp": 1} if w.zero == 0 else {"dp": 1, "fsdp": w.data_parallel}
+        data = {"dp": 1, "fsdp": w.data_parallel} if w.zero_stage.shards_state else {"dp": w.data_parallel, "fsdp": 1}
         mesh = {**data, "cp": w.cp, "tp": w.tp, "pp": w.pp}
         try:
             inside, _ = split_over_nodes(mesh, max(1, w.devices // gpus_per_node))
@@ -345,6 +346,11 @@ class Workload:
     @property
     def devices(self) -> int:
         return self.data_parallel * self.cp * self.tp * self.pp
+
+    @property
+    def zero_stage(self) -> Zero:
+        """The ZeRO stage's record: what it shards (``choices.ZERO``)."""
+        return ZERO[self.zero]
 
     @property
     def local_seq(self) -> int:
@@ -775,12 +781,12 @@ def context_parallel_time(w: Workload, hw: Hardware, per_node: dict) -> float:
 
 def optimizer_time(w: Workload, hw: Hardware) -> float:
     """AdamW reads and writes 16 bytes of state per parameter three times over."""
-    return 16 * 3 * stage_params(w) / (w.data_parallel if w.zero >= 1 else 1) / hw.hbm_bandwidth
+    return 16 * 3 * stage_params(w) / (w.data_parallel if w.zero_stage.shards_state else 1) / hw.hbm_bandwidth
 
 
 def accumulation_time(w: Workload, hw: Hardware) -> float:
     """Each micro-batch adds its gradients into the accumulator: read and write it, read them."""
-    accumulated = stage_params(w) / (w.data_parallel if w.zero >= 2 else 1)
+    accumulated = stage_params(w) / (w.data_parallel if w.zero_stage.shards_gradients else 1)
     return w.microbatches * (2 * w.trainer.grad_bytes + w.dtype_bytes) * accumulated / hw.hbm_bandwidth
 
 

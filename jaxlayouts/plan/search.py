@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 
-from jaxlayouts.choices import ATTENTION, KEEPS, NORM, REMAT
+from jaxlayouts.choices import ATTENTION, KEEPS, NORM, REMAT, ZERO
 from jaxlayouts.layout import ContextParallel, InvalidInput, Layout, RunConfig, validate
 from jaxlayouts.plan import cost
 
@@ -70,7 +70,7 @@ def candidates(model, gpus: int, seq_len: int, global_batch: int, gpus_per_node:
             continue  # validation would reject every layout of this (cp, tp, pp): skip them unbuilt
         meshes = [({"dp": data, "cp": cp, "tp": tp, "pp": pp}, 0)]
         if data > 1:
-            meshes += [({"fsdp": data, "cp": cp, "tp": tp, "pp": pp}, zero) for zero in (1, 2, 3)]
+            meshes += [({"fsdp": data, "cp": cp, "tp": tp, "pp": pp}, zero) for zero, z in ZERO.items() if z.shards_state]
         schedules = [("1f1b", 1)] if pp == 1 else [("1f1b", 1), ("gpipe", 1), ("circular", 2)]
         kernels = [k for k in KERNELS if ContextParallel.of(cp, pp).runs(k[0])]
         for (mesh, zero), mbs, sp, remat, (attn, norm), (schedule, v) in itertools.product(
