@@ -70,19 +70,21 @@ def is_oom(error: BaseException) -> bool:
 # Before any device exists
 
 
-def check_before_devices(values: dict, opts: BenchOptions) -> None:
+def check_before_devices(values: dict, opts: BenchOptions) -> tuple[int | None, RunConfig | None]:
     """Everything that can be checked without devices: the run itself (when the mesh names every
-    size), the emulated device count and the host memory the batches will take."""
+    size), the emulated device count and the host memory the batches will take. Returns the
+    count and the run, both None for a ``-1`` axis on an accelerator (JAX counts the devices)."""
     problem = devices.check_environment()
     if problem:
         raise InvalidInput("environment", problem)
     allocator_fraction()  # a memory fraction that is not a number, named before JAX reads it
     count = config.emulated_device_count(values)
     if count is None:  # a -1 axis on an accelerator: checked once JAX has counted the devices (measure)
-        return
+        return None, None
     run = config.run_config(values, count)
     validate(run, run.layout.num_devices)
     check_host_memory(run, opts)
+    return count, run
 
 
 STATE_BYTES_PER_PARAMETER = 16
@@ -132,14 +134,13 @@ def check_host_memory(run: RunConfig, opts: BenchOptions) -> None:
                            "python -m jaxlayouts.explore with the same flags")
 
 
-def prepare_devices(values: dict, opts: BenchOptions) -> int:
-    """Ask for emulated CPU devices (before JAX is imported) and join a multi-process run when
-    one is configured; returns the global device count."""
+def prepare_devices(count: int | None, values: dict, opts: BenchOptions) -> int:
+    """Ask for ``count`` emulated CPU devices (before JAX is imported; None: a ``-1`` axis) and join
+    a multi-process run when one is configured; returns the global device count."""
     try:
         cluster = distributed.detect(opts.coordinator_address, opts.num_processes, opts.process_id)
     except ValueError as error:
         raise InvalidInput("coordinator_address", str(error)) from None
-    count = config.emulated_device_count(values)
     accelerator = devices.accelerator_present()
     if count is None and not accelerator:
         raise InvalidInput("mesh", f"{values['mesh']}: -1 needs a device count on CPU emulation; "
@@ -198,6 +199,8 @@ def benchmark(run: RunConfig, options: BenchOptions | None = None, *, axis_rules
 
     opts = BenchOptions(**{**(options or BenchOptions()).__dict__, **overrides})
     devices = list(devices) if devices is not None else jax.devices()
+    # the CLI checked the run before devices existed; this adds the platform's checks (GPU-only
+    # kernels), and is the only check a Python caller gets
     validate(run, len(devices), devices[0].platform)
     check_instance(opts)
     device_mesh = meshes.build_mesh(run.layout, devices)
@@ -416,9 +419,11 @@ def measure(result: dict, log) -> None:
     """Fill ``result`` from the flags: check them, make the devices, run the benchmark."""
     values = config.values_from_flags(FLAGS)
     opts = config.options(values)
-    check_before_devices(values, opts)
-    run = config.run_config(values, prepare_devices(values, opts))
-    check_host_memory(run, opts)  # again with a -1 axis resolved (on an accelerator, only now)
+    count, run = check_before_devices(values, opts)
+    total = prepare_devices(count, values, opts)
+    if run is None:  # a -1 axis, resolved only now that the accelerator's devices are counted
+        run = config.run_config(values, total)
+        check_host_memory(run, opts)
     result.update(config.describe(run))
     axis_rules = config.parse_axis_rules(opts.axis_rules)
     result["axis_rules"] = axis_rules or None
