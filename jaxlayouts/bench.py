@@ -34,7 +34,6 @@ from absl import app, flags, logging
 from jaxlayouts import config, devices, distributed, launch
 from jaxlayouts.analysis import hlo, profile
 from jaxlayouts.analysis.memory import compiled_memory
-from jaxlayouts.choices import ZERO
 from jaxlayouts.config import BenchOptions
 from jaxlayouts.layout import Layout, RunConfig, validate
 from jaxlayouts.plan.hardware import allocator_fraction
@@ -101,7 +100,7 @@ def state_bytes_on_host(run: RunConfig) -> int:
     the weights and moments also over fsdp from ZeRO-1, the gradients from ZeRO-2), and every
     replica (dp, cp, fsdp without ZeRO) holds its own copy. On CPU emulation all of them live
     in this host's memory."""
-    mesh, zero = run.layout.mesh, ZERO[run.layout.zero]
+    mesh, zero = run.layout.mesh, run.layout.zero_stage
     split = mesh["tp"] * mesh["pp"]
     weights_and_moments = 12 * run.model.n_params // (split * (mesh["fsdp"] if zero.shards_state else 1))
     gradients = 4 * run.model.n_params // (split * (mesh["fsdp"] if zero.shards_gradients else 1))

@@ -71,7 +71,6 @@ class Remat:
     keeps_scores: bool            # with unfused attention, keeps the scores/probabilities (all-gather CP:
     keeps_gathered_kv: bool       # and the gathered K/V)
     gpu_only: str | None = None
-    offloads: bool = False        # moves what it saves to pinned host memory
     planner_searches: bool = True
     not_searched: str = ""
 
@@ -84,6 +83,11 @@ class Remat:
     def extra_tp_collectives(self) -> int:
         """Tensor-parallel all-reduces per layer beyond the trainer's: the repeated forward's two."""
         return 2 if self.recomputes == "forward" else 0
+
+    @property
+    def checkpoints(self) -> bool:
+        """Runs the layer under ``jax.checkpoint`` (recomputes something in the backward)."""
+        return self.recomputes != "nothing"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +149,7 @@ REMAT = _by_name(
           keeps_gathered_kv=True, planner_searches=False,
           not_searched="between none and selective in memory and recompute"),
     Remat("offload", "input", "forward", True, keeps_scores=False, keeps_gathered_kv=False,
-          gpu_only="use --remat full or selective", offloads=True, planner_searches=False,
+          gpu_only="use --remat full or selective", planner_searches=False,
           not_searched="GPU only (pinned host memory); costed like full, whose device memory it keeps"),
 )
 """``--remat`` choices, in the order the flag's help lists them."""

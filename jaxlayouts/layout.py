@@ -171,7 +171,7 @@ def mesh_text(mesh: dict[str, int]) -> str:
 def default_scans_layers(platform: str, remat: str) -> bool:
     """Whether a step runs its layers as one scan when the layout does not say
     (:meth:`Layout.scans_layers` gives the reason): on CPU, and under a remat policy."""
-    return platform == "cpu" or remat != "none"
+    return platform == "cpu" or choices.REMAT[remat].checkpoints
 
 
 def zigzag_order(seq_len: int, cp: int) -> np.ndarray:
@@ -264,6 +264,11 @@ class Layout:
         return self.scan_layers if self.scan_layers is not None else default_scans_layers(platform, self.remat)
 
     @property
+    def zero_stage(self) -> choices.Zero:
+        """The ZeRO stage's record: what it shards (``choices.ZERO``)."""
+        return choices.ZERO[self.zero]
+
+    @property
     def context_parallel(self) -> ContextParallel:
         return ContextParallel.of(self.mesh["cp"], self.mesh["pp"])
 
@@ -345,11 +350,11 @@ def validate(run: RunConfig, num_devices: int, platform: str | None = None) -> N
             raise InvalidInput(name, f"{choice} needs an NVIDIA GPU (platform is {platform}); {alternative}")
     if choices.NORM[lay.norm].needs and (reason := triton_versions.unavailable_reason()):  # jax-triton, triton
         raise InvalidInput("norm", reason)
-    if choices.ZERO[lay.zero].shards_state and fsdp == 1:
+    if lay.zero_stage.shards_state and fsdp == 1:
         raise InvalidInput("zero", f"zero={lay.zero} shards over the fsdp mesh axis, which has size 1; "
                            "put the data-parallel degree on fsdp (e.g. --mesh fsdp=8 instead of dp=8) "
                            "or use --zero 0")
-    if choices.ZERO[lay.zero].shards_state and m.d_model % fsdp:
+    if lay.zero_stage.shards_state and m.d_model % fsdp:
         raise InvalidInput("mesh", f"fsdp={fsdp} does not divide d_model={m.d_model} (ZeRO shards "
                            "that dimension); choose an fsdp degree that divides it")
     for what, size in (("num_heads", m.num_heads), ("num_kv_heads", m.num_kv_heads),
@@ -412,6 +417,9 @@ def _validate_pipeline(run: RunConfig) -> None:
     if layers % (pp * v):
         raise InvalidInput("mesh", f"pp={pp} x virtual_stages={v} = {pp * v} stages do not divide "
                            f"num_layers={layers} of {run.model.name}; choose degrees whose product divides it")
+    if pp > 1 and not choices.ATTENTION[lay.attention].pp:
+        raise InvalidInput("attention", f"{lay.attention} does not run inside pipeline stages; use --attention "
+                           f"{' or '.join(n for n, a in choices.ATTENTION.items() if a.pp)}")
     if pp == 1:
         if lay.pipeline_microbatches is not None:
             raise InvalidInput("pipeline_microbatches", "applies to pipelines only (pp=1); drop it or add pp>1")

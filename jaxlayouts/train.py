@@ -32,7 +32,6 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlayouts.choices import ZERO
 from jaxlayouts.layout import DATA_AXES, ContextParallel, Layout, RunConfig
 from jaxlayouts.mesh import compute_rules, sharding_context, spec, state_rules
 from jaxlayouts.model.llama import Llama
@@ -77,7 +76,7 @@ class Trainer:
 
         boxed = jax.eval_shape(self._init_model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
         self.logical_axes = nn.get_partition_spec(boxed)["params"]
-        zero = ZERO[layout.zero]
+        zero = layout.zero_stage
         by_stage = lambda sharded: self.state_rules if sharded else self.compute_rules
         self.master_shardings = self._shardings(by_stage(zero.shards_state))
         self.grad_shardings = self._shardings(by_stage(zero.shards_gradients))
@@ -156,7 +155,7 @@ class Trainer:
         inputs, targets = self.inputs_and_targets(batch)
         if self.pipeline is not None:
             return self.pipeline.gradients(params, inputs, targets)
-        if ZERO[self.run.layout.zero].shards_gradients:
+        if self.run.layout.zero_stage.shards_gradients:
             return self._sharded_accumulation(params, inputs, targets)
         return self._per_shard_accumulation(params, inputs, targets)
 

@@ -53,6 +53,9 @@ def test_the_allocator_fraction_is_read_as_jaxlib_reads_it():
     assert allocator_fraction({"XLA_CLIENT_MEM_FRACTION": "0.8", "XLA_PYTHON_CLIENT_MEM_FRACTION": ".9"}) == 0.8
     with pytest.raises(InvalidInput, match="--environment: XLA_CLIENT_MEM_FRACTION='most' is not a number"):
         allocator_fraction({"XLA_CLIENT_MEM_FRACTION": "most"})
+    for outside in ("0", "1.5", "nan"):
+        with pytest.raises(InvalidInput, match=f"XLA_CLIENT_MEM_FRACTION='{outside}' is not a share of memory in"):
+            allocator_fraction({"XLA_CLIENT_MEM_FRACTION": outside})
     proc = subprocess.run([sys.executable, "-m", "jaxlayouts.bench", "--model", "tiny"], capture_output=True, text=True,
                           timeout=120, env=clean_env(XLA_CLIENT_MEM_FRACTION="most"))
     assert proc.returncode == 2  # the bench names it before JAX reads it

@@ -137,3 +137,14 @@ def test_gpu_only_and_unknown_kernels_are_clear_errors(knob, value, fragment):
     with pytest.raises(InvalidInput) as error:
         validate(make_run("dp=1", **{knob: value}), 1, platform="cpu")
     assert fragment in str(error.value)
+
+
+def test_an_attention_record_that_does_not_run_in_pipelines_is_refused_under_pp(monkeypatch):
+    """``choices.Attention.pp`` is read by validation: a kernel declared unable to run inside
+    pipeline stages is refused at pp > 1 (naming the kernels that can) and accepted at pp = 1."""
+    from jaxlayouts import choices
+    monkeypatch.setitem(choices.ATTENTION, "pallas", dataclasses.replace(choices.ATTENTION["pallas"], pp=False))
+    with pytest.raises(InvalidInput, match="--attention: pallas does not run inside pipeline stages; use "
+                                           "--attention xla or cudnn or pallas_jax"):
+        validate(make_run("pp=2", attention="pallas"), 2)
+    validate(make_run("dp=2", attention="pallas"), 2)

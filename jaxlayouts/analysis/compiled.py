@@ -25,7 +25,6 @@ import warnings
 
 from jaxlayouts.analysis import hlo
 from jaxlayouts.analysis.memory import compiled_memory
-from jaxlayouts.choices import ZERO
 from jaxlayouts.layout import Layout, RunConfig, mesh_text, validate
 from jaxlayouts.schema import InvalidInput
 
@@ -122,7 +121,7 @@ def which_figure_to_trust(layout: Layout, backend: str) -> str:
                 "nothing is autotuned (GEMM workspaces may differ), it is this jaxlib's compiler (the cluster's "
                 "may differ), and runtime buffers outside the program (CUDA context, NCCL, cuBLAS workspace; "
                 "the analytic overhead term) come on top.")
-    if ZERO[layout.zero].shards_state or layout.sequence_parallel:
+    if layout.zero_stage.shards_state or layout.sequence_parallel:
         return ("XLA:CPU lowers every reduce-scatter to a full-size all-reduce plus a slice (the compiled "
                 "HLO has no reduce-scatter), so its temporaries hold full-size buffers a GPU does not: "
                 "here the compiled peak is an upper bound, and the analytic figure is the better guide. "

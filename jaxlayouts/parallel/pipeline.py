@@ -45,7 +45,6 @@ import optax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxlayouts.choices import ZERO
 from jaxlayouts.layout import DATA_AXES, RunConfig
 from jaxlayouts.mesh import constrain, sharding_context
 from jaxlayouts.model.axes import RESIDUAL
@@ -93,7 +92,7 @@ class Pipeline:
         self.layers_per_chunk = run.model.num_layers // (self.stages * self.chunks)
         self.schedule = build(lay.pipeline_schedule, self.stages, self.chunks, self.microbatches)
         self.compute_specs, self.grad_specs = compute_specs, grad_specs
-        self.zero = ZERO[lay.zero]
+        self.zero = lay.zero_stage
         self.dtype = jnp.dtype(run.dtype)
         self.stack = LayerStack(run.model, self.dtype, lay.attention, lay.norm, lay.remat, self.layers_per_chunk,
                                 lay.scans_layers(mesh.devices.flat[0].platform), lay.context_parallel)

@@ -22,6 +22,7 @@ from absl import app, flags
 
 from jaxlayouts import config, targets
 from jaxlayouts.analysis.compiled import XLA_CPU_DEVICE_LIMIT, compile_step, which_figure_to_trust
+from jaxlayouts.choices import REMAT
 from jaxlayouts.layout import MAX_EMULATED_DEVICES, InvalidInput, Layout, RunConfig, load_model_config, validate
 from jaxlayouts.plan import cost, memcheck
 from jaxlayouts.plan.hardware import check_memory_fraction, chip, load_hardware, save_calibration
@@ -89,7 +90,7 @@ PIPELINE_RECOMPUTE = ("recompute with remat=none under pp: the pipeline re-runs 
 
 def pipeline_recompute(layout: Layout, terms) -> bool:
     """Whether a ``recompute`` among ``terms`` is the pipeline's own, not a remat policy's."""
-    return "recompute" in terms and layout.mesh.get("pp", 1) > 1 and layout.remat == "none"
+    return "recompute" in terms and layout.mesh.get("pp", 1) > 1 and not REMAT[layout.remat].checkpoints
 
 
 def explain(run: RunConfig, hw, p: cost.Prediction) -> str:

@@ -217,7 +217,7 @@ class StepModel:
         chunk = e * layers / w.virtual_stages           # one chunk's weights in the compute dtype, tp-sharded
         sharded = w.zero_stage.shards_gradients
         tick_gradient = chunk if sharded and w.scan_layers else 0.0
-        residual_copy = chunk if sharded and w.remat == "none" and w.scan_layers else 0.0
+        residual_copy = chunk if sharded and not REMAT[w.remat].checkpoints and w.scan_layers else 0.0
         gathered = chunk if w.zero_stage.shards_weights else 0.0
         sliced = chunk if not w.zero_stage.shards_weights and w.virtual_stages > 1 else 0.0
         return gathered + sliced + residual_copy, accumulator_copy + tick_gradient
@@ -375,7 +375,7 @@ class Workload:
         return cls(model=run.model, seq_len=run.seq_len, global_batch=run.global_batch,
                    data_parallel=lay.data_parallel, tp=lay.mesh["tp"], pp=lay.mesh["pp"],
                    micro_batch=lay.micro_batch, cp=lay.mesh["cp"], sequence_parallel=lay.sequence_parallel,
-                   remat=lay.remat, attention=lay.attention, fused_norm=lay.norm != "xla", norm=lay.norm, zero=lay.zero,
+                   remat=lay.remat, attention=lay.attention, fused_norm=NORM[lay.norm].fused, norm=lay.norm, zero=lay.zero,
                    schedule=lay.pipeline_schedule, virtual_stages=lay.virtual_stages,
                    dtype_bytes=4 if run.dtype == "float32" else 2, scan_layers=lay.scans_layers(platform))
 
@@ -526,7 +526,8 @@ def _stage_activation_bytes(w: Workload, stage: Stage) -> float:
         kept = stash + stage.layers / w.virtual_stages * w.trainer.layer_kept_bytes(w)
     else:
         kept = stage.layers * stage.in_flight * w.trainer.layer_kept_bytes(w)
-    recomputed = w.trainer.layer_kept_bytes(w, "none") if w.remat == "full" and stage.layers else 0.0  # one layer
+    recomputed = (w.trainer.layer_kept_bytes(w, "none")  # one layer, re-run whole from its input
+                  if REMAT[w.remat].keeps_layer_input_only and stage.layers else 0.0)
     head = 0.0
     if stage.head:
         head = w.trainer.logits_bytes_per_token(w) * w.micro_batch * w.local_seq + w.trainer.head_backward_buffers(w)

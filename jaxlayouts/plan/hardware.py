@@ -105,7 +105,7 @@ class Hardware:
                                        example=5.0e10)
     gpus_per_node: int = knob(REQUIRED, "GPUs per node.", low=1, example=8)
     collective_latency_s: float = knob(REQUIRED, "Latency of one collective step, seconds.", low=0, example=2.0e-5)
-    memory_fraction: float = knob(0.75, "Share of HBM the framework's allocator may use (JAX's default 0.75; "
+    memory_fraction: float = knob(JAX_MEMORY_FRACTION, "Share of HBM the framework's allocator may use (JAX's default 0.75; "
                                   "XLA_PYTHON_CLIENT_MEM_FRACTION changes it).", above=0, high=1)
     calibration_from: str | None = knob(None, "Use another hardware's calibration (same chip).",
                                         example="h200")
@@ -195,10 +195,14 @@ def allocator_fraction(environ=os.environ) -> float:
     for name in MEMORY_FRACTION_VARIABLES:
         if environ.get(name):
             try:
-                return float(environ[name])
+                value = float(environ[name])
             except ValueError:
                 raise InvalidInput("environment", f"{name}={environ[name]!r} is not a number; e.g. "
                                    f"{name}={JAX_MEMORY_FRACTION}, or unset it") from None
+            if not 0 < value <= 1:
+                raise InvalidInput("environment", f"{name}={environ[name]!r} is not a share of memory in (0, 1]; "
+                                   f"e.g. {name}={JAX_MEMORY_FRACTION}, or unset it")
+            return value
     return JAX_MEMORY_FRACTION
 
 

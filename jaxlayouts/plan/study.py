@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxlayouts.choices import REMAT, ZERO
+from jaxlayouts.choices import REMAT
 from jaxlayouts.plan.cost import Collective, Stage, StepModel, Workload, in_flight, layer_activation_bytes, layer_params
 from jaxlayouts.plan.hardware import Hardware
 
@@ -60,7 +60,7 @@ class Study(StepModel):
         return layers + (stage.embedding + stage.head) * m.embedding_params / w.tp + stage.head * m.d_model
 
     def state_bytes(self, w: Workload, params: float) -> tuple[float, float, float]:
-        return 2 * params, 2 * params, 12 * params / (w.data_parallel if ZERO[w.zero].shards_state else 1)
+        return 2 * params, 2 * params, 12 * params / (w.data_parallel if w.zero_stage.shards_state else 1)
 
     def logits_bytes_per_token(self, w: Workload) -> float:
         return 16 * w.model.vocab_size
@@ -93,7 +93,7 @@ class Study(StepModel):
         return hw.calibration.layer_launch_s * (4 / 3 if REMAT[w.remat].recomputes == "forward" else 1)
 
     def data_collectives(self, w: Workload, params: float) -> list[Collective]:
-        gather = [Collective("all-gather", 2 * params, 1)] if ZERO[w.zero].shards_state else []
+        gather = [Collective("all-gather", 2 * params, 1)] if w.zero_stage.shards_state else []
         return [Collective("all-reduce", 4 * params, 1), *gather]
 
     def per_node(self, w: Workload, gpus_per_node: int) -> dict:
