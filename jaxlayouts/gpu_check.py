@@ -49,7 +49,7 @@ from jaxlayouts import sweep
 from jaxlayouts.kernels.triton_versions import installed
 from jaxlayouts.launch import PARENT_PID_VARIABLE
 from jaxlayouts.layout import CONFIG_DIR
-from jaxlayouts.results import Results
+from jaxlayouts.results import Results, commit
 
 PEERS = ("torch_compile", "torch_eager")
 TOOLS = ("jaxlayouts",) + PEERS
@@ -274,19 +274,6 @@ def versions() -> dict:
         except (subprocess.TimeoutExpired, IndexError):
             pass
     return found
-
-
-def commit() -> str | None:
-    """The project's git commit (with ``+dirty`` when the tree has changes), where there is one."""
-    root = CONFIG_DIR.parent
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if head.returncode:
-        return None
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def slug(device_kind: str) -> str:

@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import pathlib
+import subprocess
 import time
 
 from jaxlayouts.schema import InvalidInput, creatable, json_value, read_input, refuse_special
@@ -179,3 +180,19 @@ class Results:
                     os.close(fd)
         self._needs_newline = False
         self.rows[row.get("key", len(self.rows))] = row
+
+
+def commit() -> str | None:
+    """The checkout's git commit, short, with ``+dirty`` when tracked files have changes; None
+    without git or outside a checkout. The GPU kit, grid rows and target_check record it."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

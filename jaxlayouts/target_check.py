@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
 from jaxlayouts import targets
+from jaxlayouts.kernels.triton_versions import installed
 from jaxlayouts.layout import validate
+from jaxlayouts.results import commit
 from jaxlayouts.schema import InvalidInput, creatable
 
 GIB = 2**30
@@ -43,12 +43,13 @@ def measured_rows(path: str) -> list[tuple[dict, object, int]]:
     return out
 
 
-def check(path: str, target: targets.Target) -> dict:
-    """Compile each measured row for ``target``; the table's rows and their error summary."""
+def check(path: str, target: targets.Target, measured=None) -> dict:
+    """Compile each measured row for ``target`` (``measured``: :func:`measured_rows` of ``path``,
+    when the caller has read them); the table's rows and their error summary."""
     from jaxlayouts.analysis.compiled import compile_step
 
     rows = []
-    measured = measured_rows(path)
+    measured = measured if measured is not None else measured_rows(path)
     other = sorted({str(raw.get("device_kind")) for raw, _, _ in measured} - {target.device_kind})
     if other:
         print(f"warning: rows measured on {', '.join(other)}, compiled for {target.device_kind} ({target.name}): "
@@ -71,23 +72,16 @@ def check(path: str, target: targets.Target) -> dict:
 
 def provenance() -> dict:
     """Date, versions and commit of this run."""
-    version = lambda name: importlib.metadata.version(name)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=pathlib.Path(__file__).parent).stdout.strip() or None
-    plugins = []
-    for name in targets.PLUGINS:
-        try:
-            plugins.append(f"{name} {version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return {"date": datetime.date.today().isoformat(), "jax": version("jax"), "jaxlib": version("jaxlib"),
-            "plugin": ", ".join(plugins), "commit": commit,
+    found = installed(("jax", "jaxlib", *targets.PLUGINS))
+    plugins = ", ".join(f"{name} {found[name]}" for name in targets.PLUGINS if found[name])
+    return {"date": datetime.date.today().isoformat(), "jax": found["jax"], "jaxlib": found["jaxlib"],
+            "plugin": plugins, "commit": commit(),
             "command": "python -m jaxlayouts.target_check " + " ".join(sys.argv[1:])}
 
 
 def markdown(result: dict) -> str:
     """The comparison as a Markdown table with its provenance."""
-    lines = [f"| layout | T / global batch | measured GiB (device, jax, commit) | XLA:GPU GiB | error | compile s |",
+    lines = ["| layout | T / global batch | measured GiB (device, jax, commit) | XLA:GPU GiB | error | compile s |",
              "|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| `{r['layout']}` | {r['seq_len']} / {r['global_batch']} | {r['measured_peak_bytes'] / GIB:.2f} "
@@ -138,7 +132,7 @@ def main(argv=None) -> int:
     except InvalidInput as error:
         print(f"invalid: {error}", file=sys.stderr)
         return 2
-    result = check(args.rows, target)
+    result = check(args.rows, target, measured)
     text = markdown(result)
     if args.markdown:
         try:

@@ -25,6 +25,7 @@ import re
 import sys
 
 from jaxlayouts import devices as emulated
+from jaxlayouts.kernels.triton_versions import installed
 from jaxlayouts.layout import CONFIG_DIR
 from jaxlayouts.plan.hardware import Hardware, hardware_names, load_hardware
 from jaxlayouts.schema import InvalidInput
@@ -32,8 +33,9 @@ from jaxlayouts.schema import InvalidInput
 CPU = "cpu"
 TARGET_DIR = CONFIG_DIR / "hardware" / "targets"
 INSTALL = "pip install -e '.[gpu-aot]'"
-PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin")
 """The extra that brings the CUDA compiler plugin of jax's version and cuDNN (about 2.7 GB)."""
+PLUGINS = ("jax-cuda12-plugin", "jax-cuda13-plugin")
+"""The CUDA compiler plugins of JAX, either of which compiles for a GPU target."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,12 +100,7 @@ def check_compiler() -> None:
     installed (the extra's CUDA 12 one, or a GPU machine's CUDA 13 one; another version's plugin
     does not load)."""
     jax_version = importlib.metadata.version("jax")
-    plugins = {}
-    for name in PLUGINS:
-        try:
-            plugins[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
+    plugins = {name: v for name, v in installed(PLUGINS).items() if v}
     if jax_version not in plugins.values():
         found = (", ".join(f"{n} {v}" for n, v in plugins.items()) + " installed") if plugins else "it is not installed"
         raise InvalidInput("target", f"a GPU target compiles with XLA:GPU, which needs the CUDA compiler plugin "

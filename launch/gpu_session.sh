@@ -44,7 +44,8 @@ else
   step profile 70 python -m jaxlayouts.bench --model tiny --seq_len 32 --global_batch 4 --steps 2 --warmup 1 \
     --profile_dir /tmp/gpu_session_profile
 fi
-step deviceless 90 env JAX_PLATFORMS=cpu python -m jaxlayouts.target_check "$OUT"/kit/*.raw.jsonl \
+rows=$(ls -t "$OUT"/kit/*.raw.jsonl 2>/dev/null | head -n 1)  # target_check reads one file: the kit's newest
+step deviceless 90 env JAX_PLATFORMS=cpu python -m jaxlayouts.target_check "${rows:-$OUT/kit/none.raw.jsonl}" \
   --markdown "$OUT/deviceless.md"
 echo "=== done; files under $OUT:" | tee -a "$log"
 find "$OUT" -type f | sort | tee -a "$log"

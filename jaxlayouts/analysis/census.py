@@ -217,16 +217,6 @@ def _fused_update_bytes(body: list[str]) -> int:
     return total
 
 
-def summary(c: dict) -> dict:
-    """The census's headline numbers, flat: for tables and comparisons."""
-    out = {"gemms": c["gemms"]["total"], **{f"gemm {k}": v for k, v in c["gemms"]["by_dtype"].items()},
-           "copy_like": c["copy_like"]["total"]["count"], "copy_like_bytes": c["copy_like"]["total"]["bytes"]}
-    out.update({kind: v["count"] for kind, v in c["copy_like"]["by_kind"].items()})
-    out.update(fusions=c["fusions"], loop_add_fusions=c["loop_add_fusions"],
-               collective_bytes=sum(x["bytes"] for x in c["collectives"]))
-    return out
-
-
 def table_rows(c: dict) -> list[list]:
     """``[what, count per step, bytes per step]`` rows, in the report's order."""
     rows = [[f"GEMM {dtypes}", n, ""] for dtypes, n in c["gemms"]["by_dtype"].items()]

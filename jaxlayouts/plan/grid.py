@@ -33,14 +33,13 @@ import gc
 import importlib.metadata
 import itertools
 import pathlib
-import subprocess
 import sys
 import time
 
 from jaxlayouts import targets
 from jaxlayouts.layout import InvalidInput, Layout, RunConfig, load_model_config, validate
 from jaxlayouts.plan import cost
-from jaxlayouts.results import Results
+from jaxlayouts.results import Results, commit
 from jaxlayouts.schema import load_yaml
 
 SOURCE = {True: "XLA:GPU deviceless compile", False: "XLA:CPU compile (emulated devices)"}
@@ -132,17 +131,8 @@ def read_grid(path: str) -> list[Point]:
 
 def versions() -> dict:
     """jax and jaxlib versions and the checkout's commit (``+dirty`` with uncommitted changes)."""
-    root = pathlib.Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        commit += "+dirty" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
     return {"jax_version": importlib.metadata.version("jax"), "jaxlib_version": importlib.metadata.version("jaxlib"),
-            "commit": commit}
+            "commit": commit()}
 
 
 def planner_terms(run: RunConfig, hw) -> dict:
